@@ -1,0 +1,3 @@
+from sockserve.cli.main import main
+
+raise SystemExit(main())

@@ -1,0 +1,27 @@
+"""``sockserve.serve(handler, *urls, **options)``: run a server from code until a signal."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .endpoints import Endpoint
+from .server import Server, ServerConfig, make_binding
+from .server.server import DEFAULT_URLS
+from .service import Handler, Service
+
+
+def serve(
+    handler: Handler | Service | str,
+    *urls: str | Endpoint,
+    config: ServerConfig | None = None,
+    loop: str = "auto",
+    **options: Any,
+) -> int:
+    """Serve ``handler`` on ``urls`` (default: TCP and UDP 127.0.0.1:21567) until SIGTERM/SIGINT.
+
+    ``options`` are :class:`ServerConfig` fields (``framing="line"``, ``idle_timeout=60``...).
+    Returns the exit status: 0 after a graceful drain, 1 if forced.
+    """
+    cfg = (config or ServerConfig()).replace(**options) if options else (config or ServerConfig())
+    binding = make_binding(handler, urls or DEFAULT_URLS, cfg)
+    return Server(binding).run(loop)

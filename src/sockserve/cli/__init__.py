@@ -1,0 +1,1 @@
+"""Command-line interface: parses arguments into config objects and calls the library."""

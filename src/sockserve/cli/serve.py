@@ -1,0 +1,196 @@
+"""``sockserve serve [SERVICE] [--listen URL]...``: parse options into a config, run the server.
+
+Defaults come from :class:`ServerConfig` (written once, there); only the CLI
+turns library errors into one-line messages and exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from ..errors import ConfigError, EndpointError, ServiceError, SockserveError
+from .main import EXIT_FAIL, EXIT_USAGE
+
+
+def _size(text: str) -> int:
+    """Bytes with an optional K/M/G suffix (binary): 64K, 1M."""
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    mult = units.get(t[-1:], 1)
+    if mult != 1:
+        t = t[:-1]
+    try:
+        value = int(t) * mult
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"bad size {text!r}: expected bytes such as 65536 or 64K"
+        ) from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return value
+
+
+def _timeout(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad number of seconds {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"seconds must be >= 0: {text!r}")
+    return value or None
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from ..server.config import ServerConfig
+
+    d = ServerConfig()
+    p.add_argument(
+        "service",
+        nargs="?",
+        default="timestamp",
+        help="built-in name (see `sockserve services`) or module:function (default: timestamp)",
+    )
+    p.add_argument(
+        "-l",
+        "--listen",
+        action="append",
+        metavar="URL",
+        help="endpoint URL, repeatable (default: tcp://127.0.0.1:21567 and udp://127.0.0.1:21567)",
+    )
+    p.add_argument(
+        "--framing",
+        choices=("raw", "line", "length"),
+        default=d.framing,
+        help="stream framing (default raw: each chunk received is one request)",
+    )
+    g = p.add_argument_group("limits")
+    g.add_argument(
+        "--max-message",
+        type=_size,
+        default=d.max_message,
+        metavar="BYTES",
+        help="largest request; longer closes the connection (default 64K)",
+    )
+    g.add_argument(
+        "--idle-timeout",
+        type=_timeout,
+        default=d.idle_timeout,
+        metavar="SECONDS",
+        help="close connections that complete no request for this long; 0 = never (default 300)",
+    )
+    g.add_argument(
+        "--max-conns",
+        type=int,
+        default=None,
+        metavar="N",
+        help="stop accepting at N open connections, resume when one closes (default: no limit)",
+    )
+    g.add_argument(
+        "--backlog", type=int, default=d.backlog, metavar="N", help="listen backlog (default 65535)"
+    )
+    g.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=d.drain_timeout,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT, wait this long for in-flight requests (default 10)",
+    )
+    a = p.add_argument_group("access")
+    a.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="only these clients (repeatable)",
+    )
+    a.add_argument(
+        "--deny",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="never these clients (repeatable)",
+    )
+    a.add_argument(
+        "--unix-mode", metavar="OCTAL", help="permissions of Unix socket files, e.g. 660"
+    )
+    t = p.add_argument_group("TLS (tls:// endpoints)")
+    t.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM)")
+    t.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
+    t.add_argument(
+        "--tls-client-ca", metavar="FILE", help="require client certificates signed by this CA"
+    )
+    u = p.add_argument_group("UDP guards")
+    u.add_argument(
+        "--udp-rate",
+        type=float,
+        default=None,
+        metavar="N",
+        help="replies/s per source; 0 = off (default: 100 on non-loopback binds, off on loopback)",
+    )
+    u.add_argument(
+        "--udp-min-source-port",
+        type=int,
+        default=d.udp_min_source_port,
+        metavar="PORT",
+        help="drop datagrams from source ports below this (default 1024; port 0 is always dropped)",
+    )
+    u.add_argument(
+        "--udp-amplify",
+        action="store_true",
+        help="let amplifying services reply larger than the request to non-loopback sources",
+    )
+    o = p.add_argument_group("logging and runtime")
+    o.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
+    o.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    o.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="event loop (default: uvloop when installed)",
+    )
+
+
+def build_config(args: argparse.Namespace) -> object:
+    from ..server.config import ServerConfig, parse_mode, parse_network
+
+    return ServerConfig(
+        framing=args.framing,
+        max_message=args.max_message,
+        idle_timeout=args.idle_timeout,
+        max_conns=args.max_conns,
+        backlog=args.backlog,
+        drain_timeout=args.drain_timeout,
+        allow=tuple(parse_network(c) for c in args.allow),
+        deny=tuple(parse_network(c) for c in args.deny),
+        unix_mode=parse_mode(args.unix_mode) if args.unix_mode else None,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
+        udp_rate=args.udp_rate,
+        udp_min_source_port=args.udp_min_source_port,
+        udp_amplify=args.udp_amplify,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..server import Server, make_binding
+    from ..server.logs import configure_logging
+    from ..server.server import DEFAULT_URLS
+
+    configure_logging(args.log_format, args.log_level)
+    try:
+        config = build_config(args)
+        binding = make_binding(args.service, args.listen or DEFAULT_URLS, config)  # type: ignore[arg-type]
+        server = Server(binding)
+    except (ConfigError, EndpointError, ServiceError) as exc:
+        print(f"sockserve serve: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        return server.run(args.loop)
+    except SockserveError as exc:
+        print(f"sockserve serve: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    except ImportError as exc:
+        print(f"sockserve serve: {exc}", file=sys.stderr)
+        return EXIT_FAIL

@@ -1,0 +1,61 @@
+"""One hierarchy of errors, so callers catch meaning rather than OS details.
+
+The library raises these; only the CLI turns them into messages and exit codes.
+Protocol errors follow h11: *Remote* means the peer broke the framing,
+*Local* means we were asked to send something the framing cannot carry.
+"""
+
+from __future__ import annotations
+
+
+class SockserveError(Exception):
+    """Base of every error sockserve raises on purpose."""
+
+
+class EndpointError(SockserveError, ValueError):
+    """An endpoint URL could not be parsed or is not usable for this purpose."""
+
+
+class ServiceError(SockserveError):
+    """A service name or ``module:attr`` string could not be resolved to a service."""
+
+
+class ConfigError(SockserveError, ValueError):
+    """A server setting is out of range or contradicts another."""
+
+
+class ProtocolError(SockserveError):
+    """Bytes that do not fit the framing in use."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that break the framing (or exceed its size cap)."""
+
+
+class MessageTooLarge(RemoteProtocolError):
+    """A message from the peer is longer than the configured cap."""
+
+
+class LocalProtocolError(ProtocolError):
+    """We were asked to encode something the framing cannot carry."""
+
+
+class ClientError(SockserveError):
+    """A client-side failure talking to one endpoint; ``endpoint`` names it."""
+
+    def __init__(self, endpoint: str, reason: str) -> None:
+        super().__init__(f"{endpoint}: {reason}")
+        self.endpoint = endpoint
+        self.reason = reason
+
+
+class ConnectError(ClientError):
+    """Could not reach the endpoint: refused, unreachable, no such socket file, TLS failure."""
+
+
+class RequestTimeout(ClientError):
+    """No (complete) reply came within the timeout."""
+
+
+class ConnectionClosed(ClientError):
+    """The server closed the connection before the reply was complete."""

@@ -1,0 +1,102 @@
+"""Server settings: one frozen dataclass that the CLI, the API and config files fill in.
+
+Defaults are the documented ones; every number carries the reason it is that number.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from ..errors import ConfigError
+from ..framing import DEFAULT_MAX_MESSAGE, FRAMINGS
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+#: Kernel accept queue. Big so a burst of thousands of connects is queued rather
+#: than dropped into SYN retries (asyncio's default of 100 makes 10k connects take 44 s);
+#: Linux clamps it to net.core.somaxconn.
+DEFAULT_BACKLOG = 65535
+#: Pause reading a client whose unsent replies pass this (it is not reading them).
+DEFAULT_WRITE_HIGH = 256 * 1024
+DEFAULT_WRITE_LOW = 64 * 1024
+#: Replies per second per UDP source when the guard is on (non-loopback binds by default).
+DEFAULT_UDP_RATE = 100.0
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Per-endpoint serving options (the same for every endpoint of one service)."""
+
+    framing: str = "raw"
+    max_message: int = DEFAULT_MAX_MESSAGE
+    idle_timeout: float | None = 300.0
+    max_conns: int | None = None
+    backlog: int = DEFAULT_BACKLOG
+    drain_timeout: float = 10.0
+    write_high_water: int = DEFAULT_WRITE_HIGH
+    write_low_water: int = DEFAULT_WRITE_LOW
+    allow: tuple[Network, ...] = ()
+    deny: tuple[Network, ...] = ()
+    unix_mode: int | None = None
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    tls_handshake_timeout: float = 10.0
+    #: Datagrams from source ports below this are dropped (reflection guard); port 0 always is.
+    udp_min_source_port: int = 1024
+    #: Replies/s per UDP source; None = DEFAULT_UDP_RATE on non-loopback binds, off on loopback.
+    udp_rate: float | None = None
+    #: Allow UDP replies larger than the request to non-loopback sources (amplifiers).
+    udp_amplify: bool = False
+    reuse_port: bool = False
+    proxy_protocol: bool = False
+    proxy_from: tuple[Network, ...] = ()
+    proxy_header_timeout: float = 5.0
+    service_options: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.framing not in FRAMINGS:
+            raise ConfigError(
+                f"unknown framing {self.framing!r}; expected one of {', '.join(FRAMINGS)}"
+            )
+        if self.max_message < 1:
+            raise ConfigError(f"max message must be at least 1 byte, got {self.max_message}")
+        if self.idle_timeout is not None and self.idle_timeout <= 0:
+            raise ConfigError(f"idle timeout must be positive, got {self.idle_timeout}")
+        if self.max_conns is not None and self.max_conns < 1:
+            raise ConfigError(f"max conns must be at least 1, got {self.max_conns}")
+        if self.backlog < 1:
+            raise ConfigError(f"backlog must be at least 1, got {self.backlog}")
+        if self.drain_timeout < 0:
+            raise ConfigError(f"drain timeout must be >= 0, got {self.drain_timeout}")
+        if not 0 < self.write_low_water <= self.write_high_water:
+            raise ConfigError("write low-water mark must be positive and <= the high-water mark")
+        if self.udp_rate is not None and self.udp_rate < 0:
+            raise ConfigError(f"UDP rate must be >= 0 (0 = off), got {self.udp_rate}")
+        if not 0 <= self.udp_min_source_port <= 65535:
+            raise ConfigError("UDP minimum source port must be within 0-65535")
+        if self.tls_key is not None and self.tls_cert is None:
+            raise ConfigError("--tls-key given without --tls-cert")
+
+    def replace(self, **changes: Any) -> ServerConfig:
+        return replace(self, **changes)
+
+
+def parse_network(text: str) -> Network:
+    """Parse a CIDR (or a bare address) for --allow/--deny; raise ConfigError naming it."""
+    try:
+        return ipaddress.ip_network(text, strict=False)
+    except ValueError as exc:
+        raise ConfigError(f"bad network {text!r}: {exc}") from None
+
+
+def parse_mode(text: str) -> int:
+    try:
+        mode = int(text, 8)
+    except ValueError:
+        raise ConfigError(f"bad Unix socket mode {text!r}: expected octal such as 660") from None
+    if not 0 <= mode <= 0o7777:
+        raise ConfigError(f"bad Unix socket mode {text!r}: out of range")
+    return mode

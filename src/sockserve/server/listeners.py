@@ -1,0 +1,167 @@
+"""Open listening sockets for endpoints: bind, listen, Unix file hygiene.
+
+Error handling: OS errors become :class:`EndpointError` naming the endpoint and
+what to do. Resource handling: a socket whose bind fails is closed before the
+error propagates, and :func:`close_listener` removes a Unix socket file only if
+it is still the one we created.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import stat
+from dataclasses import dataclass
+
+from ..endpoints import Endpoint
+from ..errors import EndpointError
+
+
+@dataclass
+class Listener:
+    """A bound socket and the endpoint it really serves (port 0 resolved)."""
+
+    sock: socket.socket
+    endpoint: Endpoint
+    #: (st_dev, st_ino) of the Unix socket file we created, to remove it safely on exit.
+    unix_file: tuple[int, int] | None = None
+
+
+def open_listener(
+    endpoint: Endpoint,
+    *,
+    backlog: int,
+    reuse_port: bool = False,
+    unix_mode: int | None = None,
+) -> Listener:
+    if endpoint.is_unix:
+        return _open_unix(endpoint, backlog, unix_mode)
+    return _open_inet(endpoint, backlog, reuse_port)
+
+
+def _resolve(endpoint: Endpoint) -> tuple[int, tuple[str, int]]:
+    socktype = socket.SOCK_STREAM if endpoint.is_stream else socket.SOCK_DGRAM
+    try:
+        infos = socket.getaddrinfo(
+            endpoint.host, endpoint.port, socket.AF_UNSPEC, socktype, 0, socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise EndpointError(
+            f"{endpoint}: cannot resolve host {endpoint.host!r}: {exc.strerror}"
+        ) from None
+    family, _, _, _, sockaddr = infos[0]
+    return family, (str(sockaddr[0]), int(sockaddr[1]))
+
+
+def _open_inet(endpoint: Endpoint, backlog: int, reuse_port: bool) -> Listener:
+    family, addr = _resolve(endpoint)
+    socktype = socket.SOCK_STREAM if endpoint.is_stream else socket.SOCK_DGRAM
+    sock = socket.socket(family, socktype)
+    try:
+        if endpoint.is_stream:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if reuse_port:
+            if not hasattr(socket, "SO_REUSEPORT"):
+                raise EndpointError(f"{endpoint}: SO_REUSEPORT is not available on this system")
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            # Bind [::] to IPv6 only, so a separate 0.0.0.0 listener can coexist.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            sock.bind(addr)
+        except OSError as exc:
+            raise EndpointError(f"{endpoint}: cannot bind: {_explain(exc)}") from None
+        if endpoint.is_stream:
+            sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        raise
+    host, port = sock.getsockname()[:2]
+    return Listener(sock, Endpoint(endpoint.scheme, host=host, port=port))
+
+
+def _open_unix(endpoint: Endpoint, backlog: int, unix_mode: int | None) -> Listener:
+    socktype = socket.SOCK_STREAM if endpoint.is_stream else socket.SOCK_DGRAM
+    path = endpoint.path
+    abstract = path.startswith("@")
+    if not abstract:
+        _remove_stale(endpoint)
+    sock = socket.socket(socket.AF_UNIX, socktype)
+    unix_file = None
+    try:
+        try:
+            sock.bind(endpoint.address())
+        except OSError as exc:
+            raise EndpointError(f"{endpoint}: cannot bind: {_explain(exc)}") from None
+        if not abstract:
+            st = os.stat(path)
+            unix_file = (st.st_dev, st.st_ino)
+            if unix_mode is not None:
+                os.chmod(path, unix_mode)
+        if endpoint.is_stream:
+            sock.listen(backlog)
+        sock.setblocking(False)
+    except BaseException:
+        sock.close()
+        if unix_file is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+        raise
+    return Listener(sock, endpoint, unix_file)
+
+
+def _remove_stale(endpoint: Endpoint) -> None:
+    """Remove a leftover socket file nobody listens on; refuse to steal a live one."""
+    path = endpoint.path
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise EndpointError(
+            f"{endpoint}: {path} exists and is not a socket; remove it or pick another path"
+        )
+    probe = socket.socket(
+        socket.AF_UNIX, socket.SOCK_STREAM if endpoint.is_stream else socket.SOCK_DGRAM
+    )
+    try:
+        probe.settimeout(1.0)
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        return
+    except OSError as exc:
+        if exc.errno == errno.EPROTOTYPE:  # a socket of the other type: nobody of ours listens
+            os.unlink(path)
+            return
+        raise EndpointError(
+            f"{endpoint}: cannot check existing socket file: {exc.strerror}"
+        ) from None
+    finally:
+        probe.close()
+    raise EndpointError(f"{endpoint}: another server is listening on {path}")
+
+
+def close_listener(listener: Listener) -> None:
+    listener.sock.close()
+    if listener.unix_file is None:
+        return
+    path = listener.endpoint.path
+    with contextlib.suppress(OSError):
+        st = os.stat(path)
+        if (st.st_dev, st.st_ino) == listener.unix_file:
+            os.unlink(path)
+
+
+def _explain(exc: OSError) -> str:
+    hints = {
+        errno.EADDRINUSE: "address already in use (another server? pick another port or stop it)",
+        errno.EACCES: "permission denied (ports below 1024 need privileges)",
+        errno.EADDRNOTAVAIL: "address not available on this machine",
+        errno.ENOENT: "directory does not exist",
+    }
+    return hints.get(exc.errno or 0, exc.strerror or str(exc))

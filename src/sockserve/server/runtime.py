@@ -1,0 +1,422 @@
+"""Per-endpoint runtime: the accept loop and connection bookkeeping for stream
+endpoints, the receive loop and guards for datagram endpoints.
+
+Why our own accept loop rather than ``loop.create_server``: it lets the server
+stop accepting at ``--max-conns`` (clients wait in the kernel backlog), refuse
+denied clients before any protocol object exists, and survive EMFILE by pausing
+instead of spinning or dying (trio's ``_highlevel_serve_listeners.py`` reasoning).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from ..endpoints import Endpoint
+from ..service import Context, Service, is_async_handler
+from .access import AccessControl
+from .config import DEFAULT_UDP_RATE, ServerConfig
+from .listeners import Listener
+from .logs import conn_log, fmt_peer, server_log, service_log
+from .stream import AnyConn, SessionProtocol, StreamProtocol
+
+if TYPE_CHECKING:
+    from .server import Server
+
+#: Connections accepted per wakeup before yielding to the loop (fairness vs. throughput).
+ACCEPT_BATCH = 256
+#: Datagrams handled per wakeup before yielding to the loop.
+RECV_BATCH = 128
+#: Pause after an accept error such as EMFILE before trying again.
+ACCEPT_RETRY_DELAY = 0.1
+#: Accept errors about one doomed connection: skip it.
+_SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET})
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
+
+
+class StreamRuntime:
+    """Serves one stream listener: accepts, builds protocols, tracks connections."""
+
+    def __init__(
+        self,
+        server: Server,
+        listener: Listener,
+        service: Service,
+        config: ServerConfig,
+        ssl_context: ssl.SSLContext | None,
+    ) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.listener = listener
+        self.endpoint: Endpoint = listener.endpoint
+        self.service = service
+        self.config = config
+        self.ssl_context = ssl_context
+        self.handler: Any = service.handler
+        self.is_async = is_async_handler(service.handler)
+        self.access = AccessControl(config.allow, config.deny)
+        self.conns: set[AnyConn] = set()
+        self.pending = 0  # accepted sockets whose transport is still being set up (TLS)
+        self._reading = False
+        self._retry: asyncio.TimerHandle | None = None
+        self._limit_logged = False
+        self._stopped = False
+        self._close_reasons: dict[int, str] = {}
+        self._factory: Callable[[Any], AnyConn]
+        if service.stream is not None:
+            self._factory = lambda peer: SessionProtocol(self, peer)
+        elif service.handler is not None:
+            self._factory = lambda peer: StreamProtocol(self, peer)
+        else:
+            raise ValueError(f"service {service.name} has no stream behaviour")
+
+    # -- accepting ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._resume_accept()
+
+    def _resume_accept(self) -> None:
+        self._retry = None
+        if not self._reading and not self._stopped:
+            self.loop.add_reader(self.listener.sock.fileno(), self._accept_ready)
+            self._reading = True
+
+    def _pause_accept(self) -> None:
+        if self._reading:
+            self.loop.remove_reader(self.listener.sock.fileno())
+            self._reading = False
+
+    def _accept_ready(self) -> None:
+        lsock = self.listener.sock
+        for _ in range(ACCEPT_BATCH):
+            if self.server.at_limit():
+                self._pause_accept()
+                if not self._limit_logged:
+                    self._limit_logged = True
+                    server_log.warning(
+                        "%s: at the connection limit (%d); not accepting until one closes",
+                        self.endpoint,
+                        self.server.max_conns,
+                        extra={"event": "limit", "endpoint": self.endpoint},
+                    )
+                return
+            try:
+                sock, addr = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in _SKIP_ERRNOS:
+                    continue
+                server_log.error(
+                    "%s: accept failed: %s; retrying in %.1fs",
+                    self.endpoint,
+                    exc.strerror or exc,
+                    ACCEPT_RETRY_DELAY,
+                    extra={"event": "accept_error", "endpoint": self.endpoint, "reason": str(exc)},
+                )
+                # EMFILE and friends (or anything unknown): pause rather than spin or die.
+                self._pause_accept()
+                self._retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accept)
+                return
+            self._accepted(sock, addr)
+
+    def _accepted(self, sock: socket.socket, addr: Any) -> None:
+        if self.access.active and isinstance(addr, tuple) and not self.access.permits(addr[0]):
+            conn_log.info(
+                "%s: denied %s",
+                self.endpoint,
+                fmt_peer(addr),
+                extra={"event": "denied", "endpoint": self.endpoint, "peer": fmt_peer(addr)},
+            )
+            sock.close()
+            return
+        sock.setblocking(False)
+        if self.endpoint.is_inet:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.pending += 1
+        self.server.conn_count += 1
+        task = self.loop.create_task(self._connect(sock, addr))
+        self.server.track(task)
+
+    async def _connect(self, sock: socket.socket, addr: Any) -> None:
+        proto: AnyConn | None = None
+
+        def factory() -> AnyConn:
+            nonlocal proto
+            proto = self._factory(addr)
+            return proto
+
+        try:
+            if self.ssl_context is not None:
+                await self.loop.connect_accepted_socket(
+                    factory,
+                    sock,
+                    ssl=self.ssl_context,
+                    ssl_handshake_timeout=self.config.tls_handshake_timeout,
+                )
+            else:
+                await self.loop.connect_accepted_socket(factory, sock)
+        except asyncio.CancelledError:
+            sock.close()
+            raise
+        except Exception as exc:  # TLS handshake failure, peer reset before setup...
+            conn_log.info(
+                "%s: connection from %s failed during setup: %s",
+                self.endpoint,
+                fmt_peer(addr),
+                _describe(exc),
+                extra={"event": "setup_failed", "endpoint": self.endpoint, "peer": fmt_peer(addr)},
+            )
+            sock.close()
+            if proto is None or proto not in self.conns:
+                self.server.conn_count -= 1
+                self._slot_freed()
+        finally:
+            self.pending -= 1
+
+    # -- connection bookkeeping (called by the protocols) ------------------------------
+
+    def opened(self, conn: AnyConn) -> None:
+        self.conns.add(conn)
+        conn.idle_since = self.loop.time()
+        conn_log.info(
+            "%s: open from %s",
+            self.endpoint,
+            fmt_peer(conn.ctx.peer),
+            extra={"event": "open", "endpoint": self.endpoint, "peer": fmt_peer(conn.ctx.peer)},
+        )
+        if self._stopped:
+            conn.drain()
+
+    def note_close_reason(self, conn: AnyConn, reason: str) -> None:
+        self._close_reasons[id(conn)] = reason
+
+    def closed(self, conn: AnyConn, exc: Exception | None) -> None:
+        if conn not in self.conns:
+            return
+        self.conns.discard(conn)
+        self.server.conn_count -= 1
+        reason = self._close_reasons.pop(id(conn), None)
+        if reason is None:
+            reason = f"error: {_describe(exc)}" if exc is not None else "closed"
+        log = conn_log.warning if reason.startswith("protocol error") else conn_log.info
+        log(
+            "%s: close %s (%s)",
+            self.endpoint,
+            fmt_peer(conn.ctx.peer),
+            reason,
+            extra={
+                "event": "close",
+                "endpoint": self.endpoint,
+                "peer": fmt_peer(conn.ctx.peer),
+                "reason": reason,
+            },
+        )
+        self._slot_freed()
+        self.server.conn_closed()
+
+    def _slot_freed(self) -> None:
+        if not self._reading and self._retry is None and not self.server.at_limit():
+            if self._limit_logged:
+                self._limit_logged = False
+                server_log.info(
+                    "%s: below the connection limit again; accepting",
+                    self.endpoint,
+                    extra={"event": "limit_cleared", "endpoint": self.endpoint},
+                )
+            self.server.resume_all_accepting()
+
+    def sweep_idle(self, now: float, timeout: float) -> None:
+        for conn in list(self.conns):
+            if conn.active:
+                conn.active = False
+                conn.idle_since = now
+            elif not conn.busy and now - conn.idle_since >= timeout:
+                self.note_close_reason(conn, f"idle for {timeout:g}s")
+                conn.abort()
+
+    # -- shutdown ----------------------------------------------------------------------
+
+    def stop_accepting(self) -> None:
+        self._stopped = True
+        self._pause_accept()
+        if self._retry is not None:
+            self._retry.cancel()
+            self._retry = None
+
+    def drain(self) -> None:
+        for conn in list(self.conns):
+            conn.drain()
+
+    def abort_all(self) -> None:
+        for conn in list(self.conns):
+            self.note_close_reason(conn, "drain timeout")
+            conn.abort()
+
+
+class DatagramRuntime:
+    """Serves one datagram socket: read in batches, guard, answer inline or via a task."""
+
+    def __init__(
+        self, server: Server, listener: Listener, service: Service, config: ServerConfig
+    ) -> None:
+        self.server = server
+        self.loop = server.loop
+        self.listener = listener
+        self.endpoint = listener.endpoint
+        self.service = service
+        self.config = config
+        handler = service.datagram_handler()
+        if handler is None:
+            raise ValueError(f"service {service.name} has no datagram behaviour")
+        self.handler: Any = handler
+        self.is_async = is_async_handler(handler)
+        self.access = AccessControl(config.allow, config.deny)
+        inet = self.endpoint.is_inet
+        self.min_port = config.udp_min_source_port if inet else 0
+        rate = config.udp_rate
+        if rate is None:
+            rate = 0.0 if (not inet or _is_loopback_bind(self.endpoint.host)) else DEFAULT_UDP_RATE
+        self.rate = rate
+        self.guard_amplify = inet and service.replies_larger and not config.udp_amplify
+        self._buckets: dict[str, list[float]] = {}
+        self.inflight: set[asyncio.Task[None]] = set()
+        self._reading = False
+        self.dropped = 0
+        self._guarded = inet and (
+            self.access.active or rate > 0 or self.min_port > 0 or self.guard_amplify
+        )
+
+    def start(self) -> None:
+        self.loop.add_reader(self.listener.sock.fileno(), self._readable)
+        self._reading = True
+
+    def stop_accepting(self) -> None:
+        if self._reading:
+            self.loop.remove_reader(self.listener.sock.fileno())
+            self._reading = False
+
+    def _readable(self) -> None:
+        sock = self.listener.sock
+        recvfrom = sock.recvfrom
+        sendto = sock.sendto
+        handler = self.handler
+        local = self.endpoint
+        guarded = self._guarded
+        is_async = self.is_async
+        for _ in range(RECV_BATCH):
+            try:
+                data, addr = recvfrom(65536)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error: keep going
+                server_log.debug("%s: recvfrom: %s", local, exc)
+                continue
+            if guarded and not self._admit(addr):
+                continue
+            ctx = Context(addr, local)
+            if is_async:
+                task = self.loop.create_task(self._answer_async(data, ctx))
+                self.inflight.add(task)
+                task.add_done_callback(self.inflight.discard)
+                continue
+            try:
+                reply = handler(data, ctx)
+            except Exception:
+                self._handler_failed(addr)
+                continue
+            if reply is not None:
+                self._send(sendto, data, reply, addr)
+
+    def _send(self, sendto: Callable[..., int], request: bytes, reply: Any, addr: Any) -> None:
+        if self.guard_amplify and len(reply) > len(request) and not _is_loopback_peer(addr):
+            reply = reply[: len(request)]
+            if not reply:
+                return
+        try:
+            sendto(reply, addr)
+        except (BlockingIOError, InterruptedError):
+            self.dropped += 1  # the socket buffer is full: UDP drops, so do we
+        except TypeError:
+            service_log.error(
+                "handler %s returned %s, not bytes; datagram from %s dropped",
+                self.service.name,
+                type(reply).__name__,
+                fmt_peer(addr),
+            )
+        except OSError as exc:
+            conn_log.info("%s: sendto %s failed: %s", self.endpoint, fmt_peer(addr), exc)
+
+    async def _answer_async(self, data: bytes, ctx: Context) -> None:
+        try:
+            reply = await cast(Awaitable[Any], self.handler(data, ctx))
+        except Exception:
+            self._handler_failed(ctx.peer)
+            return
+        if reply is not None:
+            self._send(self.listener.sock.sendto, data, reply, ctx.peer)
+
+    def _admit(self, addr: Any) -> bool:
+        if not isinstance(addr, tuple):
+            return True
+        host, port = addr[0], addr[1]
+        if port == 0 or port < self.min_port:
+            self.dropped += 1
+            conn_log.debug(
+                "%s: dropped datagram from privileged port %s", self.endpoint, fmt_peer(addr)
+            )
+            return False
+        if self.access.active and not self.access.permits(host):
+            self.dropped += 1
+            return False
+        if self.rate > 0:
+            return self._take_token(host)
+        return True
+
+    def _take_token(self, host: str) -> bool:
+        """Token bucket per source address: ``rate`` replies/s, bursts of ``rate``."""
+        now = self.loop.time()
+        bucket = self._buckets.get(host)
+        if bucket is None:
+            if len(self._buckets) >= 65536:  # bound the table under a spoofed-source flood
+                self._buckets.clear()
+            bucket = self._buckets[host] = [self.rate, now]
+        tokens = min(self.rate, bucket[0] + (now - bucket[1]) * self.rate)
+        bucket[1] = now
+        if tokens < 1.0:
+            bucket[0] = tokens
+            self.dropped += 1
+            return False
+        bucket[0] = tokens - 1.0
+        return True
+
+    def _handler_failed(self, addr: Any) -> None:
+        service_log.exception(
+            "handler %s raised on %s for a datagram from %s; dropped it",
+            self.service.name,
+            self.endpoint,
+            fmt_peer(addr),
+            extra={"event": "handler_error", "endpoint": self.endpoint, "peer": fmt_peer(addr)},
+        )
+
+
+def _is_loopback_bind(host: str) -> bool:
+    return host in _LOOPBACK_HOSTS or host.startswith("127.")
+
+
+def _is_loopback_peer(addr: Any) -> bool:
+    return isinstance(addr, tuple) and _is_loopback_bind(str(addr[0]))
+
+
+def _describe(exc: BaseException | None) -> str:
+    if exc is None:
+        return "unknown"
+    if isinstance(exc, ssl.SSLError):
+        return f"TLS: {exc.reason or exc}"
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__

@@ -1,0 +1,358 @@
+"""The server object: binds endpoints to services, runs them on one event loop, drains on stop.
+
+Lifecycle (uvicorn's shape): ``start`` binds every endpoint and logs one line
+each; ``stop`` stops accepting at once, lets in-flight requests finish and their
+replies flush for up to the drain timeout, then closes whatever is left.
+Signal handlers only set flags. The library never calls ``sys.exit``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ..endpoints import Endpoint, parse_endpoint
+from ..errors import ConfigError, SockserveError
+from ..service import Handler, Service
+from ..services import as_service, load_service
+from .config import ServerConfig
+from .listeners import Listener, close_listener, open_listener
+from .logs import server_log
+from .loop import new_event_loop
+from .runtime import DatagramRuntime, StreamRuntime
+from .tls import server_context
+
+DEFAULT_URLS = ("tcp://127.0.0.1:21567", "udp://127.0.0.1:21567")
+#: How often idle connections are looked for: a quarter of the timeout, within [0.05 s, 1 s].
+_SWEEP_MIN, _SWEEP_MAX = 0.05, 1.0
+
+
+@dataclass
+class Binding:
+    """One service on some endpoints with its options."""
+
+    service: Service
+    endpoints: Sequence[Endpoint]
+    config: ServerConfig
+
+
+def make_binding(
+    service: Service | Handler | str,
+    urls: Iterable[str | Endpoint] = DEFAULT_URLS,
+    config: ServerConfig | None = None,
+) -> Binding:
+    if isinstance(service, str):
+        svc = load_service(service)
+    else:
+        svc = as_service(service, getattr(service, "__name__", "handler"))
+    eps = [u if isinstance(u, Endpoint) else parse_endpoint(u) for u in urls]
+    if not eps:
+        raise ConfigError("no endpoints to listen on")
+    return Binding(svc, eps, config or ServerConfig())
+
+
+class Server:
+    """Serve one or more bindings. Use ``await start()/stop()``, ``serve()``, or :class:`ServerThread`."""
+
+    def __init__(
+        self, *bindings: Binding, max_conns: int | None = None, drain_timeout: float | None = None
+    ) -> None:
+        if not bindings:
+            raise ConfigError("a server needs at least one service binding")
+        self.bindings = list(bindings)
+        limits = [b.config.max_conns for b in bindings if b.config.max_conns]
+        self.max_conns = max_conns if max_conns is not None else (min(limits) if limits else None)
+        self.drain_timeout = (
+            drain_timeout
+            if drain_timeout is not None
+            else max(b.config.drain_timeout for b in bindings)
+        )
+        self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
+        self.streams: list[StreamRuntime] = []
+        self.datagrams: list[DatagramRuntime] = []
+        self.listeners: list[Listener] = []
+        self.endpoints: list[Endpoint] = []
+        self.conn_count = 0
+        self.forced = False
+        self._tasks: set[asyncio.Future[Any]] = set()
+        self._stop_requested: asyncio.Event | None = None
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._all_closed: asyncio.Event | None = None
+        self._stopping = False
+
+    # -- limits and bookkeeping used by the runtimes ------------------------------------
+
+    def at_limit(self) -> bool:
+        return self.max_conns is not None and self.conn_count >= self.max_conns
+
+    def resume_all_accepting(self) -> None:
+        if self._stopping:
+            return
+        for rt in self.streams:
+            rt._resume_accept()
+
+    def conn_closed(self) -> None:
+        if self._all_closed is not None and self.conn_count <= 0:
+            self._all_closed.set()
+
+    def track(self, fut: asyncio.Future[Any]) -> None:
+        self._tasks.add(fut)
+        fut.add_done_callback(self._tasks.discard)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Bind every endpoint and start serving. Raises EndpointError/ConfigError, binding nothing."""
+        self.loop = asyncio.get_running_loop()
+        self._stop_requested = asyncio.Event()
+        try:
+            for binding in self.bindings:
+                self._start_binding(binding)
+        except BaseException:
+            for lst in self.listeners:
+                close_listener(lst)
+            self.listeners.clear()
+            raise
+        for rt in self.streams:
+            rt.start()
+        for drt in self.datagrams:
+            drt.start()
+        self._schedule_sweep()
+
+    def _start_binding(self, binding: Binding) -> None:
+        cfg = binding.config
+        svc = binding.service
+        ssl_ctx = None
+        for ep in binding.endpoints:
+            if ep.scheme == "tls" and ssl_ctx is None:
+                ssl_ctx = server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+            if ep.is_stream and svc.handler is None and svc.stream is None:
+                raise ConfigError(f"service {svc.name} cannot serve stream endpoint {ep}")
+            if not ep.is_stream and svc.datagram_handler() is None:
+                raise ConfigError(f"service {svc.name} cannot serve datagram endpoint {ep}")
+            lst = open_listener(
+                ep, backlog=cfg.backlog, reuse_port=cfg.reuse_port, unix_mode=cfg.unix_mode
+            )
+            self.listeners.append(lst)
+            self.endpoints.append(lst.endpoint)
+            if ep.is_stream:
+                self.streams.append(
+                    StreamRuntime(self, lst, svc, cfg, ssl_ctx if ep.scheme == "tls" else None)
+                )
+            else:
+                self.datagrams.append(DatagramRuntime(self, lst, svc, cfg))
+            mode = (
+                cfg.framing
+                if ep.is_stream and svc.stream is None
+                else ("stream" if ep.is_stream else "datagram")
+            )
+            server_log.info(
+                "listening on %s (%s, %s)",
+                lst.endpoint,
+                svc.name,
+                mode,
+                extra={
+                    "event": "listening",
+                    "endpoint": lst.endpoint,
+                    "service": svc.name,
+                    "framing": mode,
+                },
+            )
+
+    def _schedule_sweep(self) -> None:
+        timeouts = [rt.config.idle_timeout for rt in self.streams if rt.config.idle_timeout]
+        if not timeouts:
+            return
+        period = min(_SWEEP_MAX, max(_SWEEP_MIN, min(timeouts) / 4))
+        self._sweeper = self.loop.call_later(period, self._sweep, period)
+
+    def _sweep(self, period: float) -> None:
+        now = self.loop.time()
+        for rt in self.streams:
+            if rt.config.idle_timeout:
+                rt.sweep_idle(now, rt.config.idle_timeout)
+        self._sweeper = self.loop.call_later(period, self._sweep, period)
+
+    def request_stop(self, force: bool = False) -> None:
+        """Ask ``serve`` to return (safe from signal handlers: it only sets flags)."""
+        if force:
+            self.forced = True
+            for rt in self.streams:
+                rt.abort_all()
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+
+    async def stop(self, drain_timeout: float | None = None) -> None:
+        """Stop accepting now; let in-flight requests finish up to the drain timeout; close."""
+        if self._stopping:
+            return
+        self._stopping = True
+        timeout = self.drain_timeout if drain_timeout is None else drain_timeout
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for rt in self.streams:
+            rt.stop_accepting()
+        for drt in self.datagrams:
+            drt.stop_accepting()
+        for lst in self.listeners:
+            close_listener(lst)
+        server_log.info(
+            "stopping: %d connection(s) open, draining up to %gs",
+            self.conn_count,
+            timeout,
+            extra={"event": "stopping"},
+        )
+        self._all_closed = asyncio.Event()
+        for rt in self.streams:
+            rt.drain()
+        self.conn_closed()
+        inflight = [t for d in self.datagrams for t in d.inflight]
+        try:
+            waits: list[Any] = [self._all_closed.wait()]
+            if inflight:
+                waits.append(asyncio.gather(*inflight, return_exceptions=True))
+            await asyncio.wait_for(asyncio.gather(*waits), timeout if not self.forced else 0.01)
+        except asyncio.TimeoutError:
+            server_log.warning(
+                "drain timeout: closing %d connection(s) still open",
+                self.conn_count,
+                extra={"event": "drain_timeout"},
+            )
+            for rt in self.streams:
+                rt.abort_all()
+            for d in self.datagrams:
+                for t in d.inflight:
+                    t.cancel()
+        for task in list(self._tasks):
+            task.cancel()
+        # Let connection_lost callbacks of aborted transports run.
+        await asyncio.sleep(0)
+        server_log.info("stopped", extra={"event": "stopped"})
+
+    async def serve(self) -> None:
+        """Start, wait until :meth:`request_stop`, then stop gracefully."""
+        await self.start()
+        assert self._stop_requested is not None
+        try:
+            await self._stop_requested.wait()
+        finally:
+            await self.stop()
+
+    # -- running in the foreground with signals ------------------------------------------
+
+    def run(self, loop_kind: str = "auto", *, handle_signals: bool = True) -> int:
+        """Run until SIGTERM/SIGINT; return an exit status (0 graceful, 1 forced)."""
+        loop = new_event_loop(loop_kind)
+        asyncio.set_event_loop(loop)
+        loop.set_exception_handler(_log_loop_exception)
+        main = loop.create_task(self.serve())
+        if handle_signals:
+            self._install_signals(loop)
+        try:
+            loop.run_until_complete(main)
+        finally:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+            asyncio.set_event_loop(None)
+        return 1 if self.forced else 0
+
+    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        def on_signal(name: str) -> None:
+            already = self._stop_requested is not None and self._stop_requested.is_set()
+            if already and name == "SIGINT":
+                server_log.warning("second SIGINT: forcing exit", extra={"event": "force"})
+                self.request_stop(force=True)
+                return
+            server_log.info("%s received: shutting down", name, extra={"event": "signal"})
+            self.request_stop()
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal, sig.name)
+
+
+def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    exc = context.get("exception")
+    msg = context.get("message", "event loop error")
+    if exc is not None and isinstance(exc, (OSError, SockserveError)):
+        server_log.info("%s: %s", msg, exc)
+    else:
+        server_log.error("%s", msg, exc_info=exc if isinstance(exc, BaseException) else None)
+
+
+class ServerThread:
+    """Run a :class:`Server` on its own loop in a background thread (tests, embedding).
+
+    ``with ServerThread(server) as st: st.endpoints`` starts it, waits until it is
+    bound (raising its bind error if it failed), and stops it gracefully on exit.
+    """
+
+    def __init__(
+        self, server: Server, loop_kind: str = "auto", start_timeout: float = 10.0
+    ) -> None:
+        self.server = server
+        self._loop_kind = loop_kind
+        self._timeout = start_timeout
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="sockserve-server", daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def endpoints(self) -> list[Endpoint]:
+        return self.server.endpoints
+
+    def url(self, scheme: str | None = None) -> str:
+        for ep in self.server.endpoints:
+            if scheme is None or ep.scheme == scheme:
+                return ep.url()
+        raise LookupError(f"no {scheme} endpoint")
+
+    def start(self) -> ServerThread:
+        self._thread.start()
+        if not self._ready.wait(self._timeout):
+            raise TimeoutError("server did not start in time")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _main(self) -> None:
+        loop = new_event_loop(self._loop_kind)
+        self._loop = loop
+        loop.set_exception_handler(_log_loop_exception)
+        asyncio.set_event_loop(loop)
+
+        async def body() -> None:
+            try:
+                await self.server.start()
+            except BaseException as exc:
+                self._error = exc
+                self._ready.set()
+                return
+            self._ready.set()
+            assert self.server._stop_requested is not None
+            await self.server._stop_requested.wait()
+            await self.server.stop()
+
+        try:
+            loop.run_until_complete(body())
+        finally:
+            loop.close()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        loop = self._loop
+        if loop is not None and self._thread.is_alive():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self.server.request_stop)
+        self._thread.join(timeout)
+
+    def __enter__(self) -> ServerThread:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -1,0 +1,351 @@
+"""Stream connections (TCP, TLS, Unix): request/reply over a codec, or a stream session.
+
+Error handling: a framing error or a handler exception is logged with the peer
+and endpoint, and closes only that connection. Resource handling: reading pauses
+while unsent replies pass the high-water mark or async requests queue up, so a
+client that sends but never reads costs bounded memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, cast
+
+from ..errors import ProtocolError
+from ..framing import Codec, make_codec
+from ..service import Context, StreamSession
+from .logs import conn_log, fmt_peer, service_log
+
+if TYPE_CHECKING:
+    from .runtime import StreamRuntime
+
+#: Requests queued for an async handler before reading pauses (pipelining bound).
+MAX_QUEUED = 64
+RESUME_QUEUED = 16
+
+# Reasons reading is paused, as bits, so one cause clearing does not resume another.
+_PAUSE_WRITE = 1
+_PAUSE_QUEUE = 2
+
+
+class StreamProtocol(asyncio.Protocol):
+    """One request/reply connection."""
+
+    __slots__ = (
+        "_async",
+        "_codec",
+        "_eof",
+        "_fast",
+        "_handler",
+        "_paused",
+        "_queue",
+        "_transport",
+        "_worker",
+        "active",
+        "closing",
+        "ctx",
+        "idle_since",
+        "rt",
+    )
+
+    def __init__(self, rt: StreamRuntime, peer: Any) -> None:
+        self.rt = rt
+        self.ctx = Context(peer, rt.endpoint)
+        self._handler = rt.handler
+        self._async = rt.is_async
+        self._codec: Codec = make_codec(rt.config.framing, rt.config.max_message)
+        # raw framing with a sync handler: each chunk is answered inline, no codec calls.
+        self._fast = rt.config.framing == "raw" and not rt.is_async
+        self._transport: asyncio.Transport | None = None
+        self._queue: deque[bytes] = deque()
+        self._worker: asyncio.Task[None] | None = None
+        self._paused = 0
+        self._eof = False
+        self.closing = False
+        self.active = True  # set on each request; the idle sweeper clears it
+        self.idle_since = 0.0
+
+    # -- asyncio callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        t = cast(asyncio.Transport, transport)
+        self._transport = t
+        cfg = self.rt.config
+        t.set_write_buffer_limits(cfg.write_high_water, cfg.write_low_water)
+        self.rt.opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._fast and len(data) <= self._codec.max_message:
+            self.active = True
+            try:
+                reply = self._handler(data, self.ctx)
+            except Exception:
+                self._handler_failed()
+                return
+            if type(reply) is bytes:
+                self._transport.write(reply)  # type: ignore[union-attr]
+            elif reply is not None:
+                self._send(reply)
+            return
+        try:
+            self._codec.feed(data)
+            self._drain_codec()
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+
+    def eof_received(self) -> bool:
+        try:
+            last = self._codec.end_of_input()
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return False
+        if last is not None:
+            self._dispatch(last)
+        self._eof = True
+        # True keeps the write side open until queued replies are sent; False lets the
+        # transport flush what is written and close.
+        return bool(self._queue) or self._worker is not None
+
+    def pause_writing(self) -> None:
+        self._pause(_PAUSE_WRITE)
+
+    def resume_writing(self) -> None:
+        self._resume(_PAUSE_WRITE)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._worker is not None:
+            self._worker.cancel()
+            self._worker = None
+        self.rt.closed(self, exc)
+
+    # -- request handling --------------------------------------------------------------
+
+    def _drain_codec(self) -> None:
+        codec = self._codec
+        while not self.closing:
+            msg = codec.next_message()
+            if msg is None:
+                return
+            self._dispatch(msg)
+
+    def _dispatch(self, msg: bytes) -> None:
+        self.active = True
+        if self._async:
+            self._queue.append(msg)
+            if self._worker is None:
+                self._worker = self.rt.loop.create_task(self._run_queue())
+            if len(self._queue) >= MAX_QUEUED:
+                self._pause(_PAUSE_QUEUE)
+            return
+        try:
+            reply = self._handler(msg, self.ctx)
+        except Exception:
+            self._handler_failed()
+            return
+        self._send(reply)
+
+    def _send(self, reply: object) -> None:
+        if reply is None or self._transport is None or self._transport.is_closing():
+            return
+        if not isinstance(reply, (bytes, bytearray, memoryview)):
+            self._bad_reply(reply)
+            return
+        self._transport.write(self._codec.encode(bytes(reply)))
+
+    async def _run_queue(self) -> None:
+        queue = self._queue
+        try:
+            while queue:
+                msg = queue.popleft()
+                if self._paused & _PAUSE_QUEUE and len(queue) <= RESUME_QUEUED:
+                    self._resume(_PAUSE_QUEUE)
+                try:
+                    reply = await cast(Awaitable[Any], self._handler(msg, self.ctx))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self._handler_failed()
+                    return
+                self.active = True
+                self._send(reply)
+        finally:
+            self._worker = None
+        if self._eof or self.closing:
+            self.close()
+
+    # -- failures and closing ----------------------------------------------------------
+
+    def _handler_failed(self) -> None:
+        service_log.exception(
+            "handler %s raised on %s from %s; closing that connection",
+            self.rt.service.name,
+            self.rt.endpoint,
+            fmt_peer(self.ctx.peer),
+            extra={
+                "event": "handler_error",
+                "endpoint": self.rt.endpoint,
+                "peer": fmt_peer(self.ctx.peer),
+            },
+        )
+        self.abort()
+
+    def _bad_reply(self, reply: object) -> None:
+        service_log.error(
+            "handler %s returned %s, not bytes or None; closing connection from %s",
+            self.rt.service.name,
+            type(reply).__name__,
+            fmt_peer(self.ctx.peer),
+            extra={
+                "event": "handler_error",
+                "endpoint": self.rt.endpoint,
+                "peer": fmt_peer(self.ctx.peer),
+            },
+        )
+        self.abort()
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        self.rt.note_close_reason(self, f"protocol error: {exc}")
+        self._queue.clear()
+        self.close()
+
+    def _pause(self, why: int) -> None:
+        if not self._paused and self._transport is not None:
+            self._transport.pause_reading()
+        self._paused |= why
+
+    def _resume(self, why: int) -> None:
+        was = self._paused
+        self._paused &= ~why
+        if was and not self._paused and self._transport is not None and not self.closing:
+            self._transport.resume_reading()
+
+    @property
+    def busy(self) -> bool:
+        """A request is queued or running: draining must wait for it."""
+        return bool(self._queue) or self._worker is not None
+
+    def close(self) -> None:
+        """Close after the replies already written are flushed."""
+        self.closing = True
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def drain(self) -> None:
+        """Graceful shutdown: close now if idle, else once the in-flight requests are answered."""
+        self.closing = True
+        if not self.busy:
+            self.close()
+        elif self._transport is not None:
+            self._pause(_PAUSE_QUEUE)
+
+    def abort(self) -> None:
+        self.closing = True
+        if self._transport is not None:
+            self._transport.abort()
+
+
+class SessionProtocol(asyncio.Protocol):
+    """A connection driven by a :class:`StreamSession` (echo, chargen, discard...)."""
+
+    __slots__ = (
+        "_transport",
+        "active",
+        "closing",
+        "ctx",
+        "idle_since",
+        "rt",
+        "session",
+        "writable",
+    )
+
+    def __init__(self, rt: StreamRuntime, peer: Any) -> None:
+        self.rt = rt
+        self.ctx = Context(peer, rt.endpoint)
+        self._transport: asyncio.Transport | None = None
+        self.writable = True
+        self.closing = False
+        self.active = True
+        self.idle_since = 0.0
+        assert rt.service.stream is not None
+        self.session: StreamSession = rt.service.stream(self)
+
+    # StreamConnection API offered to the session
+    def write(self, data: bytes) -> None:
+        if self._transport is not None and not self._transport.is_closing():
+            self.active = True
+            self._transport.write(data)
+
+    def shutdown_write(self) -> None:
+        if self._transport is not None and self._transport.can_write_eof():
+            self._transport.write_eof()
+
+    def close(self) -> None:
+        self.closing = True
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def abort(self) -> None:
+        self.closing = True
+        if self._transport is not None:
+            self._transport.abort()
+
+    @property
+    def busy(self) -> bool:
+        return False
+
+    def drain(self) -> None:
+        self.close()
+
+    # asyncio callbacks
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        t = cast(asyncio.Transport, transport)
+        self._transport = t
+        cfg = self.rt.config
+        t.set_write_buffer_limits(cfg.write_high_water, cfg.write_low_water)
+        self.rt.opened(self)
+        self._call("on_connect")
+
+    def data_received(self, data: bytes) -> None:
+        self.active = True
+        self._call("on_data", data)
+
+    def eof_received(self) -> bool:
+        self._call("on_eof")
+        return not self.closing
+
+    def pause_writing(self) -> None:
+        self.writable = False
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        self.writable = True
+        if self._transport is not None and not self.closing:
+            self._transport.resume_reading()
+        self._call("on_writable")
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._call("on_close")
+        self.rt.closed(self, exc)
+
+    def _call(self, name: str, *args: Any) -> None:
+        try:
+            getattr(self.session, name)(*args)
+        except Exception:
+            service_log.exception(
+                "stream service %s raised in %s on %s from %s; closing that connection",
+                self.rt.service.name,
+                name,
+                self.rt.endpoint,
+                fmt_peer(self.ctx.peer),
+                extra={"event": "handler_error", "endpoint": self.rt.endpoint},
+            )
+            if name != "on_close":
+                self.abort()
+
+
+AnyConn = StreamProtocol | SessionProtocol
+
+__all__ = ["AnyConn", "SessionProtocol", "StreamProtocol", "conn_log"]

@@ -1,0 +1,115 @@
+"""What a service is: a request/reply handler, optionally a stream session for stream endpoints.
+
+A handler is ``handler(request: bytes, ctx) -> bytes | None`` or an ``async def``
+of the same; ``None`` means "no reply". Services that are streams rather than
+request/reply (echo over TCP, chargen, discard, daytime) subclass
+:class:`StreamSession` instead of bending the request/reply contract.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from .endpoints import Endpoint
+
+Address = Any  # (host, port) tuples for inet, a path string for Unix peers
+
+
+class Context:
+    """Per-connection (stream) or per-datagram facts a handler may use.
+
+    ``peer`` is the client's address (the real client's behind a PROXY header),
+    ``local`` the endpoint serving it, ``transport`` its scheme.
+    """
+
+    __slots__ = ("local", "peer", "state", "transport")
+
+    def __init__(self, peer: Address, local: Endpoint) -> None:
+        self.peer = peer
+        self.local = local
+        self.transport: str = local.scheme
+        self.state: dict[str, Any] | None = None  # per-connection scratch space for handlers
+
+    def __repr__(self) -> str:
+        return f"Context(peer={self.peer!r}, local={self.local.url()!r})"
+
+
+SyncHandler = Callable[[bytes, Context], bytes | None]
+AsyncHandler = Callable[[bytes, Context], Awaitable[bytes | None]]
+Handler = SyncHandler | AsyncHandler
+
+
+class StreamConnection(Protocol):
+    """What the engine offers a :class:`StreamSession`: write, close, and flow-control state."""
+
+    ctx: Context
+
+    def write(self, data: bytes) -> None: ...
+    def close(self) -> None: ...
+    def shutdown_write(self) -> None: ...
+
+    @property
+    def writable(self) -> bool:
+        """False while the write buffer is above its high-water mark: stop producing."""
+        ...
+
+
+class StreamSession:
+    """One stream connection of a streaming service. Override what you need.
+
+    The engine calls ``on_connect`` once, ``on_data`` per chunk, ``on_eof`` when the
+    peer half-closes (default: close), ``on_writable`` when the write buffer drains
+    below its low-water mark, and ``on_close`` once at the end.
+    """
+
+    def __init__(self, conn: StreamConnection) -> None:
+        self.conn = conn
+
+    def on_connect(self) -> None:
+        pass
+
+    def on_data(self, data: bytes) -> None:
+        pass
+
+    def on_eof(self) -> None:
+        self.conn.close()
+
+    def on_writable(self) -> None:
+        pass
+
+    def on_close(self) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Service:
+    """A named service: a request/reply handler and/or a stream session class.
+
+    ``handler`` answers requests (stream endpoints with framing, and datagrams);
+    ``stream`` when set takes over stream endpoints; ``datagram`` overrides
+    ``handler`` for datagram endpoints. ``replies_larger`` marks services whose
+    UDP reply can exceed the request (amplification guard).
+    """
+
+    name: str
+    handler: Handler | None = None
+    stream: type[StreamSession] | None = None
+    datagram: Handler | None = None
+    description: str = ""
+    port: int | None = None
+    replies_larger: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+    def datagram_handler(self) -> Handler | None:
+        return self.datagram if self.datagram is not None else self.handler
+
+
+def is_async_handler(handler: object) -> bool:
+    """True for ``async def`` functions and objects whose ``__call__`` is one."""
+    if inspect.iscoroutinefunction(handler):
+        return True
+    call = getattr(handler, "__call__", None)  # noqa: B004 - we want the method itself
+    return inspect.iscoroutinefunction(call)

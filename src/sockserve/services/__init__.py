@@ -1,0 +1,86 @@
+"""Service registry: built-ins by name (loaded lazily), user services by ``module:attr``.
+
+Each built-in lives in its own module and exposes ``SERVICE``; listing them
+imports only the table below, not the modules.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from ..errors import ServiceError
+from ..service import Service
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltinInfo:
+    name: str
+    module: str
+    description: str
+    port: int | None
+
+
+BUILTINS: dict[str, BuiltinInfo] = {
+    info.name: info
+    for info in (
+        BuiltinInfo(
+            "timestamp",
+            "sockserve.services.timestamp",
+            "replies [<ctime>] <message> to every message (the textbook example)",
+            21567,
+        ),
+    )
+}
+
+DEFAULT_SERVICE = "timestamp"
+
+
+def register_builtin(info: BuiltinInfo) -> None:
+    """Add a built-in to the registry (used by the built-in service modules' table)."""
+    BUILTINS[info.name] = info
+
+
+def load_service(spec: str) -> Service:
+    """Resolve a built-in name or a ``module:attr`` import string to a :class:`Service`.
+
+    A plain callable becomes a request/reply service named after the spec; a
+    :class:`Service` is taken as it is. Raises :class:`ServiceError` naming what failed.
+    """
+    if spec in BUILTINS:
+        module = importlib.import_module(BUILTINS[spec].module)
+        service = module.SERVICE
+        assert isinstance(service, Service)
+        return service
+    module_name, colon, attr = spec.partition(":")
+    if not colon or not module_name or not attr:
+        known = ", ".join(sorted(BUILTINS))
+        raise ServiceError(
+            f"unknown service {spec!r}: not a built-in ({known}) and not a module:function string"
+        )
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ServiceError(
+            f"cannot import module {module_name!r} for service {spec!r}: {exc}"
+        ) from exc
+    except Exception as exc:  # the user's module raised while importing
+        raise ServiceError(
+            f"importing {module_name!r} for service {spec!r} raised {type(exc).__name__}: {exc}"
+        ) from exc
+    obj: object = module
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise ServiceError(f"module {module_name!r} has no attribute {attr!r}") from None
+    return as_service(obj, spec)
+
+
+def as_service(obj: object, name: str) -> Service:
+    """Wrap a handler callable (or take a :class:`Service`) as a service."""
+    if isinstance(obj, Service):
+        return obj
+    if not callable(obj):
+        raise ServiceError(f"{name!r} is {type(obj).__name__}, not a callable handler or Service")
+    return Service(name=name, handler=obj)
