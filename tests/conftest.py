@@ -1,0 +1,40 @@
+"""Shared fixtures: servers on port 0 in a background thread, and the CLI as a subprocess."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from sockserve.server import Server, ServerConfig, ServerThread, make_binding
+
+
+@pytest.fixture
+def serve() -> Iterator[Callable[..., ServerThread]]:
+    """``serve(service, *urls, **config)`` starts a server and stops it after the test."""
+    started: list[ServerThread] = []
+
+    def start(service: Any = "timestamp", *urls: str, **options: Any) -> ServerThread:
+        cfg = ServerConfig(**options)
+        st = ServerThread(Server(make_binding(service, urls or ("tcp://127.0.0.1:0",), cfg)))
+        st.start()
+        started.append(st)
+        return st
+
+    yield start
+    for st in started:
+        st.stop()
+
+
+@pytest.fixture
+def sock_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A short temp dir for Unix sockets (sun_path holds 107 bytes)."""
+    import tempfile
+
+    d = Path(tempfile.mkdtemp(prefix="ss-", dir="/tmp"))
+    yield d  # type: ignore[misc]
+    for p in d.iterdir():
+        p.unlink()
+    d.rmdir()
