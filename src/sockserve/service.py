@@ -46,6 +46,9 @@ class StreamConnection(Protocol):
     """What the engine offers a :class:`StreamSession`: write, close, and flow-control state."""
 
     ctx: Context
+    #: True once the connection is closing (by the session, the engine's drain, or an
+    #: error): writes are dropped, so producers stop.
+    closing: bool
 
     def write(self, data: bytes) -> None: ...
     def close(self) -> None: ...
@@ -54,6 +57,11 @@ class StreamConnection(Protocol):
     @property
     def writable(self) -> bool:
         """False while the write buffer is above its high-water mark: stop producing."""
+        ...
+
+    @property
+    def write_room(self) -> int:
+        """Bytes that fit before the high-water mark; lets producers size writes to it."""
         ...
 
 
@@ -102,6 +110,9 @@ class Service:
     port: int | None = None
     replies_larger: bool = False
     options: dict[str, Any] = field(default_factory=dict)
+    #: Returns a copy set up from ``ServerConfig.service_options`` (qotd's ``quotes`` file);
+    #: raises ConfigError for an option it cannot use. None: the service takes no options.
+    configure: Callable[[dict[str, Any]], Service] | None = None
 
     def datagram_handler(self) -> Handler | None:
         return self.datagram if self.datagram is not None else self.handler

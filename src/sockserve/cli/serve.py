@@ -140,6 +140,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="let amplifying services reply larger than the request to non-loopback sources",
     )
+    c = p.add_argument_group("service options")
+    c.add_argument(
+        "--quotes",
+        metavar="FILE",
+        help="qotd: quotations to serve, separated by blank lines or '%%' lines (default: built-in)",
+    )
     o = p.add_argument_group("logging and runtime")
     o.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
     o.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -170,7 +176,16 @@ def build_config(args: argparse.Namespace) -> object:
         udp_rate=args.udp_rate,
         udp_min_source_port=args.udp_min_source_port,
         udp_amplify=args.udp_amplify,
+        service_options=_service_options(args),
     )
+
+
+def _service_options(args: argparse.Namespace) -> dict[str, object]:
+    """Options only some services take; the service's ``configure`` checks them."""
+    options: dict[str, object] = {}
+    if getattr(args, "quotes", None) is not None:
+        options["quotes"] = args.quotes
+    return options
 
 
 def run(args: argparse.Namespace) -> int:

@@ -53,7 +53,13 @@ def make_binding(
     eps = [u if isinstance(u, Endpoint) else parse_endpoint(u) for u in urls]
     if not eps:
         raise ConfigError("no endpoints to listen on")
-    return Binding(svc, eps, config or ServerConfig())
+    cfg = config or ServerConfig()
+    if cfg.service_options:
+        if svc.configure is None:
+            names = ", ".join(sorted(cfg.service_options))
+            raise ConfigError(f"service {svc.name} takes no options (got {names})")
+        svc = svc.configure(dict(cfg.service_options))
+    return Binding(svc, eps, cfg)
 
 
 class Server:

@@ -250,6 +250,7 @@ class SessionProtocol(asyncio.Protocol):
     """A connection driven by a :class:`StreamSession` (echo, chargen, discard...)."""
 
     __slots__ = (
+        "_eof",
         "_transport",
         "active",
         "closing",
@@ -265,6 +266,7 @@ class SessionProtocol(asyncio.Protocol):
         self.ctx = Context(peer, rt.endpoint)
         self._transport: asyncio.Transport | None = None
         self.writable = True
+        self._eof = False  # the peer half-closed: never resume reading (uvloop would re-read EOF)
         self.closing = False
         self.active = True
         self.idle_since = 0.0
@@ -276,6 +278,8 @@ class SessionProtocol(asyncio.Protocol):
         if self._transport is not None and not self._transport.is_closing():
             self.active = True
             self._transport.write(data)
+        else:
+            self.closing = True  # tells producers (chargen) to stop
 
     def shutdown_write(self) -> None:
         if self._transport is not None and self._transport.can_write_eof():
@@ -290,6 +294,12 @@ class SessionProtocol(asyncio.Protocol):
         self.closing = True
         if self._transport is not None:
             self._transport.abort()
+
+    @property
+    def write_room(self) -> int:
+        if self._transport is None:
+            return 0
+        return max(0, self.rt.config.write_high_water - self._transport.get_write_buffer_size())
 
     @property
     def busy(self) -> bool:
@@ -312,17 +322,18 @@ class SessionProtocol(asyncio.Protocol):
         self._call("on_data", data)
 
     def eof_received(self) -> bool:
+        self._eof = True
         self._call("on_eof")
         return not self.closing
 
     def pause_writing(self) -> None:
         self.writable = False
-        if self._transport is not None:
+        if self._transport is not None and not self._eof:
             self._transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.writable = True
-        if self._transport is not None and not self.closing:
+        if self._transport is not None and not self.closing and not self._eof:
             self._transport.resume_reading()
         self._call("on_writable")
 

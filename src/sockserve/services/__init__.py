@@ -30,6 +30,43 @@ BUILTINS: dict[str, BuiltinInfo] = {
             "replies [<ctime>] <message> to every message (the textbook example)",
             21567,
         ),
+        # The classic inetd services (RFCs 862-868), one module each.
+        BuiltinInfo(
+            "echo",
+            "sockserve.services.echo",
+            "RFC 862: sends back every byte (TCP until the client closes; UDP the datagram)",
+            7,
+        ),
+        BuiltinInfo(
+            "discard",
+            "sockserve.services.discard",
+            "RFC 863: reads and drops everything, never replies",
+            9,
+        ),
+        BuiltinInfo(
+            "daytime",
+            "sockserve.services.daytime",
+            "RFC 867: one line with the ctime-style local date, then closes",
+            13,
+        ),
+        BuiltinInfo(
+            "qotd",
+            "sockserve.services.qotd",
+            "RFC 865: one short quotation, then closes (--quotes FILE for your own)",
+            17,
+        ),
+        BuiltinInfo(
+            "chargen",
+            "sockserve.services.chargen",
+            "RFC 864: streams the 72-column printable ASCII pattern until the client closes",
+            19,
+        ),
+        BuiltinInfo(
+            "time",
+            "sockserve.services.time",
+            "RFC 868: 4 bytes, big-endian seconds since 1900, then closes",
+            37,
+        ),
     )
 }
 
