@@ -32,6 +32,7 @@ class ServerProcess:
         )
         self.lines: list[str] = []
         self.endpoints: list[str] = []
+        self._pending = b""
         assert self.proc.stderr is not None
         os.set_blocking(self.proc.stderr.fileno(), True)
         deadline = time.monotonic() + 15
@@ -47,14 +48,21 @@ class ServerProcess:
                 self.endpoints.append(line.split("listening on ", 1)[1].split(" ", 1)[0])
 
     def _readline(self, deadline: float) -> str | None:
+        """One line of the server's stderr, read unbuffered so select() stays truthful."""
         import select
 
         assert self.proc.stderr is not None
-        r, _, _ = select.select([self.proc.stderr], [], [], max(0.0, deadline - time.monotonic()))
-        if not r:
-            return None
-        raw = self.proc.stderr.readline()
-        return raw.decode(errors="replace") if raw else None
+        fd = self.proc.stderr.fileno()
+        while b"\n" not in self._pending:
+            r, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+            if not r:
+                return None
+            chunk = os.read(fd, 65536)
+            if not chunk:
+                return None
+            self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line.decode(errors="replace") + "\n"
 
     def _rest(self) -> str:
         if self.proc.stderr is None:
@@ -77,7 +85,8 @@ class ServerProcess:
         except subprocess.TimeoutExpired:
             self.kill()
             raise
-        return self.proc.returncode, "".join(self.lines) + err.decode(errors="replace")
+        rest = self._pending + err
+        return self.proc.returncode, "".join(self.lines) + rest.decode(errors="replace")
 
     def kill(self) -> None:
         if self.proc.poll() is None:

@@ -74,7 +74,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_FAIL
         p = ArgumentParser(prog=f"sockserve {name}", description=help_text)
         mod.add_arguments(p)
-        args = p.parse_args(args_list[1:])
+        args = p.parse_intermixed_args(args_list[1:])
         try:
             return int(mod.run(args))
         except KeyboardInterrupt:
