@@ -38,3 +38,28 @@ def sock_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for p in d.iterdir():
         p.unlink()
     d.rmdir()
+
+
+@pytest.fixture(scope="session")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A throwaway PKI (CA, server cert for 127.0.0.1/::1/localhost, good and rogue client certs)."""
+    from faultkit import make_certs
+
+    return make_certs(tmp_path_factory.mktemp("pki"))
+
+
+@pytest.fixture
+def server_logs() -> Iterator[Any]:
+    """Every record the ``sockserve`` loggers emit during the test, whatever the propagation."""
+    import logging
+
+    from faultkit import LogTap
+
+    tap = LogTap()
+    logger = logging.getLogger("sockserve")
+    old_level = logger.level
+    logger.addHandler(tap)
+    logger.setLevel(logging.DEBUG)
+    yield tap
+    logger.removeHandler(tap)
+    logger.setLevel(old_level)

@@ -1,0 +1,25 @@
+"""The load generator behind ``sockserve bench``: an epoll engine, a histogram, a report.
+
+Split so each part is tested on its own: :mod:`.histogram` is pure arithmetic,
+:mod:`.engine` drives sockets in one process, :mod:`.procs` forks engines for
+``--procs``, :mod:`.report` turns a result into text or JSON.
+"""
+
+from __future__ import annotations
+
+from .engine import LoadEngine, LoadResult, LoadSpec, TlsOptions, run_load
+from .histogram import Histogram
+from .procs import run_procs
+from .report import render, summary
+
+__all__ = [
+    "Histogram",
+    "LoadEngine",
+    "LoadResult",
+    "LoadSpec",
+    "TlsOptions",
+    "render",
+    "run_load",
+    "run_procs",
+    "summary",
+]

@@ -1,0 +1,31 @@
+"""Handlers the subprocess tests load as ``fault_services:NAME`` (tests/ is put on PYTHONPATH).
+
+``gated``: an async handler that logs ``gated start <request>`` and then waits until the
+file named by $FAULT_GATE exists, so a test can hold any number of requests in flight,
+act (send SIGTERM...), then release them. It replies ``done <request>``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+
+from sockserve import Context
+
+log = logging.getLogger("sockserve.service")
+
+#: How often a gated request looks for its release file (bounded by the test's deadlines).
+GATE_POLL = 0.01
+
+
+async def gated(request: bytes, ctx: Context) -> bytes:
+    log.info("gated start %s", request.decode(errors="replace"))
+    gate = os.environ["FAULT_GATE"]
+    while not os.path.exists(gate):
+        await asyncio.sleep(GATE_POLL)
+    return b"done " + request
+
+
+def upper(request: bytes, ctx: Context) -> bytes:
+    return request.upper()
