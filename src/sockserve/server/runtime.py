@@ -220,15 +220,23 @@ class StreamRuntime:
         self.server.conn_closed()
 
     def _slot_freed(self) -> None:
-        if not self._reading and self._retry is None and not self.server.at_limit():
-            if self._limit_logged:
-                self._limit_logged = False
+        server = self.server
+        if server.max_conns is None or server.at_limit():
+            return
+        # The limit is shared: the listener paused at it may not be the one whose
+        # connection closed, so look at every one (a listener waiting out an accept
+        # error keeps its retry timer).
+        for rt in server.streams:
+            if rt._reading or rt._retry is not None or rt._stopped:
+                continue
+            if rt._limit_logged:
+                rt._limit_logged = False
                 server_log.info(
                     "%s: below the connection limit again; accepting",
-                    self.endpoint,
-                    extra={"event": "limit_cleared", "endpoint": self.endpoint},
+                    rt.endpoint,
+                    extra={"event": "limit_cleared", "endpoint": rt.endpoint},
                 )
-            self.server.resume_all_accepting()
+            rt._resume_accept()
 
     def sweep_idle(self, now: float, timeout: float) -> None:
         for conn in list(self.conns):

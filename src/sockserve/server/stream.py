@@ -96,8 +96,13 @@ class StreamProtocol(asyncio.Protocol):
             self._protocol_error(exc)
 
     def eof_received(self) -> bool:
+        codec = self._codec
         try:
-            last = self._codec.end_of_input()
+            # Requests still parsed-but-unanswered (reading was paused) go first, so the
+            # codec's final message is only what followed the last whole one.
+            while not self.closing and (msg := codec.next_message()) is not None:
+                self._dispatch(msg)
+            last = codec.end_of_input()
         except ProtocolError as exc:
             self._protocol_error(exc)
             return False
@@ -124,7 +129,10 @@ class StreamProtocol(asyncio.Protocol):
 
     def _drain_codec(self) -> None:
         codec = self._codec
-        while not self.closing:
+        # Stop while paused: one read can hold thousands of small requests, and answering
+        # them all at once would grow the write buffer (or the async queue) far past its
+        # mark. The rest stay parsed-but-unanswered in the codec until _resume.
+        while not self.closing and not self._paused:
             msg = codec.next_message()
             if msg is None:
                 return
@@ -219,6 +227,14 @@ class StreamProtocol(asyncio.Protocol):
         was = self._paused
         self._paused &= ~why
         if was and not self._paused and self._transport is not None and not self.closing:
+            if self._codec.buffered:  # requests left in the codec when reading paused
+                try:
+                    self._drain_codec()
+                except ProtocolError as exc:
+                    self._protocol_error(exc)
+                    return
+                if self._paused or self.closing:
+                    return
             self._transport.resume_reading()
 
     @property
