@@ -146,6 +146,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="qotd: quotations to serve, separated by blank lines or '%%' lines (default: built-in)",
     )
+    x = p.add_argument_group("behind a proxy")
+    x.add_argument(
+        "--proxy-protocol",
+        action="store_true",
+        help="stream connections must start with a PROXY v1/v2 header (HAProxy send-proxy); "
+        "ctx.peer and the logs show the real client, --allow/--deny apply to it",
+    )
+    x.add_argument(
+        "--proxy-from",
+        action="append",
+        default=[],
+        metavar="CIDR",
+        help="accept connections only from these proxies (repeatable; default: any)",
+    )
+    x.add_argument(
+        "--proxy-header-timeout",
+        type=float,
+        default=d.proxy_header_timeout,
+        metavar="SECONDS",
+        help="close connections whose PROXY header is not complete by then (default 5)",
+    )
     o = p.add_argument_group("logging and runtime")
     o.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
     o.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
@@ -176,6 +197,9 @@ def build_config(args: argparse.Namespace) -> object:
         udp_rate=args.udp_rate,
         udp_min_source_port=args.udp_min_source_port,
         udp_amplify=args.udp_amplify,
+        proxy_protocol=args.proxy_protocol,
+        proxy_from=tuple(parse_network(c) for c in args.proxy_from),
+        proxy_header_timeout=args.proxy_header_timeout,
         service_options=_service_options(args),
     )
 

@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from ..endpoints import Endpoint
+from ..errors import ConfigError
 from ..service import Context, Service, is_async_handler
 from .access import AccessControl
 from .config import DEFAULT_UDP_RATE, ServerConfig
@@ -73,6 +74,23 @@ class StreamRuntime:
             self._factory = lambda peer: StreamProtocol(self, peer)
         else:
             raise ValueError(f"service {service.name} has no stream behaviour")
+        #: Connections closed for a reason worth counting, by kind (read by metrics at scrape time).
+        self.errors: dict[str, int] = {}
+        if config.proxy_protocol:
+            self._use_proxy_protocol()
+
+    def _use_proxy_protocol(self) -> None:
+        """Read a PROXY header first; the accept-time gate becomes --proxy-from, and
+        --allow/--deny apply to the real client named in the header."""
+        from .proxywrap import wrap_factory
+
+        if self.ssl_context is not None:
+            raise ConfigError(
+                f"{self.endpoint}: --proxy-protocol on tls:// is not supported; "
+                "terminate TLS at the proxy and listen on tcp://"
+            )
+        self._factory = wrap_factory(self, self._factory)  # type: ignore[assignment]
+        self.access = AccessControl(self.config.proxy_from, ())
 
     # -- accepting ---------------------------------------------------------------------
 
@@ -119,6 +137,7 @@ class StreamRuntime:
                     extra={"event": "accept_error", "endpoint": self.endpoint, "reason": str(exc)},
                 )
                 # EMFILE and friends (or anything unknown): pause rather than spin or die.
+                self.errors["accept"] = self.errors.get("accept", 0) + 1
                 self._pause_accept()
                 self._retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accept)
                 return
@@ -132,6 +151,7 @@ class StreamRuntime:
                 fmt_peer(addr),
                 extra={"event": "denied", "endpoint": self.endpoint, "peer": fmt_peer(addr)},
             )
+            self.errors["denied"] = self.errors.get("denied", 0) + 1
             sock.close()
             return
         sock.setblocking(False)
@@ -171,6 +191,7 @@ class StreamRuntime:
                 _describe(exc),
                 extra={"event": "setup_failed", "endpoint": self.endpoint, "peer": fmt_peer(addr)},
             )
+            self.errors["setup"] = self.errors.get("setup", 0) + 1
             sock.close()
             if proto is None or proto not in self.conns:
                 self.server.conn_count -= 1
@@ -203,6 +224,9 @@ class StreamRuntime:
         reason = self._close_reasons.pop(id(conn), None)
         if reason is None:
             reason = f"error: {_describe(exc)}" if exc is not None else "closed"
+        kind = None if reason == "closed" else _error_kind(reason)
+        if kind is not None:
+            self.errors[kind] = self.errors.get(kind, 0) + 1
         log = conn_log.warning if reason.startswith("protocol error") else conn_log.info
         log(
             "%s: close %s (%s)",
@@ -418,6 +442,24 @@ def _is_loopback_bind(host: str) -> bool:
 
 def _is_loopback_peer(addr: Any) -> bool:
     return isinstance(addr, tuple) and _is_loopback_bind(str(addr[0]))
+
+
+#: Close reasons counted as errors, by prefix (the metrics' ``kind`` label).
+_ERROR_KINDS = (
+    ("protocol error", "protocol"),
+    ("PROXY header", "proxy"),
+    ("idle for", "idle_timeout"),
+    ("drain timeout", "drain_timeout"),
+    ("denied", "denied"),
+    ("error:", "reset"),
+)
+
+
+def _error_kind(reason: str) -> str | None:
+    for prefix, kind in _ERROR_KINDS:
+        if reason.startswith(prefix):
+            return kind
+    return None
 
 
 def _describe(exc: BaseException | None) -> str:

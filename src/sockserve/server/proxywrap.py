@@ -1,0 +1,168 @@
+"""PROXY protocol on stream endpoints: read the header first, then hand the connection on.
+
+A :class:`ProxyHeaderProtocol` owns a new connection until its PROXY header is
+read (within ``proxy_header_timeout``). It then checks the real client against
+``--allow``/``--deny``, builds the normal protocol with the real client as
+``ctx.peer`` (and the address the client connected to as ``ctx.local``), swaps
+it in with ``transport.set_protocol`` and feeds it the bytes that followed the
+header, so the engine's per-request code is untouched.
+
+Error handling: a missing, malformed or late header closes the connection with
+a logged reason naming the proxy's address; nothing reaches the service.
+Resource handling: at most one header (107 bytes for v1, 64 KiB for v2) is
+buffered per connection, and the timer is cancelled on every exit path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, cast
+
+from ..endpoints import Endpoint
+from ..errors import RemoteProtocolError
+from ..framing.proxy import ProxyHeaderReader
+from ..service import Context
+from .access import AccessControl
+from .logs import conn_log, fmt_peer
+
+if TYPE_CHECKING:
+    from .runtime import StreamRuntime
+    from .stream import AnyConn
+
+#: Prefix of close reasons for connections refused for their PROXY header (metrics count them).
+REASON_PREFIX = "PROXY header"
+
+
+def wrap_factory(
+    rt: StreamRuntime, inner: Callable[[Any], AnyConn]
+) -> Callable[[Any], ProxyHeaderProtocol]:
+    """A protocol factory that reads the PROXY header before building ``inner``'s protocol."""
+    access = AccessControl(rt.config.allow, rt.config.deny)
+    return lambda peer: ProxyHeaderProtocol(rt, peer, inner, access)
+
+
+class ProxyHeaderProtocol(asyncio.Protocol):
+    """Holds a connection until its PROXY header is read; quacks like a connection for the runtime."""
+
+    __slots__ = (
+        "_access",
+        "_inner",
+        "_reader",
+        "_timer",
+        "_transport",
+        "active",
+        "closing",
+        "ctx",
+        "idle_since",
+        "rt",
+    )
+
+    def __init__(
+        self,
+        rt: StreamRuntime,
+        peer: Any,
+        inner: Callable[[Any], AnyConn],
+        access: AccessControl,
+    ) -> None:
+        self.rt = rt
+        self.ctx = Context(peer, rt.endpoint)
+        self._inner = inner
+        self._access = access
+        self._reader = ProxyHeaderReader()
+        self._transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self.active = True
+        self.closing = False
+        self.idle_since = 0.0
+
+    # -- asyncio callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)
+        # Tracked like a connection (drain, idle sweep, connection count) but not logged
+        # as opened: the open line names the real client once the header is read.
+        self.rt.conns.add(self)  # type: ignore[arg-type]
+        self.idle_since = self.rt.loop.time()
+        timeout = self.rt.config.proxy_header_timeout
+        self._timer = self.rt.loop.call_later(timeout, self._refuse, f"none within {timeout:g}s")
+
+    def data_received(self, data: bytes) -> None:
+        if self.closing:
+            return
+        try:
+            header = self._reader.feed(data)
+        except RemoteProtocolError as exc:
+            self._refuse(str(exc))
+            return
+        if header is None:
+            return
+        self._cancel_timer()
+        peer = header.source if header.source is not None else self.ctx.peer
+        if self._access.active and isinstance(peer, tuple) and not self._access.permits(peer[0]):
+            conn_log.info(
+                "%s: denied %s (via proxy %s)",
+                self.rt.endpoint,
+                fmt_peer(peer),
+                fmt_peer(self.ctx.peer),
+                extra={"event": "denied", "endpoint": self.rt.endpoint, "peer": fmt_peer(peer)},
+            )
+            self.rt.note_close_reason(self, "denied")  # type: ignore[arg-type]
+            self.abort()
+            return
+        self._hand_over(peer, header.destination)
+
+    def eof_received(self) -> bool:
+        self._refuse("connection closed before a whole header arrived")
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_timer()
+        self.rt.closed(self, exc)  # type: ignore[arg-type]  # no-op once handed over
+
+    # -- the runtime's connection interface (drain, idle sweep) --------------------------
+
+    @property
+    def busy(self) -> bool:
+        return False
+
+    def drain(self) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.closing = True
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.close()
+
+    def abort(self) -> None:
+        self.closing = True
+        self._cancel_timer()
+        if self._transport is not None:
+            self._transport.abort()
+
+    # -- internals ---------------------------------------------------------------------
+
+    def _hand_over(self, peer: Any, destination: Any) -> None:
+        transport = self._transport
+        assert transport is not None
+        conn = self._inner(peer)
+        if isinstance(destination, tuple):
+            conn.ctx.local = Endpoint(
+                self.rt.endpoint.scheme, host=destination[0], port=destination[1]
+            )
+        self.rt.conns.discard(self)  # the real protocol takes the slot
+        transport.set_protocol(conn)
+        conn.connection_made(transport)
+        rest = self._reader.rest
+        if rest and not conn.closing:
+            conn.data_received(rest)
+
+    def _refuse(self, why: str) -> None:
+        self._cancel_timer()
+        self.rt.note_close_reason(self, f"{REASON_PREFIX}: {why}")  # type: ignore[arg-type]
+        self.abort()
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

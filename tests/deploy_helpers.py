@@ -1,0 +1,226 @@
+"""Services and process helpers for the deployment tests (workers, activation, HAProxy, reload).
+
+Services here are imported by ``module:function`` in server subprocesses, so the
+tests put this directory on ``PYTHONPATH``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from sockserve.service import Context
+
+TESTS = str(Path(__file__).resolve().parent)
+SOCKSERVE = [sys.executable, "-m", "sockserve"]
+
+
+def whoami(request: bytes, ctx: Context) -> bytes:
+    """Reply with the peer and local addresses the server believes in, and this process id."""
+    peer = ctx.peer
+    host, port = (peer[0], peer[1]) if isinstance(peer, tuple) else (str(peer), 0)
+    local = ctx.local
+    return f"{host} {port} {local.host or local.path} {local.port} {os.getpid()} {request.decode(errors='replace')}".encode()
+
+
+def pid(request: bytes, ctx: Context) -> bytes:
+    return f"{os.getpid()}".encode()
+
+
+async def slow(request: bytes, ctx: Context) -> bytes:
+    """Answer after the number of seconds the request names (a request in flight to drain)."""
+    await asyncio.sleep(float(request.split()[0]))
+    return b"done " + request
+
+
+def upper(request: bytes, ctx: Context) -> bytes:
+    return request.upper()
+
+
+def lower(request: bytes, ctx: Context) -> bytes:
+    return request.lower()
+
+
+def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    """Poll ``cond`` until true or fail after ``timeout`` (a readiness wait, not a sleep)."""
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def request(addr: Any, data: bytes, timeout: float = 5.0, source: str | None = None) -> bytes:
+    """One request on a fresh TCP (or Unix, for a str address) connection; the reply up to EOF or 4 KiB."""
+    family = (
+        socket.AF_UNIX
+        if isinstance(addr, str)
+        else (socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
+    )
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        if source is not None:
+            s.bind((source, 0))
+        s.connect(addr)
+        s.sendall(data)
+        return s.recv(4096)
+
+
+def udp_request(addr: tuple[str, int], data: bytes, timeout: float = 5.0) -> bytes:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(data, addr)
+        return s.recv(65536)
+
+
+def addr_of(url: str) -> tuple[str, int]:
+    rest = url.split("://", 1)[1]
+    host, _, port = rest.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class Proc:
+    """A subprocess whose stderr is read by a thread (so a chatty server never blocks on a full pipe)."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None, **kw: Any) -> None:
+        full_env = {**os.environ, "PYTHONPATH": TESTS, **(env or {})}
+        self.proc = subprocess.Popen(
+            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=full_env, **kw
+        )
+        self._lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for raw in self.proc.stderr:
+            with self._cond:
+                self._lines.append(raw.decode(errors="replace"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
+
+    @property
+    def log(self) -> str:
+        with self._cond:
+            return "".join(self._lines)
+
+    def wait_log(self, pattern: str, count: int = 1, timeout: float = 15.0) -> list[re.Match[str]]:
+        """Wait until ``pattern`` matched ``count`` log lines; return the matches."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [m for line in self._lines if (m := rx.search(line))]
+                if len(found) >= count:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(
+                        f"no {count} log line(s) matching {pattern!r}; exit={self.proc.poll()}; log:\n"
+                        + "".join(self._lines)
+                    )
+                self._cond.wait(min(left, 0.2))
+
+    def endpoints(self, count: int, timeout: float = 15.0) -> list[str]:
+        return [m.group(1) for m in self.wait_log(r"listening on (\S+)", count, timeout)][:count]
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def wait(self, timeout: float = 20.0) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._reader.join(5)
+        if self.proc.stderr is not None:
+            self.proc.stderr.close()
+
+    def __enter__(self) -> Proc:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def serve_proc(*args: str, env: dict[str, str] | None = None) -> Proc:
+    return Proc([*SOCKSERVE, "serve", *args], env=env)
+
+
+def readable(sock: socket.socket, timeout: float) -> bool:
+    return bool(select.select([sock], [], [], timeout)[0])
+
+
+HAPROXY = "/usr/sbin/haproxy"
+
+
+def haproxy_path() -> str | None:
+    import shutil
+
+    return shutil.which("haproxy") or (HAPROXY if os.path.exists(HAPROXY) else None)
+
+
+def listening_socket(host: str = "127.0.0.1") -> socket.socket:
+    """A bound, listening TCP socket on a free port, to hand to a peer (``bind fd@N``): no port race."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    s.bind((host, 0))
+    s.listen(128)
+    s.set_inheritable(True)
+    return s
+
+
+class HAProxy(Proc):
+    """HAProxy in the foreground on a config written to ``workdir``; frontends get inherited fds."""
+
+    def __init__(self, workdir: Path, config: str, fds: list[int]) -> None:
+        exe = haproxy_path()
+        assert exe is not None
+        self.cfg = workdir / "haproxy.cfg"
+        self.cfg.write_text(config)
+        self.admin = workdir / "admin.sock"
+        check = subprocess.run(
+            [exe, "-c", "-f", str(self.cfg)], capture_output=True, timeout=20, pass_fds=fds
+        )
+        assert check.returncode == 0, check.stdout + check.stderr
+        super().__init__([exe, "-db", "-f", str(self.cfg)], pass_fds=fds)
+
+    def command(self, cmd: str, timeout: float = 5.0) -> str:
+        """Run one command on the admin socket (``show stat``, ``show servers state``...)."""
+        wait_for(self.admin.exists, timeout, "haproxy admin socket")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.admin))
+            s.sendall(cmd.encode() + b"\n")
+            out = b""
+            while chunk := s.recv(65536):
+                out += chunk
+        return out.decode()
+
+    def server_status(self, backend: str, server: str) -> str:
+        """UP, DOWN, ... of one server, from ``show stat`` (CSV)."""
+        lines = self.command("show stat").splitlines()
+        cols = lines[0].lstrip("# ").split(",")
+        for line in lines[1:]:
+            row = dict(zip(cols, line.split(","), strict=False))
+            if row.get("pxname") == backend and row.get("svname") == server:
+                return row["status"]
+        raise AssertionError(f"no server {backend}/{server} in show stat")
