@@ -349,9 +349,21 @@ class LoadEngine:
             self.close()
 
     def connect(self) -> None:
-        """Open every connection (blocking, before the clock starts). Raises ConnectError."""
+        """Open every connection (blocking, before the clock starts) and probe the server.
+
+        The probe is one request answered on the first connection, so that a
+        server that is absent (UDP has no connect to fail), speaks another
+        framing or hangs fails fast with ConnectError, RequestTimeout or
+        ConnectionClosed instead of a run of timeouts.
+        """
+        if not self.order:
+            self._probe()
         for _ in range(self.spec.conns - len(self.order)):
             self.order.append(self._open())
+
+    def _probe(self) -> None:
+        with self._client() as client:
+            client.request(self.spec.payload)
 
     def drive(self) -> LoadResult:
         """Warm up, then measure; the connections stay open for :meth:`close`."""
@@ -411,6 +423,7 @@ class LoadEngine:
         limit = self.limit
         measuring = self.measuring
         EPOLLIN = select.EPOLLIN
+        EPOLLOUT = select.EPOLLOUT
         sub_bits = SUB_BITS
         half = HALF
         maxv = MAX_VALUE
@@ -431,12 +444,11 @@ class LoadEngine:
                     conn = by_fd.get(fd)
                     if conn is None:
                         continue
-                    if not ev & EPOLLIN:
-                        if conn.out:
-                            self._flush(conn)
-                        else:
-                            self._lost(conn, "connection closed by the server")
-                        continue
+                    if ev & EPOLLOUT and conn.out:
+                        self._flush(conn)
+                        if not ev & EPOLLIN or conn.fd not in by_fd:
+                            continue
+                    # EPOLLIN, or EPOLLERR/EPOLLHUP: the recv below says which error.
                     replies = 0
                     while True:
                         try:

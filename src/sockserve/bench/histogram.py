@@ -15,6 +15,7 @@ loop of the load engine inlines exactly that expression.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Iterator, Sequence
 
 #: 8 bits: 256 exact values (to 255 ns), then 128 buckets per octave: 0.4-0.8 % resolution.
@@ -110,7 +111,8 @@ class Histogram:
         if self.count == 0:
             return 0
         # The rank of the sample at p: at least 1, so p0 is the smallest sample.
-        rank = max(1, -(-self.count * p // 100))
+        # (the epsilon keeps 99.9 % of 20,000 at rank 19,980 despite binary floats)
+        rank = max(1, math.ceil(self.count * p / 100 - 1e-9))
         seen = 0
         for i, c in enumerate(self.counts):
             if c:

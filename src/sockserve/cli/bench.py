@@ -13,7 +13,7 @@ import json
 import sys
 
 from ..errors import ClientError, ConnectError, EndpointError, SockserveError
-from .common import add_client_arguments, fail
+from .common import add_client_arguments, exit_code, fail
 from .main import EXIT_CONNECT, EXIT_FAIL, EXIT_OK, EXIT_USAGE
 
 #: Default request: 64 bytes, the size the issue's workloads use.
@@ -197,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
     except ConnectError as exc:
         return fail("bench", f"cannot connect: {exc}", EXIT_CONNECT)
     except ClientError as exc:
-        return fail("bench", str(exc), EXIT_FAIL)
+        return fail("bench", str(exc), exit_code(exc))
     except SockserveError as exc:
         return fail("bench", str(exc), EXIT_USAGE)
     except OSError as exc:
