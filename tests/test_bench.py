@@ -241,12 +241,14 @@ def test_duration_run_prints_report(capsys: pytest.CaptureFixture[str]) -> None:
     assert "requests/s" in out and "latency histogram" in out
 
 
+PROCS_ARGS = ("-c", "4", "--procs", "2", "-n", "400", "--json", "-q")
+
+
 def test_procs_merge_worker_results() -> None:
     st = _server("tcp://127.0.0.1:0")
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "sockserve", "bench", st.url("tcp")]
-            + ["-c", "4", "--procs", "2", "-n", "400", "--json", "-q"],
+            [sys.executable, "-m", "sockserve", "bench", st.url("tcp"), *PROCS_ARGS],
             capture_output=True,
             text=True,
             timeout=60,
@@ -259,11 +261,14 @@ def test_procs_merge_worker_results() -> None:
     assert data["procs"] == 2 and data["conns"] == 4
 
 
+OPENSSL_REQ = ("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1")
+OPENSSL_REQ += ("-subj", "/CN=localhost")
+
+
 def test_tls_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
     made = subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
-        + ["-subj", "/CN=localhost", "-keyout", str(key), "-out", str(cert)],
+        [*OPENSSL_REQ, "-keyout", str(key), "-out", str(cert)],
         capture_output=True,
     )
     if made.returncode != 0:
