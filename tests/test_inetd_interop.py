@@ -38,6 +38,7 @@ from classic_helpers import (
 )
 
 from sockserve.server import Server, ServerConfig, ServerThread, make_binding
+from sockserve.server.runtime import DatagramRuntime, StreamRuntime
 
 INETD = shutil.which("inetd") or "/usr/sbin/inetd"
 TCP_PORTS = {"echo": 7, "discard": 9, "daytime": 13, "chargen": 19, "time": 37}
@@ -125,8 +126,10 @@ def ours() -> Iterator[dict[str, Addr]]:
         bindings += [make_binding(n, [f"udp://{REMOTE}:0"], amplify) for n in UDP_PORTS]
     with ServerThread(Server(*bindings)) as st:
         addrs: dict[str, Addr] = {}
-        for binding, ep in zip(st.server.bindings, st.endpoints, strict=True):
-            key = binding.service.name if ep.scheme == "tcp" else f"udp-{binding.service.name}"
+        runtimes: list[StreamRuntime | DatagramRuntime] = [*st.server.streams, *st.server.datagrams]
+        for rt in runtimes:
+            ep = rt.endpoint  # as bound: the real port
+            key = rt.service.name if ep.is_stream else f"udp-{rt.service.name}"
             addrs[key] = (ep.host, ep.port)
         yield addrs
 
