@@ -190,6 +190,9 @@ class Server:
             self.forced = True
             for rt in self.streams:
                 rt.abort_all()
+            for drt in self.datagrams:  # async datagram replies still running
+                for t in list(drt.inflight):
+                    t.cancel()
         if self._stop_requested is not None:
             self._stop_requested.set()
 
@@ -205,8 +208,11 @@ class Server:
             rt.stop_accepting()
         for drt in self.datagrams:
             drt.stop_accepting()
+        # Datagram sockets stay open (not read) until the drain ends: in-flight async
+        # replies are sent from them.
         for lst in self.listeners:
-            close_listener(lst)
+            if lst.endpoint.is_stream:
+                close_listener(lst)
         server_log.info(
             "stopping: %d connection(s) open, draining up to %gs",
             self.conn_count,
@@ -234,6 +240,10 @@ class Server:
             for d in self.datagrams:
                 for t in d.inflight:
                     t.cancel()
+        finally:
+            for lst in self.listeners:
+                if not lst.endpoint.is_stream:
+                    close_listener(lst)
         for task in list(self._tasks):
             task.cancel()
         # Let connection_lost callbacks of aborted transports run.
