@@ -57,6 +57,16 @@ class ServerConfig:
     service_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        # The Python API takes what the CLI takes: CIDR strings and an octal mode string.
+        for name in ("allow", "deny"):
+            nets = getattr(self, name)
+            if isinstance(nets, str):
+                nets = (nets,)
+            object.__setattr__(
+                self, name, tuple(parse_network(n) if isinstance(n, str) else n for n in nets)
+            )
+        if isinstance(self.unix_mode, str):
+            object.__setattr__(self, "unix_mode", parse_mode(self.unix_mode))
         if self.framing not in FRAMINGS:
             raise ConfigError(
                 f"unknown framing {self.framing!r}; expected one of {', '.join(FRAMINGS)}"
