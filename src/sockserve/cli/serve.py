@@ -229,7 +229,8 @@ def run(args: argparse.Namespace) -> int:
         return server.run(args.loop)
     except SockserveError as exc:
         print(f"sockserve serve: {exc}", file=sys.stderr)
-        return EXIT_FAIL
+        # Settings found wrong only at start (a TLS cert that does not load) are usage errors.
+        return EXIT_USAGE if isinstance(exc, ConfigError) else EXIT_FAIL
     except ImportError as exc:
         print(f"sockserve serve: {exc}", file=sys.stderr)
         return EXIT_FAIL
