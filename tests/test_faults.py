@@ -102,6 +102,26 @@ def test_length_prefix_of_4_gib_is_refused_before_any_body(
     assert_thread_alive(st, framing="length")
 
 
+@pytest.mark.parametrize(
+    ("framing", "attack"),
+    [("line", b"ok\n" + b"x" * 100), ("length", b"\x00\x00\x00\x02ok" + b"\xff" * 4)],
+)
+def test_whole_request_before_an_oversized_one_is_answered(
+    serve: Serve, server_logs: LogTap, framing: str, attack: bytes
+) -> None:
+    """One read holding a good request then an oversized one: reply to the first, then close."""
+    st = serve(picky, "tcp://127.0.0.1:0", framing=framing, max_message=16)
+    with socket.create_connection(addr_of(st.url("tcp")), timeout=5) as s:
+        s.sendall(attack)
+        s.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := s.recv(1024):
+            got += chunk
+    assert got in (b"ok ok\n", b"\x00\x00\x00\x05ok ok"), f"reply lost: {got!r}"
+    server_logs.wait_for("protocol error:")
+    assert_thread_alive(st, framing=framing)
+
+
 def test_server_memory_does_not_grow_with_oversized_input() -> None:
     """Eight clients each try to push a 10 MB line; the server's peak RSS barely moves."""
     with LoggedServer("--listen", "tcp://127.0.0.1:0", "--framing", "line") as srv:

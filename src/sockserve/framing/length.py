@@ -40,13 +40,16 @@ class LengthCodec:
             del self._buf[:PREFIX]
 
     def next_message(self) -> bytes | None:
+        if self._need < 0:
+            self._read_prefix()
         need = self._need
         if need < 0 or len(self._buf) < need:
             return None
         body = bytes(self._buf[:need])
         del self._buf[:need]
+        # The next prefix is read on the next call, so a bad one behind this whole frame
+        # cannot lose it.
         self._need = -1
-        self._read_prefix()
         return body
 
     def end_of_input(self) -> bytes | None:

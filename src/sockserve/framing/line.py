@@ -39,6 +39,10 @@ class LineCodec:
         idx = buf.find(b"\n", self._scan)
         if idx == -1:
             self._scan = len(buf)
+            if len(buf) > self.max_message + 2:  # an over-long line behind the last whole one
+                raise MessageTooLarge(
+                    f"line longer than {self.max_message} bytes without a newline"
+                )
             return None
         end = idx - 1 if idx and buf[idx - 1] == 0x0D else idx
         if end > self.max_message:
@@ -46,14 +50,23 @@ class LineCodec:
         line = bytes(buf[:end])
         del buf[: idx + 1]
         self._scan = 0
-        self._check_cap()
+        # No cap check on the rest here: this line is whole and must be handed out; the
+        # next call reports an over-long remainder.
         return line
 
     def end_of_input(self) -> bytes | None:
-        if not self._buf:
+        buf = self._buf
+        if not buf:
             return None
-        line = bytes(self._buf.rstrip(b"\r"))
-        self._buf.clear()
+        # The unterminated last line obeys the same rules as the others: one "\r" is
+        # stripped, and it may not exceed the cap (feed allows cap + 2 while waiting).
+        end = len(buf) - 1 if buf[-1] == 0x0D else len(buf)
+        if end > self.max_message:
+            raise MessageTooLarge(
+                f"last line of {end} bytes exceeds the {self.max_message}-byte cap"
+            )
+        line = bytes(buf[:end])
+        buf.clear()
         self._scan = 0
         return line
 
