@@ -3,7 +3,9 @@
 Only parses options into a :class:`~sockserve.bench.LoadSpec` and hands it to
 the engine; the engine raises typed errors and this module turns them into one
 line on stderr and an exit code: 2 bad URL or options, 3 cannot connect,
-1 the run was cut short (no connection could be reopened).
+4/5 the probe request timed out / was cut off (as ``call``), 1 the run was cut
+short (no connection could be reopened). Errors during a run are data, not
+failures: they are counted in the report and the exit code stays 0.
 """
 
 from __future__ import annotations
