@@ -29,3 +29,9 @@ async def gated(request: bytes, ctx: Context) -> bytes:
 
 def upper(request: bytes, ctx: Context) -> bytes:
     return request.upper()
+
+
+def raising(request: bytes, ctx: Context) -> bytes:
+    if request.startswith(b"boom"):
+        raise RuntimeError("boom requested by the test")
+    return b"ok " + request

@@ -9,6 +9,7 @@ did what docs/reliability.md says, and a brand-new client is still answered.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import select
@@ -497,3 +498,78 @@ def test_udp_rate_guard_defaults_off_on_loopback_and_on_elsewhere(serve: Serve) 
         for i in range(300):  # in lockstep, so no loss: loopback is never throttled
             s.sendto(b"%d" % i, addr_of(lo.url("udp")))
             assert s.recvfrom(1024)[0].endswith(b"%d" % i)
+
+
+# -- the listen backlog --------------------------------------------------------------------
+
+
+def test_a_burst_of_connects_completes_in_the_backlog_while_the_server_is_full(
+    serve: Serve,
+) -> None:
+    """With the server paused at --max-conns, 2000 connects still complete in the kernel's
+    queue: a small backlog would leave most in SYN retries (1 s, 3 s, 7 s...)."""
+    st = serve("timestamp", "tcp://127.0.0.1:0", max_conns=1)
+    addr = addr_of(st.url("tcp"))
+    holder = sockserve.connect(st.url("tcp"), timeout=5)
+    assert holder.request(b"hold").endswith(b"hold")
+    burst: list[socket.socket] = []
+    poller = select.poll()
+    try:
+        for _ in range(2000):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setblocking(False)
+            s.connect_ex(addr)
+            burst.append(s)
+            poller.register(s, select.POLLOUT)
+        pending = {s.fileno() for s in burst}
+        deadline = time.monotonic() + 10
+        while pending and time.monotonic() < deadline:
+            for fd, _ in poller.poll(100):
+                poller.unregister(fd)
+                pending.discard(fd)
+        assert not pending, f"{len(pending)} of 2000 connects still not established"
+        errors = [s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) for s in burst]
+        assert errors == [0] * len(burst), "some connects failed"
+        assert st.server.conn_count == 1
+    finally:
+        for s in burst:
+            s.close()
+        holder.close()
+    assert_thread_alive(st)
+
+
+# -- structured logs -------------------------------------------------------------------------
+
+
+def test_json_logs_one_object_per_line_for_each_event() -> None:
+    with LoggedServer(
+        "fault_services:raising",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--framing",
+        "line",
+        "--max-message",
+        "16",
+        "--log-format",
+        "json",
+    ) as srv:
+        url = srv.url("tcp")
+        assert_alive(url, "line", payload=b"fine")
+        with socket.create_connection(addr_of(url), timeout=5) as s:
+            s.sendall(b"x" * 100 + b"\n")
+            assert closed_by_peer(s)
+        with socket.create_connection(addr_of(url), timeout=5) as s:
+            s.sendall(b"boom\n")
+            assert closed_by_peer(s)
+        srv.wait_line('"handler_error"')
+        srv.wait_line('"close"', count=3)
+        records = [json.loads(line) for line in srv.lines]  # every line is one JSON object
+    events = [r.get("event") for r in records]
+    for event in ("listening", "open", "close", "handler_error"):
+        assert event in events, f"no {event!r} event in {events}"
+    closes = [r for r in records if r.get("event") == "close"]
+    assert all(r["endpoint"] == url and r["peer"].startswith("127.0.0.1:") for r in closes)
+    assert any(r["reason"].startswith("protocol error: line") for r in closes), closes
+    (failure,) = [r for r in records if r.get("event") == "handler_error"]
+    assert failure["level"] == "error"
+    assert "RuntimeError: boom requested by the test" in failure["traceback"]

@@ -12,6 +12,7 @@ import asyncio
 import re
 import signal
 import socket
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -184,3 +185,32 @@ def test_server_thread_stop_drains_in_flight_requests(serve: Serve) -> None:
         release.set()
         for s in clients:
             s.close()
+
+
+API_SCRIPT = """
+import logging, sys
+import sockserve
+from fault_services import upper
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+sys.exit(sockserve.serve(
+    upper, "tcp://127.0.0.1:0", "udp://127.0.0.1:0",
+    framing="line", max_message=16, idle_timeout=30, max_conns=10, drain_timeout=5,
+    deny=["127.0.0.2"], udp_rate=1000,
+))
+"""
+
+
+def test_python_api_serve_takes_the_same_settings_and_drains_on_sigterm() -> None:
+    with LoggedServer(prefix=[sys.executable, "-c", API_SCRIPT], ready=2) as srv:
+        url = srv.url("tcp")
+        with sockserve.connect(url, framing="line", timeout=5) as c:
+            assert c.request(b"api") == b"API"
+        with socket.create_connection(addr_of(url), timeout=5) as s:
+            s.sendall(b"y" * 40 + b"\n")  # past max_message=16
+            assert closed_by_peer(s)
+        srv.wait_line("protocol error: line of 40 bytes exceeds the 16-byte cap")
+        with socket.create_connection(addr_of(url), timeout=5, source_address=("127.0.0.2", 0)):
+            srv.wait_line("denied 127.0.0.2:")
+        srv.signal(signal.SIGTERM)
+        rc, log = srv.wait(20)
+    assert rc == 0, log
