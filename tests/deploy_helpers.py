@@ -224,3 +224,31 @@ class HAProxy(Proc):
             if row.get("pxname") == backend and row.get("svname") == server:
                 return row["status"]
         raise AssertionError(f"no server {backend}/{server} in show stat")
+
+
+def boom(request: bytes, ctx: Context) -> bytes:
+    """Raise on b'boom' (a handler error to count), echo otherwise."""
+    if request.strip() == b"boom":
+        raise RuntimeError("boom requested")
+    return request
+
+
+def scrape(url: str, timeout: float = 5.0) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """GET a Prometheus text page; samples keyed by (name, sorted labels)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(url, timeout=timeout) as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain")
+        text = resp.read().decode()
+    out: dict[tuple[str, tuple[tuple[str, str], ...]], float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def sample(samples: dict[Any, float], name: str, **labels: str) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)

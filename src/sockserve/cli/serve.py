@@ -41,6 +41,12 @@ def _timeout(text: str) -> float | None:
     return value or None
 
 
+def _workers(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"bad number of workers {text!r}: expected 0 or more")
+    return int(text)
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..server.config import ServerConfig
 
@@ -146,6 +152,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="qotd: quotations to serve, separated by blank lines or '%%' lines (default: built-in)",
     )
+    dep = p.add_argument_group("deployment")
+    dep.add_argument(
+        "--config",
+        metavar="FILE",
+        help="serve the [[service]] tables of this TOML file instead of SERVICE/--listen; "
+        "SIGHUP reloads it",
+    )
+    dep.add_argument(
+        "--workers",
+        type=_workers,
+        default=1,
+        metavar="N",
+        help="N worker processes share each endpoint (SO_REUSEPORT); 0 = one per CPU (default 1)",
+    )
+    dep.add_argument(
+        "--metrics",
+        metavar="HOST:PORT",
+        help="serve Prometheus metrics at http://HOST:PORT/metrics",
+    )
     x = p.add_argument_group("behind a proxy")
     x.add_argument(
         "--proxy-protocol",
@@ -213,20 +238,29 @@ def _service_options(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..server import Server, make_binding
+    from ..server.activation import listen_fds
+    from ..server.app import AppSpec, make_runner
     from ..server.logs import configure_logging
-    from ..server.server import DEFAULT_URLS
 
     configure_logging(args.log_format, args.log_level)
     try:
-        config = build_config(args)
-        binding = make_binding(args.service, args.listen or DEFAULT_URLS, config)  # type: ignore[arg-type]
-        server = Server(binding)
+        spec = AppSpec(
+            service=args.service,
+            urls=tuple(args.listen or ()),
+            config=build_config(args),  # type: ignore[arg-type]
+            config_file=args.config,
+            metrics=args.metrics,
+            workers=args.workers,
+            loop=args.loop,
+            log_format=args.log_format,
+            log_level=args.log_level,
+        )
+        runner = make_runner(spec, listen_fds())
     except (ConfigError, EndpointError, ServiceError) as exc:
         print(f"sockserve serve: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        return server.run(args.loop)
+        return runner.run()
     except SockserveError as exc:
         print(f"sockserve serve: {exc}", file=sys.stderr)
         # Settings found wrong only at start (a TLS cert that does not load) are usage errors.

@@ -165,3 +165,35 @@ def _explain(exc: OSError) -> str:
         errno.ENOENT: "directory does not exist",
     }
     return hints.get(exc.errno or 0, exc.strerror or str(exc))
+
+
+def adopt_socket(sock: socket.socket) -> Listener:
+    """Serve a socket opened elsewhere (systemd, a supervisor): its endpoint is read from it.
+
+    Error handling: a socket that is not a listening stream or a bound datagram socket of
+    a family we serve raises :class:`EndpointError` naming its file descriptor.
+    Resource handling: the :class:`Listener` owns ``sock`` but never removes a Unix
+    socket file for it (whoever created the file does).
+    """
+    fd = sock.fileno()
+    stream = sock.type == socket.SOCK_STREAM
+    if sock.type not in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        raise EndpointError(f"fd {fd}: socket type {sock.type!r} is neither stream nor datagram")
+    if stream and not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise EndpointError(
+            f"fd {fd}: a stream socket that is not listening (systemd Accept=yes passes "
+            "connections; sockserve needs Accept=no)"
+        )
+    name = sock.getsockname()
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        endpoint = Endpoint("tcp" if stream else "udp", host=name[0], port=name[1])
+    elif sock.family == socket.AF_UNIX:
+        # Abstract names come back as bytes with a leading NUL.
+        path = "@" + name[1:].decode(errors="surrogateescape") if isinstance(name, bytes) else name
+        if not path:
+            raise EndpointError(f"fd {fd}: an unbound Unix socket")
+        endpoint = Endpoint("unix" if stream else "unixgram", path=path)
+    else:
+        raise EndpointError(f"fd {fd}: socket family {sock.family!r} is not served")
+    sock.setblocking(False)
+    return Listener(sock, endpoint)

@@ -13,7 +13,7 @@ import contextlib
 import signal
 import threading
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..endpoints import Endpoint, parse_endpoint
@@ -30,6 +30,10 @@ from .tls import server_context
 DEFAULT_URLS = ("tcp://127.0.0.1:21567", "udp://127.0.0.1:21567")
 #: How often idle connections are looked for: a quarter of the timeout, within [0.05 s, 1 s].
 _SWEEP_MIN, _SWEEP_MAX = 0.05, 1.0
+#: How often a partial drain (a binding removed on reload) checks for its last connection.
+_DRAIN_POLL = 0.05
+
+Runtime = StreamRuntime | DatagramRuntime
 
 
 @dataclass
@@ -39,6 +43,9 @@ class Binding:
     service: Service
     endpoints: Sequence[Endpoint]
     config: ServerConfig
+    #: Sockets opened elsewhere (systemd, a supervisor, a reload hand-over), served instead of
+    #: binding the endpoint of the same key.
+    listeners: dict[Endpoint, Listener] = field(default_factory=dict)
 
 
 def make_binding(
@@ -90,6 +97,8 @@ class Server:
         self._sweeper: asyncio.TimerHandle | None = None
         self._all_closed: asyncio.Event | None = None
         self._stopping = False
+        #: (endpoint as configured, runtime) per binding, by id(binding): for add/remove_binding.
+        self._bound: dict[int, list[tuple[Endpoint, Runtime]]] = {}
 
     # -- limits and bookkeeping used by the runtimes ------------------------------------
 
@@ -118,7 +127,7 @@ class Server:
         self._stop_requested = asyncio.Event()
         try:
             for binding in self.bindings:
-                self._start_binding(binding)
+                self._start_recorded(binding)
         except BaseException:
             for lst in self.listeners:
                 close_listener(lst)
@@ -141,7 +150,7 @@ class Server:
                 raise ConfigError(f"service {svc.name} cannot serve stream endpoint {ep}")
             if not ep.is_stream and svc.datagram_handler() is None:
                 raise ConfigError(f"service {svc.name} cannot serve datagram endpoint {ep}")
-            lst = open_listener(
+            lst = binding.listeners.get(ep) or open_listener(
                 ep, backlog=cfg.backlog, reuse_port=cfg.reuse_port, unix_mode=cfg.unix_mode
             )
             self.listeners.append(lst)
@@ -169,6 +178,94 @@ class Server:
                     "framing": mode,
                 },
             )
+
+    def _start_recorded(self, binding: Binding) -> None:
+        n_streams, n_datagrams = len(self.streams), len(self.datagrams)
+        self._start_binding(binding)
+        streams, datagrams = iter(self.streams[n_streams:]), iter(self.datagrams[n_datagrams:])
+        self._bound[id(binding)] = [
+            (ep, next(streams) if ep.is_stream else next(datagrams)) for ep in binding.endpoints
+        ]
+
+    # -- changing bindings while running (config reload) ---------------------------------
+
+    def runtimes_of(self, binding: Binding) -> list[Runtime]:
+        return [rt for _, rt in self._bound.get(id(binding), [])]
+
+    def add_binding(self, binding: Binding) -> None:
+        """Start serving one more binding on a running server.
+
+        Error handling: if an endpoint cannot be bound, the sockets this call opened are
+        closed and the error propagates; sockets passed in ``binding.listeners`` stay open.
+        """
+        marks = len(self.listeners), len(self.streams), len(self.datagrams)
+        try:
+            self._start_recorded(binding)
+        except BaseException:
+            given = {id(lst) for lst in binding.listeners.values()}
+            for lst in self.listeners[marks[0] :]:
+                if id(lst) not in given:
+                    close_listener(lst)
+            del self.listeners[marks[0] :], self.endpoints[marks[0] :]
+            del self.streams[marks[1] :], self.datagrams[marks[2] :]
+            raise
+        self.bindings.append(binding)
+        for rt in self.runtimes_of(binding):
+            rt.start()
+        if self._sweeper is None:
+            self._schedule_sweep()
+
+    def remove_binding(
+        self, binding: Binding, keep: Iterable[Endpoint] = ()
+    ) -> tuple[dict[Endpoint, Listener], asyncio.Task[None]]:
+        """Stop accepting for ``binding`` now and drain its connections in the background.
+
+        Listening sockets of the endpoints in ``keep`` (keys as configured) are handed back
+        open, for a replacement binding to serve without a gap; the others are closed.
+        Returns them and the drain task (done when its connections are closed, or were
+        aborted at the drain timeout).
+        """
+        keep = set(keep)
+        pairs = self._bound.pop(id(binding), [])
+        if binding in self.bindings:
+            self.bindings.remove(binding)
+        kept: dict[Endpoint, Listener] = {}
+        for ep, rt in pairs:
+            rt.stop_accepting()
+            lst = rt.listener
+            if lst in self.listeners:
+                i = self.listeners.index(lst)
+                del self.listeners[i], self.endpoints[i]
+            if ep in keep:
+                kept[ep] = lst
+            else:
+                close_listener(lst)
+        task = self.loop.create_task(self._drain_runtimes([rt for _, rt in pairs]))
+        self.track(task)
+        return kept, task
+
+    async def _drain_runtimes(self, runtimes: list[Runtime]) -> None:
+        streams = [rt for rt in runtimes if isinstance(rt, StreamRuntime)]
+        datagrams = [rt for rt in runtimes if isinstance(rt, DatagramRuntime)]
+        for srt in streams:
+            srt.drain()
+        deadline = self.loop.time() + self.drain_timeout
+        while any(s.conns or s.pending for s in streams) or any(d.inflight for d in datagrams):
+            if self.loop.time() >= deadline:
+                for srt in streams:
+                    srt.abort_all()
+                for drt in datagrams:
+                    for t in drt.inflight:
+                        t.cancel()
+                break
+            await asyncio.sleep(_DRAIN_POLL)
+        await asyncio.sleep(0)  # let connection_lost of aborted transports run
+        for srt in streams:
+            if srt in self.streams:
+                self.streams.remove(srt)
+        for drt in datagrams:
+            if drt in self.datagrams:
+                self.datagrams.remove(drt)
 
     def _schedule_sweep(self) -> None:
         timeouts = [rt.config.idle_timeout for rt in self.streams if rt.config.idle_timeout]

@@ -1,0 +1,358 @@
+"""What ``sockserve serve`` runs in one process: services from the command line, a config
+file or systemd's sockets, with SIGHUP reload and optional metrics.
+
+A *unit* is one endpoint served by one service with its options; the server holds
+one binding per unit. Reload (SIGHUP with ``--config``) re-reads the file and diffs
+units by endpoint: unchanged ones are left alone (same socket, same connections);
+removed ones stop accepting and drain; new ones are bound; an endpoint whose
+service or options changed keeps its listening socket, which is handed to the new
+binding at once while the old one drains its connections. A file that does not
+parse, or a service that does not import, leaves everything running as it was.
+
+The supervisor (``--workers``) runs one :class:`App` per worker process, with
+sockets it opened or ports it reserved passed in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from ..endpoints import Endpoint, parse_endpoint
+from ..errors import ConfigError, SockserveError
+from .activation import InheritedSocket
+from .config import ServerConfig
+from .configfile import ServiceEntry, load_config_file
+from .listeners import Listener
+from .logs import server_log
+from .loop import new_event_loop
+from .server import DEFAULT_URLS, Binding, Server, _log_loop_exception, make_binding
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from .metrics import MetricsState
+    from .supervisor import Supervisor
+
+
+@dataclass
+class AppSpec:
+    """Everything ``serve`` was asked for; picklable, so workers get the same."""
+
+    service: str = "timestamp"
+    urls: tuple[str, ...] = ()
+    config: ServerConfig = field(default_factory=ServerConfig)
+    config_file: str | None = None
+    metrics: str | None = None
+    workers: int = 1
+    loop: str = "auto"
+    log_format: str = "text"
+    log_level: str = "info"
+
+
+@dataclass
+class Unit:
+    """One endpoint, its service and options, and a socket to serve if one was passed in."""
+
+    key: Endpoint  # as configured (the diff key), or the inherited socket's own address
+    spec: str
+    config: ServerConfig
+    listener: Listener | None = None
+    port: int | None = None  # a port the supervisor reserved for a configured port 0
+
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.key.with_port(self.port) if self.port is not None else self.key
+
+    def same_as(self, other: Unit) -> bool:
+        return (
+            self.spec == other.spec
+            and self.config == other.config
+            and self.listener is other.listener
+            and self.port == other.port
+        )
+
+
+@dataclass
+class Plan:
+    """Sockets and ports handed to this process (by systemd or the supervisor)."""
+
+    inherited: list[InheritedSocket] = field(default_factory=list)
+    prebound: dict[str, Listener] = field(default_factory=dict)  # configured URL -> socket
+    ports: dict[str, int] = field(default_factory=dict)  # configured URL -> reserved port
+    worker: bool = False  # bind inet endpoints with SO_REUSEPORT, beside the other workers
+
+
+def service_entries(spec: AppSpec) -> list[ServiceEntry]:
+    if spec.config_file:
+        return load_config_file(spec.config_file, spec.config)
+    endpoints = tuple(parse_endpoint(u) for u in (spec.urls or DEFAULT_URLS))
+    return [ServiceEntry(spec.service, endpoints, spec.config, spec.service, "command line")]
+
+
+def plan_units(spec: AppSpec, plan: Plan) -> list[Unit]:
+    """The units to serve: inherited sockets first (by name), then the configured endpoints.
+
+    Under socket activation without a config file every passed socket serves the
+    command line's service and its default endpoints are not bound; with a config
+    file each socket goes to the ``[[service]]`` whose ``socket`` (default ``name``)
+    equals its ``FileDescriptorName``, and services that got none bind their ``listen``.
+    """
+    entries = service_entries(spec)
+    units: list[Unit] = []
+    served: set[int] = set()
+    for inh in plan.inherited:
+        if spec.config_file:
+            matches = [i for i, e in enumerate(entries) if e.socket == inh.name]
+            if not matches:
+                raise ConfigError(
+                    f"{spec.config_file}: inherited socket {inh.listener.endpoint} (fd {inh.fd}, "
+                    f"name {inh.name!r}) matches no [[service]]; set socket = {inh.name!r} on one"
+                )
+            index = matches[0]
+        else:
+            index = 0
+        served.add(index)
+        e = entries[index]
+        units.append(Unit(inh.listener.endpoint, e.spec, e.config, inh.listener))
+    if plan.inherited and not spec.config_file:
+        return units
+    for i, e in enumerate(entries):
+        if i in served:
+            continue
+        if not e.endpoints:
+            raise ConfigError(f"{e.where}: no 'listen' URLs and no inherited socket {e.socket!r}")
+        for ep in e.endpoints:
+            url = ep.url()
+            cfg = e.config
+            lst = plan.prebound.get(url)
+            if plan.worker and lst is None and ep.is_inet:
+                cfg = cfg.replace(reuse_port=True)
+            units.append(Unit(ep, e.spec, cfg, lst, plan.ports.get(url)))
+    seen: set[Endpoint] = set()
+    for u in units:
+        if u.key in seen:
+            raise ConfigError(f"{u.key} is listed twice")
+        seen.add(u.key)
+    return units
+
+
+def build_binding(unit: Unit, metrics: MetricsState | None) -> Binding:
+    binding = make_binding(unit.spec, [unit.endpoint], unit.config)
+    if unit.listener is not None:
+        binding.listeners[unit.endpoint] = unit.listener
+    return metrics.instrument(binding) if metrics is not None else binding
+
+
+class App:
+    """One serving process: build, run until SIGTERM/SIGINT, reload on SIGHUP."""
+
+    def __init__(
+        self, spec: AppSpec, plan: Plan | None = None, channel: socket.socket | None = None
+    ) -> None:
+        from .metrics import MetricsState
+
+        self.spec = spec
+        self.plan = plan or Plan()
+        self.channel = channel  # to the supervisor: metrics snapshots on request
+        self.metrics: MetricsState | None = (
+            MetricsState() if (spec.metrics or channel is not None) else None
+        )
+        self.units = plan_units(spec, self.plan)
+        self.live: dict[Endpoint, tuple[Unit, Binding]] = {}
+        bindings = []
+        for u in self.units:
+            b = build_binding(u, self.metrics)
+            self.live[u.key] = (u, b)
+            bindings.append(b)
+        self.server = Server(*bindings)
+        self.metrics_http: WSGIServer | None = None
+        self._reloading: asyncio.Task[None] | None = None
+        self._reload_again = False
+
+    # -- running -------------------------------------------------------------------------
+
+    def run(self) -> int:
+        """Serve until SIGTERM/SIGINT; 0 after a graceful drain, 1 if forced."""
+        loop = new_event_loop(self.spec.loop)
+        asyncio.set_event_loop(loop)
+        loop.set_exception_handler(_log_loop_exception)
+        try:
+            loop.run_until_complete(self._main(loop))
+        finally:
+            with contextlib.suppress(Exception):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+            asyncio.set_event_loop(None)
+        return 1 if self.server.forced else 0
+
+    async def _main(self, loop: asyncio.AbstractEventLoop) -> None:
+        server = self.server
+        await server.start()
+        try:
+            if self.spec.metrics and self.channel is None:
+                self._start_metrics_http()
+            if self.channel is not None:
+                self.channel.setblocking(True)
+                self.channel.settimeout(2.0)
+                loop.add_reader(self.channel.fileno(), self._answer_snapshot)
+            server._install_signals(loop)
+            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+            assert server._stop_requested is not None
+            await server._stop_requested.wait()
+        finally:
+            if self.channel is not None:
+                with contextlib.suppress(Exception):
+                    loop.remove_reader(self.channel.fileno())
+            with contextlib.suppress(Exception):
+                loop.remove_signal_handler(signal.SIGHUP)
+            await server.stop()
+            if self.metrics_http is not None:
+                self.metrics_http.shutdown()
+                self.metrics_http.server_close()
+
+    def _start_metrics_http(self) -> None:
+        from .metrics import serve_metrics
+
+        metrics = self.metrics
+        assert metrics is not None and self.spec.metrics is not None
+        self.metrics_http = serve_metrics(self.spec.metrics, lambda: metrics.snapshot(self.server))
+        host, port = str(self.metrics_http.server_address[0]), self.metrics_http.server_port
+        server_log.info(
+            "metrics on http://%s:%d/metrics",
+            f"[{host}]" if ":" in host else host,
+            port,
+            extra={"event": "metrics"},
+        )
+
+    def _answer_snapshot(self) -> None:
+        """The supervisor asked for our counters: one byte in, a length-prefixed JSON reply out."""
+        assert self.channel is not None and self.metrics is not None
+        try:
+            if not self.channel.recv(64):
+                self.server.loop.remove_reader(self.channel.fileno())  # supervisor gone
+                return
+            data = json.dumps(self.metrics.snapshot(self.server)).encode()
+            self.channel.sendall(len(data).to_bytes(4, "big") + data)
+        except OSError as exc:
+            server_log.warning("metrics channel to the supervisor failed: %s", exc)
+
+    # -- reloading -----------------------------------------------------------------------
+
+    def _on_sighup(self) -> None:
+        if not self.spec.config_file:
+            server_log.info(
+                "SIGHUP received: no --config file to reload; ignoring", extra={"event": "signal"}
+            )
+            return
+        server_log.info(
+            "SIGHUP received: reloading %s", self.spec.config_file, extra={"event": "signal"}
+        )
+        if self._reloading is not None and not self._reloading.done():
+            self._reload_again = True
+            return
+        self._reloading = self.server.loop.create_task(self._reload_loop())
+
+    async def _reload_loop(self) -> None:
+        while True:
+            self._reload_again = False
+            await self.reload()
+            if not self._reload_again:
+                return
+
+    async def reload(self) -> dict[str, int]:
+        """Apply the config file again; returns how many units were added/removed/changed/kept."""
+        try:
+            units = plan_units(self.spec, self.plan)
+            new = {u.key: u for u in units}
+            changed_or_added = [
+                u for u in units if u.key not in self.live or not self.live[u.key][0].same_as(u)
+            ]
+            built = {u.key: build_binding(u, self.metrics) for u in changed_or_added}
+        except SockserveError as exc:
+            server_log.error(
+                "reload failed, still serving the previous configuration: %s",
+                exc,
+                extra={"event": "reload_failed"},
+            )
+            return {}
+        counts = {"added": 0, "removed": 0, "changed": 0, "unchanged": 0}
+        for key in [k for k in self.live if k not in new]:
+            _, old = self.live.pop(key)
+            self._retire(old, keep=())
+            server_log.info("reload: %s removed; draining it", key, extra={"event": "reload"})
+            counts["removed"] += 1
+        for key, unit in new.items():
+            if key not in built:
+                counts["unchanged"] += 1
+                continue
+            binding = built[key]
+            if key in self.live:
+                old_unit, old = self.live[key]
+                kept = self._retire(old, keep=[old_unit.endpoint])
+                lst = kept.get(old_unit.endpoint)
+                if lst is not None:
+                    binding.listeners[unit.endpoint] = lst
+                if not self._add(binding, key):
+                    if lst is not None:  # put the old service back on its socket
+                        old.listeners[old_unit.endpoint] = lst
+                        if self._add(old, key):
+                            self.live[key] = (old_unit, old)
+                            continue
+                    del self.live[key]
+                    continue
+                counts["changed"] += 1
+            else:
+                if not self._add(binding, key):
+                    continue
+                counts["added"] += 1
+            self.live[key] = (unit, binding)
+        server_log.info(
+            "reloaded %s: %d added, %d removed, %d changed, %d unchanged",
+            self.spec.config_file,
+            counts["added"],
+            counts["removed"],
+            counts["changed"],
+            counts["unchanged"],
+            extra={"event": "reloaded"},
+        )
+        return counts
+
+    def _add(self, binding: Binding, key: Endpoint) -> bool:
+        try:
+            self.server.add_binding(binding)
+        except SockserveError as exc:
+            server_log.error(
+                "reload: cannot serve %s: %s", key, exc, extra={"event": "reload_failed"}
+            )
+            return False
+        return True
+
+    def _retire(self, binding: Binding, keep: Sequence[Endpoint]) -> dict[Endpoint, Listener]:
+        runtimes = self.server.runtimes_of(binding)
+        kept, task = self.server.remove_binding(binding, keep=keep)
+        if self.metrics is not None:
+            metrics = self.metrics
+            task.add_done_callback(lambda _: metrics.retire(runtimes))
+        return kept
+
+
+def make_runner(spec: AppSpec, inherited: list[InheritedSocket] | None = None) -> App | Supervisor:
+    """Check ``spec`` and build what runs it: this process, or a supervisor of workers.
+
+    Raises the library's errors (bad config, unknown service) before anything is bound.
+    """
+    if spec.workers != 1:
+        from .supervisor import Supervisor
+
+        return Supervisor(spec, inherited or [])
+    return App(spec, Plan(inherited=inherited or []))
+
+
+__all__ = ["App", "AppSpec", "Plan", "Unit", "make_runner", "plan_units"]

@@ -1,0 +1,377 @@
+"""``--workers N``: N worker processes share each endpoint; this parent only watches them.
+
+Sockets: each worker binds its own ``SO_REUSEPORT`` socket for TCP/UDP endpoints,
+so the kernel spreads connections over the workers' accept queues. The parent
+binds instead, and the workers inherit the socket, for Unix endpoints, for UDP
+port 0, and where ``SO_REUSEPORT`` is missing. For TCP port 0 the parent reserves
+a port (a bound, never-listening ``SO_REUSEPORT`` socket) so every worker, and
+every restarted one, binds the same port.
+
+Workers are fresh interpreters (``python -m sockserve.server.worker``), not forks:
+the parent may be running the metrics thread, and forking a threaded process is
+unsafe. Each gets its instructions pickled on stdin, its sockets as inherited
+fds, and a socketpair on which the parent asks it for metrics.
+
+Lifecycle: a worker that dies is restarted after a backoff (0.1 s doubling to
+10 s while it keeps dying young). SIGTERM/SIGINT/SIGHUP are forwarded; on
+SIGTERM or SIGINT no worker is restarted, each drains, and the parent exits 0
+once all have exited (1 if it had to force them). Workers run in their own
+session so a terminal's Ctrl-C reaches them once, through the parent, and they
+get SIGTERM if the parent dies (``PR_SET_PDEATHSIG``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import pickle
+import select
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from .activation import InheritedSocket
+from .app import AppSpec, Plan, build_binding, plan_units
+from .listeners import Listener, _resolve, close_listener, open_listener
+from .logs import server_log
+
+if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from .metrics import Snapshot
+
+#: A worker exits with this when it could not start (bad service, cannot bind).
+EXIT_STARTUP = 3
+BACKOFF_MIN, BACKOFF_MAX = 0.1, 10.0
+#: A worker that lived at least this long is healthy: its next restart is immediate-ish.
+HEALTHY_AFTER = 5.0
+#: Grace beyond the drain timeout before stuck workers are killed on shutdown.
+KILL_GRACE = 5.0
+#: How long a scrape waits for one worker's counters before using its last ones.
+SNAPSHOT_TIMEOUT = 2.0
+
+HAS_REUSEPORT = hasattr(socket, "SO_REUSEPORT")
+
+
+@dataclass
+class Worker:
+    """One worker slot: the current process, its metrics channel and restart state."""
+
+    index: int
+    proc: subprocess.Popen[bytes] | None = None
+    channel: socket.socket | None = None
+    started: float = 0.0
+    restarts: int = 0
+    backoff: float = 0.0
+    due: float | None = None  # when to restart it
+    last: Snapshot = field(default_factory=list)
+
+
+class Supervisor:
+    """Start, watch and stop the workers of one ``serve`` invocation."""
+
+    def __init__(self, spec: AppSpec, inherited: list[InheritedSocket]) -> None:
+        self.spec = spec
+        self.count = spec.workers if spec.workers > 0 else (os.cpu_count() or 1)
+        self.inherited = inherited
+        self.units = plan_units(spec, Plan(inherited=inherited))
+        for unit in self.units:
+            build_binding(unit, None)  # import services and check options before any fork
+        self.drain_timeout = max(u.config.drain_timeout for u in self.units)
+        self.workers = [Worker(i) for i in range(self.count)]
+        self.listeners: list[Listener] = []  # opened here, inherited by the workers
+        self.reserved: list[socket.socket] = []
+        self.prebound: dict[str, int] = {}
+        self.ports: dict[str, int] = {}
+        self.stopping = False
+        self.forced = False
+        self.failed = False
+        self._signals: list[int] = []
+        self._kill_at: float | None = None
+        self._lock = threading.Lock()
+        self._retired: Snapshot = []
+        self.metrics_http: WSGIServer | None = None
+
+    # -- sockets ---------------------------------------------------------------------------
+
+    def _prepare_sockets(self) -> None:
+        for unit in self.units:
+            ep, url = unit.key, unit.key.url()
+            if unit.listener is not None:
+                continue  # from systemd: passed on as it is
+            if ep.is_unix or not HAS_REUSEPORT or (ep.port == 0 and not ep.is_stream):
+                lst = open_listener(
+                    ep, backlog=unit.config.backlog, unix_mode=unit.config.unix_mode
+                )
+                self.listeners.append(lst)
+                self.prebound[url] = lst.sock.fileno()
+            elif ep.port == 0:
+                self.ports[url] = self._reserve_port(unit.key)
+
+    def _reserve_port(self, ep: object) -> int:
+        from ..endpoints import Endpoint
+
+        assert isinstance(ep, Endpoint)
+        family, addr = _resolve(ep)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        sock.bind(addr)
+        self.reserved.append(sock)
+        return int(sock.getsockname()[1])
+
+    # -- workers ---------------------------------------------------------------------------
+
+    def _spawn(self, w: Worker) -> None:
+        ours, theirs = socket.socketpair()
+        fds = [theirs.fileno(), *self.prebound.values(), *(i.fd for i in self.inherited)]
+        payload = {
+            "spec": self.spec,
+            "inherited": [(i.fd, i.name) for i in self.inherited],
+            "prebound": self.prebound,
+            "ports": self.ports,
+            "channel": theirs.fileno(),
+            "parent": os.getpid(),
+            "sys_path": sys.path,
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sockserve.server.worker"],
+            stdin=subprocess.PIPE,
+            pass_fds=fds,
+            start_new_session=True,
+        )
+        theirs.close()
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(pickle.dumps(payload))
+            proc.stdin.close()
+        except OSError:
+            pass  # it died at once; reaped and reported like any other death
+        ours.settimeout(SNAPSHOT_TIMEOUT)
+        with self._lock:
+            w.proc, w.channel, w.started, w.due = proc, ours, time.monotonic(), None
+        server_log.info(
+            "worker %d started (pid %d)", w.index, proc.pid, extra={"event": "worker_started"}
+        )
+
+    def _reap(self) -> None:
+        now = time.monotonic()
+        for w in self.workers:
+            if w.proc is None or w.proc.poll() is None:
+                continue
+            code, pid = w.proc.returncode, w.proc.pid
+            with self._lock:
+                if self.spec.metrics:
+                    from .metrics import merge, without_gauges
+
+                    self._retired = merge(self._retired, without_gauges(w.last))
+                w.last = []
+                if w.channel is not None:
+                    w.channel.close()
+                w.proc, w.channel = None, None
+            how = _describe_exit(code)
+            if self.stopping:
+                server_log.info("worker %d (pid %d) %s", w.index, pid, how)
+                continue
+            if code == EXIT_STARTUP and w.restarts == 0:
+                server_log.error("worker %d (pid %d) could not start; stopping", w.index, pid)
+                self.failed = True
+                self._begin_stop(signal.SIGTERM)
+                continue
+            lived = now - w.started
+            w.backoff = (
+                BACKOFF_MIN
+                if lived >= HEALTHY_AFTER
+                else min(BACKOFF_MAX, max(BACKOFF_MIN, w.backoff * 2))
+            )
+            w.due = now + w.backoff
+            w.restarts += 1
+            server_log.warning(
+                "worker %d (pid %d) %s; restarting in %.1fs",
+                w.index,
+                pid,
+                how,
+                w.backoff,
+                extra={"event": "worker_died"},
+            )
+
+    def _forward(self, sig: int) -> None:
+        for w in self.workers:
+            if w.proc is not None and w.proc.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    w.proc.send_signal(sig)
+
+    def _begin_stop(self, sig: int) -> None:
+        if self.stopping:
+            if sig == signal.SIGINT:
+                server_log.warning("second SIGINT: forcing the workers", extra={"event": "force"})
+                self.forced = True
+                self._forward(signal.SIGINT)
+            return
+        self.stopping = True
+        self._kill_at = time.monotonic() + self.drain_timeout + KILL_GRACE
+        self._forward(sig)
+
+    # -- the main loop -----------------------------------------------------------------------
+
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        self._signals.append(signum)
+
+    def run(self) -> int:
+        """Run until SIGTERM/SIGINT and every worker has drained; return the exit status."""
+        self._prepare_sockets()
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_r, False)
+        os.set_blocking(wake_w, False)
+        handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in handled}
+        old_wakeup = signal.set_wakeup_fd(wake_w)
+        try:
+            if self.spec.metrics:
+                self._start_metrics_http()
+            server_log.info(
+                "supervisor (pid %d) starting %d workers",
+                os.getpid(),
+                self.count,
+                extra={"event": "supervisor"},
+            )
+            for w in self.workers:
+                self._spawn(w)
+            self._loop(wake_r)
+        finally:
+            signal.set_wakeup_fd(old_wakeup)
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            os.close(wake_r)
+            os.close(wake_w)
+            self._cleanup()
+        server_log.info("supervisor: all workers stopped", extra={"event": "stopped"})
+        return 1 if (self.forced or self.failed) else 0
+
+    def _loop(self, wake_r: int) -> None:
+        while True:
+            now = time.monotonic()
+            waits = [w.due - now for w in self.workers if w.due is not None]
+            if self._kill_at is not None:
+                waits.append(self._kill_at - now)
+            timeout = max(0.0, min([1.0, *waits]))
+            select.select([wake_r], [], [], timeout)
+            with contextlib.suppress(BlockingIOError):
+                while os.read(wake_r, 512):
+                    pass
+            signals, self._signals = self._signals, []
+            for sig in signals:
+                if sig in (signal.SIGTERM, signal.SIGINT):
+                    server_log.info(
+                        "%s received: draining %d workers",
+                        signal.Signals(sig).name,
+                        self.count,
+                        extra={"event": "signal"},
+                    )
+                    self._begin_stop(sig)
+                elif sig == signal.SIGHUP and not self.stopping:
+                    server_log.info("SIGHUP received: forwarding to the workers")
+                    self._forward(signal.SIGHUP)
+            self._reap()
+            alive = [w for w in self.workers if w.proc is not None]
+            now = time.monotonic()
+            if self.stopping:
+                if not alive:
+                    return
+                if self._kill_at is not None and now >= self._kill_at:
+                    server_log.warning(
+                        "workers still running after the drain timeout: killing them"
+                    )
+                    self.forced = True
+                    self._forward(signal.SIGKILL)
+                    self._kill_at = None
+                continue
+            for w in self.workers:
+                if w.proc is None and w.due is not None and now >= w.due:
+                    self._spawn(w)
+
+    def _cleanup(self) -> None:
+        for w in self.workers:
+            if w.proc is not None and w.proc.poll() is None:
+                w.proc.kill()
+                w.proc.wait(5)
+            if w.channel is not None:
+                w.channel.close()
+        for lst in self.listeners:
+            close_listener(lst)
+        for sock in self.reserved:
+            sock.close()
+        if self.metrics_http is not None:
+            self.metrics_http.shutdown()
+            self.metrics_http.server_close()
+
+    # -- metrics -----------------------------------------------------------------------------
+
+    def _start_metrics_http(self) -> None:
+        from .metrics import serve_metrics
+
+        assert self.spec.metrics is not None
+        self.metrics_http = serve_metrics(self.spec.metrics, self.snapshot)
+        host, port = str(self.metrics_http.server_address[0]), self.metrics_http.server_port
+        server_log.info(
+            "metrics on http://%s:%d/metrics (all workers)",
+            f"[{host}]" if ":" in host else host,
+            port,
+            extra={"event": "metrics"},
+        )
+
+    def snapshot(self) -> Snapshot:
+        """Every worker's counters summed (called by the metrics thread at scrape time)."""
+        from .metrics import merge
+
+        with self._lock:
+            snaps = [self._retired]
+            for w in self.workers:
+                if w.channel is not None:
+                    fresh = _ask(w.channel)
+                    if fresh is None:  # stuck or dying: use its last answer, stop asking
+                        w.channel.close()
+                        w.channel = None
+                    else:
+                        w.last = fresh
+                snaps.append(w.last)
+            return merge(*snaps)
+
+
+def _ask(channel: socket.socket) -> Snapshot | None:
+    import json
+
+    try:
+        channel.sendall(b"?")
+        size = int.from_bytes(_recv_exact(channel, 4), "big")
+        data: Snapshot = json.loads(_recv_exact(channel, size))
+        return data
+    except (OSError, ValueError):
+        return None
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        chunk = sock.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("worker closed its metrics channel")
+        buf += chunk
+    return buf
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with status {code}"

@@ -1,0 +1,60 @@
+"""A worker process of the supervisor: ``python -m sockserve.server.worker`` (not for users).
+
+It reads its instructions pickled on stdin (from the parent, which is trusted:
+it started us), adopts the inherited sockets and runs an :class:`App`.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import socket
+import sys
+
+from ..errors import SockserveError
+from .activation import InheritedSocket
+from .app import App, Plan
+from .listeners import adopt_socket
+from .logs import configure_logging, server_log
+from .supervisor import EXIT_STARTUP
+
+
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux for SIGTERM when the supervisor dies, so no worker is orphaned."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, int(signal.SIGTERM))  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # it died before we asked
+        raise SystemExit(EXIT_STARTUP)
+
+
+def main() -> int:
+    payload = pickle.load(sys.stdin.buffer)
+    _die_with_parent(payload["parent"])
+    sys.path[:] = payload["sys_path"]
+    spec = payload["spec"]
+    configure_logging(spec.log_format, spec.log_level)
+    try:
+        channel = socket.socket(fileno=payload["channel"])
+        inherited = [
+            InheritedSocket(fd, name, adopt_socket(socket.socket(fileno=fd)))
+            for fd, name in payload["inherited"]
+        ]
+        prebound = {
+            url: adopt_socket(socket.socket(fileno=fd)) for url, fd in payload["prebound"].items()
+        }
+        plan = Plan(inherited, prebound, payload["ports"], worker=True)
+        app = App(spec, plan, channel)
+        return app.run()
+    except SockserveError as exc:
+        server_log.error("worker %d cannot start: %s", os.getpid(), exc)
+        return EXIT_STARTUP
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
