@@ -15,6 +15,7 @@ import random
 import select
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -35,6 +36,7 @@ from support import wait_for
 import sockserve
 from sockserve.server import ServerThread
 from sockserve.server.config import DEFAULT_WRITE_HIGH
+from sockserve.server.runtime import MAX_DATAGRAM_INFLIGHT
 from sockserve.server.stream import MAX_QUEUED, StreamProtocol
 
 pytestmark = pytest.mark.timeout(90)
@@ -573,3 +575,32 @@ def test_json_logs_one_object_per_line_for_each_event() -> None:
     (failure,) = [r for r in records if r.get("event") == "handler_error"]
     assert failure["level"] == "error"
     assert "RuntimeError: boom requested by the test" in failure["traceback"]
+
+
+def test_udp_flood_to_a_slow_async_handler_holds_a_bounded_number_of_requests(
+    serve: Serve,
+) -> None:
+    release = threading.Event()
+
+    async def stuck(request: bytes, ctx: sockserve.Context) -> bytes:
+        while not release.is_set():
+            await asyncio.sleep(0.01)
+        return request
+
+    st = serve(stuck, "udp://127.0.0.1:0")
+    drt = st.server.datagrams[0]
+    sent = 0
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            while sent < MAX_DATAGRAM_INFLIGHT + 500:
+                for _ in range(50):  # small batches, so the kernel buffer never drops them
+                    s.sendto(b"flood", addr_of(st.url("udp")))
+                sent += 50
+                wait_for(lambda n=sent: len(drt.inflight) + drt.dropped >= n, what="the batch")
+        assert len(drt.inflight) == MAX_DATAGRAM_INFLIGHT
+        assert drt.dropped == sent - MAX_DATAGRAM_INFLIGHT
+    finally:
+        release.set()
+    wait_for(lambda: not drt.inflight, what="the held requests to finish")
+    with sockserve.connect(st.url("udp"), timeout=5) as c:
+        assert c.request(b"alive") == b"alive"

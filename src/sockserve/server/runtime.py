@@ -32,6 +32,9 @@ if TYPE_CHECKING:
 ACCEPT_BATCH = 256
 #: Datagrams handled per wakeup before yielding to the loop.
 RECV_BATCH = 128
+#: Async datagram requests running at once; past this, new ones are dropped (UDP may
+#: drop), so a flood to a slow async handler cannot grow the task set without bound.
+MAX_DATAGRAM_INFLIGHT = 1024
 #: Pause after an accept error such as EMFILE before trying again.
 ACCEPT_RETRY_DELAY = 0.1
 #: Accept errors about one doomed connection: skip it.
@@ -352,6 +355,9 @@ class DatagramRuntime:
                 continue
             ctx = Context(addr, local)
             if is_async:
+                if len(self.inflight) >= MAX_DATAGRAM_INFLIGHT:
+                    self.dropped += 1
+                    continue
                 task = self.loop.create_task(self._answer_async(data, ctx))
                 self.inflight.add(task)
                 task.add_done_callback(self.inflight.discard)
