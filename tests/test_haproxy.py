@@ -7,7 +7,10 @@ Clients bind 127.0.0.3 so the real client differs from the proxy's address.
 
 from __future__ import annotations
 
+import signal
 import socket
+import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,8 +18,11 @@ from typing import Any
 import pytest
 from deploy_helpers import (
     HAProxy,
+    addr_of,
     haproxy_path,
     listening_socket,
+    serve_proc,
+    wait_for,
     whoami,
 )
 
@@ -86,3 +92,75 @@ backend be_v2
             assert (reply[2].decode(), int(reply[3])) == fe_addr
             assert reply[-1] == tag
             server_logs.wait_for(f"open from 127.0.0.3:{client_port}")
+
+
+def test_failover_stop_one_instance_under_load(tmp_path: Path) -> None:
+    """Two instances behind HAProxy with health checks; one is stopped while clients keep going.
+
+    Once HAProxy's check marks it DOWN, every request must succeed, on the other one.
+    """
+    a = serve_proc("deploy_helpers:pid", "--listen", "tcp://127.0.0.1:0")
+    b = serve_proc("deploy_helpers:pid", "--listen", "tcp://127.0.0.1:0")
+    fe = listening_socket()
+    fe_addr = fe.getsockname()
+    try:
+        pa, pb = addr_of(a.endpoints(1)[0])[1], addr_of(b.endpoints(1)[0])[1]
+        cfg = (
+            global_section(tmp_path)
+            + DEFAULTS
+            + f"""
+    retries 3
+    option redispatch
+frontend fe
+    bind fd@{fe.fileno()}
+    default_backend be
+backend be
+    balance roundrobin
+    server a 127.0.0.1:{pa} check inter 100ms fall 2 rise 2
+    server b 127.0.0.1:{pb} check inter 100ms fall 2 rise 2
+"""
+        )
+        with HAProxy(tmp_path, cfg, [fe.fileno()]) as hap:
+            fe.close()
+            wait_for(lambda: hap.server_status("be", "a") == "UP", 10, "a UP")
+            wait_for(lambda: hap.server_status("be", "b") == "UP", 10, "b UP")
+            results: list[tuple[float, bytes | None]] = []
+            stop = threading.Event()
+
+            def client() -> None:
+                deadline = time.monotonic() + 30  # bounded whatever happens
+                while not stop.is_set() and time.monotonic() < deadline and len(results) < 20000:
+                    t = time.monotonic()
+                    try:
+                        reply: bytes | None = ask(fe_addr, b"?")
+                    except OSError:
+                        reply = None
+                    results.append((t, reply if reply else None))
+
+            threads = [threading.Thread(target=client) for _ in range(4)]
+            for t in threads:
+                t.start()
+            try:
+                wait_for(lambda: len({r for _, r in results if r}) == 2, 10, "both instances used")
+                a_pid = str(a.proc.pid).encode()
+                a.signal(signal.SIGTERM)  # stops listening at once, drains, exits
+                wait_for(lambda: hap.server_status("be", "a").startswith("DOWN"), 10, "check DOWN")
+                t_down = time.monotonic()
+                wait_for(
+                    lambda: sum(1 for t, _ in results if t > t_down) >= 300, 20, "load after DOWN"
+                )
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join(35)
+            assert a.wait() == 0
+            after = [r for t, r in results if t > t_down]
+            before = [r for t, r in results if t <= t_down]
+            assert len(after) >= 300
+            assert all(r is not None for r in after), f"{after.count(None)} failed after DOWN"
+            assert set(after) == {str(b.proc.pid).encode()}  # all on the survivor
+            assert a_pid in before
+    finally:
+        fe.close()
+        a.stop()
+        b.stop()
