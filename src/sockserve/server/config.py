@@ -51,6 +51,12 @@ class ServerConfig:
     #: Allow UDP replies larger than the request to non-loopback sources (amplifiers).
     udp_amplify: bool = False
     reuse_port: bool = False
+    #: "auto": plain TCP/Unix request/reply and datagram sockets run on the epoll engine
+    #: (Linux), the rest on asyncio transports; "asyncio": everything on transports.
+    engine: str = "auto"
+    #: After a batch of requests, keep polling this many microseconds before sleeping: a
+    #: client's next request usually lands inside it, saving a sleep and wake-up (0 = off).
+    busy_poll_us: int = 50
     proxy_protocol: bool = False
     proxy_from: tuple[Network, ...] = ()
     proxy_header_timeout: float = 5.0
@@ -83,6 +89,12 @@ class ServerConfig:
             raise ConfigError(f"drain timeout must be >= 0, got {self.drain_timeout}")
         if not 0 < self.write_low_water <= self.write_high_water:
             raise ConfigError("write low-water mark must be positive and <= the high-water mark")
+        if self.engine not in ("auto", "asyncio"):
+            raise ConfigError(f"unknown engine {self.engine!r}; expected auto or asyncio")
+        if not 0 <= self.busy_poll_us <= 10_000:
+            raise ConfigError(
+                f"busy poll must be within 0-10000 microseconds, got {self.busy_poll_us}"
+            )
         if self.udp_rate is not None and self.udp_rate < 0:
             raise ConfigError(f"UDP rate must be >= 0 (0 = off), got {self.udp_rate}")
         if not 0 <= self.udp_min_source_port <= 65535:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import select
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -21,15 +22,17 @@ from ..errors import ConfigError
 from ..service import Context, Service, is_async_handler
 from .access import AccessControl
 from .config import DEFAULT_UDP_RATE, ServerConfig
+from .epoll import FastStream, Hub
 from .listeners import Listener
 from .logs import conn_log, fmt_peer, server_log, service_log
-from .stream import AnyConn, SessionProtocol, StreamProtocol
+from .stream import AnyConn, SessionProtocol, StreamProtocol, TrackedConn
 
 if TYPE_CHECKING:
     from .server import Server
 
 #: Connections accepted per wakeup before yielding to the loop (fairness vs. throughput).
 ACCEPT_BATCH = 256
+_EPOLLIN = getattr(select, "EPOLLIN", 1)
 #: Datagrams handled per wakeup before yielding to the loop.
 RECV_BATCH = 128
 #: Async datagram requests running at once; past this, new ones are dropped (UDP may
@@ -62,8 +65,17 @@ class StreamRuntime:
         self.ssl_context = ssl_context
         self.handler: Any = service.handler
         self.is_async = is_async_handler(service.handler)
+        # Plain request/reply connections go on the epoll engine when the server has one.
+        self.hub = (
+            server.hub
+            if ssl_context is None
+            and service.stream is None
+            and not config.proxy_protocol
+            and config.engine == "auto"
+            else None
+        )
         self.access = AccessControl(config.allow, config.deny)
-        self.conns: set[AnyConn] = set()
+        self.conns: set[TrackedConn] = set()
         self.pending = 0  # accepted sockets whose transport is still being set up (TLS)
         self._reading = False
         self._retry: asyncio.TimerHandle | None = None
@@ -160,8 +172,21 @@ class StreamRuntime:
         sock.setblocking(False)
         if self.endpoint.is_inet:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.pending += 1
         self.server.conn_count += 1
+        if self.hub is not None:
+            try:
+                FastStream(self, self.hub, sock, addr)
+            except OSError as exc:  # could not register: treat like a failed setup
+                self.server.conn_count -= 1
+                sock.close()
+                conn_log.info(
+                    "%s: connection from %s failed during setup: %s",
+                    self.endpoint,
+                    fmt_peer(addr),
+                    exc,
+                )
+            return
+        self.pending += 1
         task = self.loop.create_task(self._connect(sock, addr))
         self.server.track(task)
 
@@ -204,7 +229,7 @@ class StreamRuntime:
 
     # -- connection bookkeeping (called by the protocols) ------------------------------
 
-    def opened(self, conn: AnyConn) -> None:
+    def opened(self, conn: TrackedConn) -> None:
         self.conns.add(conn)
         conn.idle_since = self.loop.time()
         conn_log.info(
@@ -216,10 +241,10 @@ class StreamRuntime:
         if self._stopped:
             conn.drain()
 
-    def note_close_reason(self, conn: AnyConn, reason: str) -> None:
+    def note_close_reason(self, conn: TrackedConn, reason: str) -> None:
         self._close_reasons[id(conn)] = reason
 
-    def closed(self, conn: AnyConn, exc: Exception | None) -> None:
+    def closed(self, conn: TrackedConn, exc: Exception | None) -> None:
         if conn not in self.conns:
             return
         self.conns.discard(conn)
@@ -320,6 +345,7 @@ class DatagramRuntime:
         self.guard_amplify = inet and service.replies_larger and not config.udp_amplify
         self._buckets: dict[str, list[float]] = {}
         self.inflight: set[asyncio.Task[None]] = set()
+        self._hub: Hub | None = None
         self._reading = False
         self.dropped = 0
         self._guarded = inet and (
@@ -327,12 +353,23 @@ class DatagramRuntime:
         )
 
     def start(self) -> None:
-        self.loop.add_reader(self.listener.sock.fileno(), self._readable)
+        hub = self.server.hub
+        if hub is not None and self.config.engine == "auto":
+            self._hub = hub
+            hub.add(self.listener.sock.fileno(), self, _EPOLLIN)
+        else:
+            self.loop.add_reader(self.listener.sock.fileno(), self._readable)
         self._reading = True
+
+    def on_event(self, events: int) -> None:
+        self._readable()
 
     def stop_accepting(self) -> None:
         if self._reading:
-            self.loop.remove_reader(self.listener.sock.fileno())
+            if self._hub is not None:
+                self._hub.remove(self.listener.sock.fileno())
+            else:
+                self.loop.remove_reader(self.listener.sock.fileno())
             self._reading = False
 
     def _readable(self) -> None:

@@ -21,6 +21,7 @@ from ..errors import ConfigError, SockserveError
 from ..service import Handler, Service
 from ..services import as_service, load_service
 from .config import ServerConfig
+from .epoll import HAVE_EPOLL, Hub
 from .listeners import Listener, close_listener, open_listener
 from .logs import server_log
 from .loop import new_event_loop
@@ -97,6 +98,8 @@ class Server:
         self._sweeper: asyncio.TimerHandle | None = None
         self._all_closed: asyncio.Event | None = None
         self._stopping = False
+        #: The epoll engine's hub, when any binding uses it (created in start).
+        self.hub: Hub | None = None
         #: (endpoint as configured, runtime) per binding, by id(binding): for add/remove_binding.
         self._bound: dict[int, list[tuple[Endpoint, Runtime]]] = {}
 
@@ -125,6 +128,9 @@ class Server:
         """Bind every endpoint and start serving. Raises EndpointError/ConfigError, binding nothing."""
         self.loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
+        if HAVE_EPOLL and any(b.config.engine == "auto" for b in self.bindings):
+            spin = max(b.config.busy_poll_us for b in self.bindings) / 1e6
+            self.hub = Hub(self.loop, spin)
         try:
             for binding in self.bindings:
                 self._start_recorded(binding)
@@ -132,6 +138,9 @@ class Server:
             for lst in self.listeners:
                 close_listener(lst)
             self.listeners.clear()
+            if self.hub is not None:
+                self.hub.close()
+                self.hub = None
             raise
         for rt in self.streams:
             rt.start()
@@ -345,6 +354,8 @@ class Server:
             task.cancel()
         # Let connection_lost callbacks of aborted transports run.
         await asyncio.sleep(0)
+        if self.hub is not None:
+            self.hub.close()
         server_log.info("stopped", extra={"event": "stopped"})
 
     async def serve(self) -> None:

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, cast
 from ..errors import ProtocolError
 from ..framing import Codec, make_codec
 from ..service import Context, StreamSession
+from .epoll import FastStream
 from .logs import conn_log, fmt_peer, service_log
 
 if TYPE_CHECKING:
@@ -242,6 +243,23 @@ class StreamProtocol(asyncio.Protocol):
         """A request is queued or running: draining must wait for it."""
         return bool(self._queue) or self._worker is not None
 
+    # Introspection shared with the epoll engine's FastStream (tests, metrics).
+    @property
+    def write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() if self._transport is not None else 0
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._paused)
+
+    @property
+    def buffered(self) -> int:
+        return self._codec.buffered
+
+    @property
+    def queued(self) -> int:
+        return len(self._queue)
+
     def close(self) -> None:
         """Close after the replies already written are flushed."""
         self.closing = True
@@ -374,5 +392,7 @@ class SessionProtocol(asyncio.Protocol):
 
 
 AnyConn = StreamProtocol | SessionProtocol
+#: Every kind of stream connection the runtime tracks (FastStream: the epoll engine's).
+TrackedConn = StreamProtocol | SessionProtocol | FastStream
 
 __all__ = ["AnyConn", "SessionProtocol", "StreamProtocol", "conn_log"]

@@ -1,0 +1,482 @@
+"""The fast engine: plain TCP/Unix stream connections and datagram sockets on one epoll set.
+
+Why not asyncio transports for these: every connection readiness then costs a
+trip through the event loop and a ``data_received`` call; here one loop
+callback drains a whole batch of ready sockets with direct ``recv``/``send``
+calls, and keeps polling (non-blocking) for a few tens of microseconds after
+a batch before going back to sleep. A closed-loop client usually sends its
+next request within that window, so the server skips a sleep and a wake-up per
+request: that is where most of a request's latency goes on loopback and VMs.
+
+The epoll set is itself a file descriptor, registered with the event loop
+(uvloop or asyncio) through ``add_reader``, so timers, async handlers, TLS
+connections and signals keep working around it. Connections it cannot serve
+(TLS, streaming services, PROXY protocol) stay on asyncio transports.
+
+Error handling: OS errors on one socket close that connection, logged with its
+reason. Resource handling: reading stops while unsent replies exceed the
+high-water mark or async requests queue up, exactly like the transport path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import select
+import socket
+import time
+from collections import deque
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, Protocol, cast
+
+from ..errors import ProtocolError
+from ..framing import Codec, make_codec
+from ..service import Context
+from .logs import fmt_peer, service_log
+
+if TYPE_CHECKING:
+    from .runtime import StreamRuntime
+
+HAVE_EPOLL = hasattr(select, "epoll")
+
+_IN = getattr(select, "EPOLLIN", 1)
+_OUT = getattr(select, "EPOLLOUT", 4)
+_ERR = getattr(select, "EPOLLERR", 8) | getattr(select, "EPOLLHUP", 16)
+_IN_OR_ERR = _IN | _ERR
+
+#: Bytes read per recv: a whole 64 KiB message in one call, like uvloop's read size.
+READ_SIZE = 65536
+#: Events taken per epoll_wait.
+MAX_EVENTS = 1024
+#: Longest one loop callback keeps serving before yielding to timers, tasks and accepts.
+MAX_TURN = 0.002
+#: Requests queued for an async handler before reading pauses (pipelining bound).
+MAX_QUEUED = 64
+RESUME_QUEUED = 16
+
+_PAUSE_WRITE = 1
+_PAUSE_QUEUE = 2
+
+
+class Member(Protocol):
+    """Something registered with the hub: called with the epoll event bits."""
+
+    def on_event(self, events: int) -> None: ...
+
+
+class Hub:
+    """One epoll set per server, drained from a single event-loop reader callback."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, busy_poll: float) -> None:
+        self.loop = loop
+        self.busy_poll = busy_poll
+        self._ep = select.epoll()
+        self.members: dict[int, Member] = {}
+        loop.add_reader(self._ep.fileno(), self._ready)
+        self._closed = False
+
+    def add(self, fd: int, member: Member, events: int) -> None:
+        self._ep.register(fd, events)
+        self.members[fd] = member
+
+    def modify(self, fd: int, events: int) -> None:
+        self._ep.modify(fd, events)
+
+    def remove(self, fd: int) -> None:
+        if self.members.pop(fd, None) is not None and not self._closed:
+            # OSError/ValueError: already closed, and the kernel dropped it from the set.
+            with contextlib.suppress(OSError, ValueError):
+                self._ep.unregister(fd)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self.loop.remove_reader(self._ep.fileno())
+            self._ep.close()
+
+    def _ready(self) -> None:
+        poll = self._ep.poll
+        members = self.members
+        clock = time.perf_counter
+        spin = self.busy_poll
+        now = clock()
+        end_turn = now + MAX_TURN
+        idle_until = now + spin
+        while True:
+            events = poll(0, MAX_EVENTS)
+            if events:
+                for fd, ev in events:
+                    member = members.get(fd)
+                    if member is not None:
+                        member.on_event(ev)
+                if not spin:
+                    return
+                now = clock()
+                if now > end_turn:
+                    return  # let the loop run timers, tasks and accepts; level-triggered, so we come back
+                idle_until = now + spin
+            elif not spin or clock() > idle_until:
+                return
+
+
+class FastStream:
+    """One request/reply stream connection served straight from the hub.
+
+    Offers what the runtime's bookkeeping needs, like the transport-based
+    ``StreamProtocol``: ``ctx``, ``active``/``idle_since``/``busy`` for the idle
+    sweeper, ``close``/``drain``/``abort``.
+    """
+
+    __slots__ = (
+        "_async",
+        "_codec",
+        "_eof",
+        "_events",
+        "_fast",
+        "_handler",
+        "_high",
+        "_low",
+        "_max",
+        "_out",
+        "_out_size",
+        "_paused",
+        "_queue",
+        "_worker",
+        "active",
+        "closing",
+        "ctx",
+        "fd",
+        "hub",
+        "idle_since",
+        "rt",
+        "sock",
+    )
+
+    def __init__(self, rt: StreamRuntime, hub: Hub, sock: socket.socket, peer: Any) -> None:
+        cfg = rt.config
+        self.rt = rt
+        self.hub = hub
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.ctx = Context(peer, rt.endpoint)
+        self._handler = rt.handler
+        self._async = rt.is_async
+        self._max = cfg.max_message
+        # raw framing with a sync handler: each chunk answered inline, no codec (made lazily).
+        self._fast = cfg.framing == "raw" and not rt.is_async
+        self._codec: Codec | None = None if self._fast else make_codec(cfg.framing, cfg.max_message)
+        self._high = cfg.write_high_water
+        self._low = cfg.write_low_water
+        self._out: list[bytes] | None = None
+        self._out_size = 0
+        self._queue: deque[bytes] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._paused = 0
+        self._eof = False
+        self._events = _IN
+        self.closing = False
+        self.active = True
+        self.idle_since = 0.0
+        hub.add(self.fd, self, _IN)
+        rt.opened(self)
+
+    # -- events ------------------------------------------------------------------------
+
+    def on_event(self, events: int) -> None:
+        if self._events & _IN and events & _IN_OR_ERR:
+            self._on_readable()
+        elif events & _ERR:
+            # Reset or hung up while we were not reading: a pending reply cannot be delivered.
+            if self._out:
+                self._flush()  # raises inside: ends the connection with the real error
+            if self.fd >= 0 and events & _ERR:
+                self._finish(None)
+            return
+        if events & _OUT and self.fd >= 0:
+            self._flush()
+
+    def _on_readable(self) -> None:
+        try:
+            data = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._finish(exc)
+            return
+        if not data:
+            self._on_eof()
+            return
+        if self._fast and len(data) <= self._max:
+            self.active = (
+                True  # a whole request: framed input counts only when complete (slowloris)
+            )
+            try:
+                reply = self._handler(data, self.ctx)
+            except Exception:
+                self._handler_failed()
+                return
+            if type(reply) is bytes:
+                self._write(reply)
+            elif reply is not None:
+                self._send(reply)
+            return
+        codec = self._get_codec()
+        try:
+            codec.feed(data)
+            self._drain_codec()
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+
+    def _get_codec(self) -> Codec:
+        if self._codec is None:
+            self._codec = make_codec(self.rt.config.framing, self._max)
+        return self._codec
+
+    def _drain_codec(self) -> None:
+        codec = self._get_codec()
+        # Stop while paused: the rest stay parsed-but-unanswered until _resume.
+        while not self.closing and not self._paused:
+            msg = codec.next_message()
+            if msg is None:
+                return
+            self._dispatch(msg)
+
+    def _on_eof(self) -> None:
+        self._eof = True
+        self._set_reading(False)
+        codec = self._get_codec()
+        try:
+            while not self.closing and (msg := codec.next_message()) is not None:
+                self._dispatch(msg)
+            last = codec.end_of_input()
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+            return
+        if last is not None and not self.closing:
+            self._dispatch(last)
+        if not self.busy:
+            self.close()  # flush what is written, then close
+
+    # -- requests ----------------------------------------------------------------------
+
+    def _dispatch(self, msg: bytes) -> None:
+        self.active = True
+        if self._async:
+            if self._queue is None:
+                self._queue = deque()
+            self._queue.append(msg)
+            if self._worker is None:
+                self._worker = self.rt.loop.create_task(self._run_queue())
+            if len(self._queue) >= MAX_QUEUED:
+                self._pause(_PAUSE_QUEUE)
+            return
+        try:
+            reply = self._handler(msg, self.ctx)
+        except Exception:
+            self._handler_failed()
+            return
+        self._send(reply)
+
+    def _send(self, reply: object) -> None:
+        if reply is None or self.fd < 0:
+            return
+        if not isinstance(reply, (bytes, bytearray, memoryview)):
+            self._bad_reply(reply)
+            return
+        codec = self._codec
+        self._write(codec.encode(bytes(reply)) if codec is not None else bytes(reply))
+
+    async def _run_queue(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        try:
+            while queue:
+                msg = queue.popleft()
+                if self._paused & _PAUSE_QUEUE and len(queue) <= RESUME_QUEUED:
+                    self._resume(_PAUSE_QUEUE)
+                try:
+                    reply = await cast(Awaitable[Any], self._handler(msg, self.ctx))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self._handler_failed()
+                    return
+                self.active = True
+                self._send(reply)
+        finally:
+            self._worker = None
+        if self._eof or self.closing:
+            self.close()
+
+    # -- writing and flow control ------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if self._out:
+            self._out.append(data)
+            self._out_size += len(data)
+            if self._out_size > self._high:
+                self._pause(_PAUSE_WRITE)
+            return
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._finish(exc)
+            return
+        if sent < len(data):
+            rest = data[sent:]
+            self._out = [rest]
+            self._out_size = len(rest)
+            self._update_events()
+            if self._out_size > self._high:
+                self._pause(_PAUSE_WRITE)
+
+    def _flush(self) -> None:
+        out = self._out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        try:
+            sent = self.sock.send(data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._finish(exc)
+            return
+        if sent < len(data):
+            self._out = [data[sent:]]
+            self._out_size = len(data) - sent
+        else:
+            self._out = None
+            self._out_size = 0
+        if self._out_size <= self._low and self._paused & _PAUSE_WRITE:
+            self._resume(_PAUSE_WRITE)
+        if not self._out:
+            if self.closing and not self.busy:
+                self._finish(None)
+                return
+            self._update_events()
+
+    def _pause(self, why: int) -> None:
+        self._paused |= why
+        self._set_reading(False)
+
+    def _resume(self, why: int) -> None:
+        was = self._paused
+        self._paused &= ~why
+        if was and not self._paused and not self.closing and self.fd >= 0:
+            if self._codec is not None and self._codec.buffered:
+                try:
+                    self._drain_codec()
+                except ProtocolError as exc:
+                    self._protocol_error(exc)
+                    return
+                if self._paused or self.closing:
+                    return
+            if not self._eof:
+                self._set_reading(True)
+
+    def _set_reading(self, on: bool) -> None:
+        want = (_IN if on else 0) | (self._events & _OUT)
+        if want != self._events and self.fd >= 0:
+            self._events = want
+            self.hub.modify(self.fd, want)
+
+    def _update_events(self) -> None:
+        want = (self._events & _IN) | (_OUT if self._out else 0)
+        if want != self._events and self.fd >= 0:
+            self._events = want
+            self.hub.modify(self.fd, want)
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Reply bytes accepted but not yet taken by the kernel."""
+        return self._out_size
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._paused)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that are not yet a whole request."""
+        return self._codec.buffered if self._codec is not None else 0
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the async handler."""
+        return len(self._queue) if self._queue is not None else 0
+
+    # -- failures and closing ----------------------------------------------------------
+
+    def _handler_failed(self) -> None:
+        peer = fmt_peer(self.ctx.peer)
+        service_log.exception(
+            "handler %s raised on %s from %s; closing that connection",
+            self.rt.service.name,
+            self.rt.endpoint,
+            peer,
+            extra={"event": "handler_error", "endpoint": self.rt.endpoint, "peer": peer},
+        )
+        self.rt.note_close_reason(self, "handler error")
+        self.abort()
+
+    def _bad_reply(self, reply: object) -> None:
+        peer = fmt_peer(self.ctx.peer)
+        service_log.error(
+            "handler %s returned %s, not bytes or None; closing connection from %s",
+            self.rt.service.name,
+            type(reply).__name__,
+            peer,
+            extra={"event": "handler_error", "endpoint": self.rt.endpoint, "peer": peer},
+        )
+        self.rt.note_close_reason(self, "handler error")
+        self.abort()
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        self.rt.note_close_reason(self, f"protocol error: {exc}")
+        if self._queue:
+            self._queue.clear()
+        self.close()
+
+    @property
+    def busy(self) -> bool:
+        """A request is queued or running: draining must wait for it."""
+        return bool(self._queue) or self._worker is not None
+
+    def close(self) -> None:
+        """Stop reading; close once the replies already written are flushed."""
+        self.closing = True
+        if self.fd < 0:
+            return
+        if not self._out:
+            self._finish(None)
+        else:
+            self._set_reading(False)
+
+    def drain(self) -> None:
+        """Graceful shutdown: close now if idle, else once the in-flight requests are answered."""
+        self.closing = True
+        if not self.busy:
+            self.close()
+        else:
+            self._pause(_PAUSE_QUEUE)
+
+    def abort(self) -> None:
+        self.closing = True
+        self._out = None
+        self._out_size = 0
+        self._finish(None)
+
+    def _finish(self, exc: Exception | None) -> None:
+        if self.fd < 0:
+            return
+        self.hub.remove(self.fd)
+        self.fd = -1
+        self.closing = True
+        self.sock.close()
+        if self._worker is not None:
+            self._worker.cancel()
+            self._worker = None
+        self.rt.closed(self, exc)
