@@ -99,8 +99,9 @@ def test_failover_stop_one_instance_under_load(tmp_path: Path) -> None:
 
     Once HAProxy's check marks it DOWN, every request must succeed, on the other one.
     """
-    a = serve_proc("deploy_helpers:pid", "--listen", "tcp://127.0.0.1:0")
-    b = serve_proc("deploy_helpers:pid", "--listen", "tcp://127.0.0.1:0")
+    opts = ("--listen", "tcp://127.0.0.1:0", "--proxy-protocol", "--proxy-from", "127.0.0.1/32")
+    a = serve_proc("deploy_helpers:pid", *opts)
+    b = serve_proc("deploy_helpers:pid", *opts)
     fe = listening_socket()
     fe_addr = fe.getsockname()
     try:
@@ -116,8 +117,9 @@ frontend fe
     default_backend be
 backend be
     balance roundrobin
-    server a 127.0.0.1:{pa} check inter 100ms fall 2 rise 2
-    server b 127.0.0.1:{pb} check inter 100ms fall 2 rise 2
+    default-server check inter 100ms fall 2 rise 2 send-proxy-v2 check-send-proxy
+    server a 127.0.0.1:{pa}
+    server b 127.0.0.1:{pb}
 """
         )
         with HAProxy(tmp_path, cfg, [fe.fileno()]) as hap:
@@ -160,7 +162,20 @@ backend be
             assert all(r is not None for r in after), f"{after.count(None)} failed after DOWN"
             assert set(after) == {str(b.proc.pid).encode()}  # all on the survivor
             assert a_pid in before
+            assert "open from 127.0.0.3:" in b.log  # PROXY v2: the real client in the logs
+            assert "PROXY header:" not in a.log + b.log  # health checks carry a header too
     finally:
         fe.close()
         a.stop()
         b.stop()
+
+
+def test_example_config_is_valid() -> None:
+    """deploy/haproxy/haproxy.cfg, as shipped, passes ``haproxy -c``."""
+    import subprocess
+
+    cfg = Path(__file__).resolve().parent.parent / "deploy" / "haproxy" / "haproxy.cfg"
+    exe = haproxy_path()
+    assert exe is not None
+    done = subprocess.run([exe, "-c", "-f", str(cfg)], capture_output=True, timeout=20)
+    assert done.returncode == 0, done.stdout + done.stderr

@@ -194,6 +194,10 @@ class App:
 
     async def _main(self, loop: asyncio.AbstractEventLoop) -> None:
         server = self.server
+        # Before binding: a signal sent as soon as the first endpoint is logged must find its
+        # handler. Handlers run on the loop, so only once start() has returned.
+        server._install_signals(loop)
+        loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         await server.start()
         try:
             if self.spec.metrics and self.channel is None:
@@ -202,8 +206,6 @@ class App:
                 self.channel.setblocking(True)
                 self.channel.settimeout(2.0)
                 loop.add_reader(self.channel.fileno(), self._answer_snapshot)
-            server._install_signals(loop)
-            loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
             assert server._stop_requested is not None
             await server._stop_requested.wait()
         finally:
@@ -257,7 +259,7 @@ class App:
         if self._reloading is not None and not self._reloading.done():
             self._reload_again = True
             return
-        self._reloading = self.server.loop.create_task(self._reload_loop())
+        self._reloading = asyncio.get_running_loop().create_task(self._reload_loop())
 
     async def _reload_loop(self) -> None:
         while True:
