@@ -337,7 +337,8 @@ class DatagramRuntime:
         self.is_async = is_async_handler(handler)
         self.access = AccessControl(config.allow, config.deny)
         inet = self.endpoint.is_inet
-        self.min_port = config.udp_min_source_port if inet else 0
+        # Port 0 is always dropped (no reply can reach it), whatever the configured minimum.
+        self.min_port = max(1, config.udp_min_source_port) if inet else 0
         rate = config.udp_rate
         if rate is None:
             rate = 0.0 if (not inet or _is_loopback_bind(self.endpoint.host)) else DEFAULT_UDP_RATE
@@ -378,8 +379,12 @@ class DatagramRuntime:
         sendto = sock.sendto
         handler = self.handler
         local = self.endpoint
-        guarded = self._guarded
         is_async = self.is_async
+        # Hot loop: the common guard (source port) is checked inline; rate, access and
+        # amplification checks go through methods only when configured.
+        min_port = self.min_port
+        slow_guard = self._guarded and (self.access.active or self.rate > 0)
+        plain_send = not self.guard_amplify
         for _ in range(RECV_BATCH):
             try:
                 data, addr = recvfrom(65536)
@@ -388,7 +393,7 @@ class DatagramRuntime:
             except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error: keep going
                 server_log.debug("%s: recvfrom: %s", local, exc)
                 continue
-            if guarded and not self._admit(addr):
+            if ((min_port and addr[1] < min_port) or slow_guard) and not self._admit(addr):
                 continue
             ctx = Context(addr, local)
             if is_async:
@@ -404,8 +409,19 @@ class DatagramRuntime:
             except Exception:
                 self._handler_failed(addr)
                 continue
-            if reply is not None:
-                self._send(sendto, data, reply, addr)
+            if reply is None:
+                continue
+            if plain_send and type(reply) is bytes:
+                try:
+                    sendto(reply, addr)
+                    continue
+                except (BlockingIOError, InterruptedError):
+                    self.dropped += 1  # the socket buffer is full: UDP drops, so do we
+                    continue
+                except OSError as exc:
+                    conn_log.info("%s: sendto %s failed: %s", local, fmt_peer(addr), exc)
+                    continue
+            self._send(sendto, data, reply, addr)
 
     def _send(self, sendto: Callable[..., int], request: bytes, reply: Any, addr: Any) -> None:
         if self.guard_amplify and len(reply) > len(request) and not _is_loopback_peer(addr):
