@@ -44,6 +44,22 @@ pytestmark = pytest.mark.timeout(90)
 
 Serve = Callable[..., ServerThread]
 
+
+@pytest.fixture(params=["auto", "asyncio"], ids=["epoll", "asyncio"])
+def engine(request: pytest.FixtureRequest) -> str:
+    """Every fault runs on both engines: epoll (the default for plain sockets) and transports."""
+    return str(request.param)
+
+
+@pytest.fixture
+def serve(serve: Serve, engine: str) -> Serve:
+    def start(*args: Any, **options: Any) -> ServerThread:
+        options.setdefault("engine", engine)
+        return serve(*args, **options)
+
+    return start
+
+
 #: The most one read hands the protocol (uvloop and asyncio both read up to 256 KiB).
 READ_CHUNK = 256 * 1024
 NL = b"\n"
