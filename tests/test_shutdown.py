@@ -154,7 +154,8 @@ def test_second_sigint_forces_exit(tmp_path: Path, scheme: str) -> None:
     assert rc == 1, log
 
 
-def test_server_thread_stop_drains_in_flight_requests(serve: Serve) -> None:
+@pytest.mark.parametrize("engine", ["auto", "asyncio"], ids=["epoll", "asyncio"])
+def test_server_thread_stop_drains_in_flight_requests(serve: Serve, engine: str) -> None:
     """The Python API drains the same way: stop() lets running requests answer."""
     started = threading.Semaphore(0)
     release = threading.Event()
@@ -165,7 +166,7 @@ def test_server_thread_stop_drains_in_flight_requests(serve: Serve) -> None:
             await asyncio.sleep(0.01)
         return b"done " + request
 
-    st = serve(held, "tcp://127.0.0.1:0", framing="line", drain_timeout=30)
+    st = serve(held, "tcp://127.0.0.1:0", framing="line", drain_timeout=30, engine=engine)
     addr = addr_of(st.url("tcp"))
     clients = [socket.create_connection(addr, timeout=10) for _ in range(5)]
     try:
