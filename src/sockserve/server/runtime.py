@@ -40,6 +40,9 @@ RECV_BATCH = 128
 MAX_DATAGRAM_INFLIGHT = 1024
 #: Pause after an accept error such as EMFILE before trying again.
 ACCEPT_RETRY_DELAY = 0.1
+#: While accept keeps failing, log it at most this often (not ten lines a second for as
+#: long as descriptors stay exhausted); the count of repeats goes in the next line.
+ACCEPT_ERROR_LOG_EVERY = 5.0
 #: Accept errors about one doomed connection: skip it.
 _SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET})
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
@@ -80,6 +83,8 @@ class StreamRuntime:
         self._reading = False
         self._retry: asyncio.TimerHandle | None = None
         self._limit_logged = False
+        self._accept_error_logged_at = -ACCEPT_ERROR_LOG_EVERY
+        self._accept_errors_unlogged = 0
         self._stopped = False
         self._close_reasons: dict[int, str] = {}
         self._factory: Callable[[Any], AnyConn]
@@ -144,19 +149,30 @@ class StreamRuntime:
             except OSError as exc:
                 if exc.errno in _SKIP_ERRNOS:
                     continue
-                server_log.error(
-                    "%s: accept failed: %s; retrying in %.1fs",
-                    self.endpoint,
-                    exc.strerror or exc,
-                    ACCEPT_RETRY_DELAY,
-                    extra={"event": "accept_error", "endpoint": self.endpoint, "reason": str(exc)},
-                )
+                self._log_accept_error(exc)
                 # EMFILE and friends (or anything unknown): pause rather than spin or die.
                 self.errors["accept"] = self.errors.get("accept", 0) + 1
                 self._pause_accept()
                 self._retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume_accept)
                 return
             self._accepted(sock, addr)
+
+    def _log_accept_error(self, exc: OSError) -> None:
+        now = self.loop.time()
+        if now - self._accept_error_logged_at < ACCEPT_ERROR_LOG_EVERY:
+            self._accept_errors_unlogged += 1
+            return
+        repeats = self._accept_errors_unlogged
+        server_log.error(
+            "%s: accept failed: %s; retrying every %.1fs%s",
+            self.endpoint,
+            exc.strerror or exc,
+            ACCEPT_RETRY_DELAY,
+            f" ({repeats} more since the last report)" if repeats else "",
+            extra={"event": "accept_error", "endpoint": self.endpoint, "reason": str(exc)},
+        )
+        self._accept_error_logged_at = now
+        self._accept_errors_unlogged = 0
 
     def _accepted(self, sock: socket.socket, addr: Any) -> None:
         if self.access.active and isinstance(addr, tuple) and not self.access.permits(addr[0]):
