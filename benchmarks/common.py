@@ -120,6 +120,7 @@ def machine() -> dict[str, str]:
         except Exception:
             versions[mod] = "not installed"
     return {
+        "sockserve": _revision(),
         "cpu": f"{cpu} x {os.cpu_count()} cores",
         "memory": mem,
         "kernel": f"{platform.system()} {platform.release()}",
@@ -130,3 +131,22 @@ def machine() -> dict[str, str]:
         else "none (taskset missing)",
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
     }
+
+
+def _revision() -> str:
+    """The commit measured, and whether the working tree had changes on top of it."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no", "src"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown revision"
+    return (
+        f"commit {rev}" + (" + uncommitted changes in src/" if dirty else "") if rev else "unknown"
+    )

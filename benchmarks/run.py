@@ -20,6 +20,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
+import resource
 import shlex
 import statistics
 import subprocess
@@ -127,14 +129,81 @@ def bench_argv(url: str, conns: int, args: argparse.Namespace) -> list[str]:
     ]
 
 
-def run_bench(url: str, conns: int, args: argparse.Namespace) -> dict[str, object]:
+def run_bench(
+    url: str, conns: int, args: argparse.Namespace, server_pid: int | None = None
+) -> dict[str, object]:
+    """One ``sockserve bench --json`` run, repeated while someone else used the CPUs.
+
+    The machine is shared: a run during which other processes took more than
+    ``--max-foreign`` of a core (all CPU time minus the server's and the
+    generator's) is run again, up to ``--retries`` times, and the least
+    disturbed attempt is kept. ``foreign_cpu`` in the result says how disturbed it was.
+    """
+    best: dict[str, object] | None = None
+    for _ in range(args.retries + 1):
+        res = _bench_once(url, conns, args, server_pid)
+        if best is None or float(res["foreign_cpu"]) < float(best["foreign_cpu"]):  # type: ignore[arg-type]
+            best = res
+        if float(res["foreign_cpu"]) <= args.max_foreign:  # type: ignore[arg-type]
+            break
+    assert best is not None
+    return best
+
+
+def _bench_once(
+    url: str, conns: int, args: argparse.Namespace, server_pid: int | None
+) -> dict[str, object]:
     cmd = pinned(bench_argv(url, conns, args), LOAD_CORE)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.duration * 4 + 60)
-    if proc.returncode != 0 or not proc.stdout.strip():
-        return {"failed": proc.stderr.strip() or f"exit {proc.returncode}", "rps": 0.0}
-    data = json.loads(proc.stdout)
-    assert isinstance(data, dict)
+    busy0, srv0, gen0, t0 = cpu_busy(), proc_cpu(server_pid), children_cpu(), time.monotonic()
+    with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=args.duration * 4 + 60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+    wall = time.monotonic() - t0
+    gen = children_cpu() - gen0  # the generator (reaped by communicate); servers live on
+    foreign = (cpu_busy() - busy0 - (proc_cpu(server_pid) - srv0) - gen) / wall
+    if proc.returncode != 0 or not stdout.strip():
+        data: dict[str, object] = {
+            "failed": stderr.strip() or f"exit {proc.returncode}",
+            "rps": 0.0,
+        }
+    else:
+        data = json.loads(stdout)
+    data["foreign_cpu"] = round(max(foreign, 0.0), 2)
     return data
+
+
+_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_busy() -> float:
+    """CPU seconds all cores spent in processes, or stolen by the hypervisor (/proc/stat).
+
+    Interrupt and softirq time is left out: loopback networking does its work
+    there on behalf of the server and the generator, not of anyone else.
+    """
+    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (f[0] + f[1] + f[2] + f[7]) / _HZ  # user, nice, system, steal
+
+
+def proc_cpu(pid: int | None) -> float:
+    """User+system CPU seconds of a running process, all its threads (/proc/PID/stat)."""
+    if pid is None:
+        return 0.0
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return 0.0
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / _HZ
+
+
+def children_cpu() -> float:
+    """CPU seconds of every child reaped so far: read around one bench run, it gives that run's."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 def run_round(
@@ -151,12 +220,14 @@ def run_round(
     k = rnd % len(peers)
     order = peers[k:] + peers[:k]
     urls: dict[str, dict[str, str]] = {}
+    pids: dict[str, int] = {}
     with contextlib.ExitStack() as stack:
         for peer in order:
             port = free_port()
             unix = str(tmp / f"{peer.name}.sock")
             argv = [a.format(tcp=port, udp=port, unix=unix) for a in peer.argv]
-            stack.enter_context(server_process(argv, tmp / f"{peer.name}.log"))
+            srv = stack.enter_context(server_process(argv, tmp / f"{peer.name}.log"))
+            pids[peer.name] = srv.pid
             urls[peer.name] = {
                 "tcp": f"tcp://127.0.0.1:{port}",
                 "udp": f"udp://127.0.0.1:{port}",
@@ -168,12 +239,13 @@ def run_round(
             for peer in order:
                 if w.name not in peer.workloads:
                     continue
-                res = run_bench(urls[peer.name][w.scheme], w.conns, args)
+                res = run_bench(urls[peer.name][w.scheme], w.conns, args, pids[peer.name])
                 out[peer.name][w.name] = res
                 p99 = res.get("p99_us", 0)
                 print(
                     f"  round {rnd + 1}  {w.name:<8} {peer.name:<13} "
                     f"{float(res['rps']):>10,.0f} req/s  p99 {p99} µs"  # type: ignore[arg-type]
+                    f"  (others used {res['foreign_cpu']} CPU)"
                     + (f"  FAILED: {res['failed']}" if "failed" in res else ""),
                     flush=True,
                 )
@@ -226,6 +298,12 @@ def goal_ratio(
     return (statistics.median(ratios), ratios) if ratios else None
 
 
+def best_of(rounds: list[dict[str, dict[str, dict[str, object]]]], peer: str, wl: str) -> float:
+    """Highest requests/s of the rounds: interference only ever slows a run down."""
+    vals = [float(r[peer][wl]["rps"]) for r in rounds if wl in r.get(peer, {})]  # type: ignore[arg-type]
+    return max(vals, default=0.0)
+
+
 def fmt_rps(v: float | None) -> str:
     return "—" if v is None else f"{v:,.0f}"
 
@@ -275,6 +353,24 @@ def plot(
     return True
 
 
+def _foreign(rounds: list[dict[str, dict[str, dict[str, object]]]]) -> list[float]:
+    return [
+        float(res.get("foreign_cpu", 0.0))
+        for r in rounds
+        for ws in r.values()
+        for res in ws.values()
+    ]  # type: ignore[arg-type]
+
+
+def worst_foreign(rounds: list[dict[str, dict[str, dict[str, object]]]]) -> float:
+    return max(_foreign(rounds), default=0.0)
+
+
+def median_foreign(rounds: list[dict[str, dict[str, dict[str, object]]]]) -> float:
+    vals = _foreign(rounds)
+    return statistics.median(vals) if vals else 0.0
+
+
 def write_report(
     rounds: list[dict[str, dict[str, dict[str, object]]]],
     peers: list[Peer],
@@ -307,6 +403,11 @@ def write_report(
         " workload on every server back to back (the order rotates per round), so the two sides"
         " of a ratio are measured seconds apart; closed loop, 64-byte requests; the figures are"
         " medians of the rounds, ratios medians of per-round ratios.",
+        f"- **disturbance**: a run during which other processes used more than {args.max_foreign:g}"
+        f" of a core is rerun (up to {args.retries} times) and the least disturbed kept; the kept"
+        f" runs saw at most {worst_foreign(rounds):.2f} cores of foreign load (median"
+        f' {median_foreign(rounds):.2f}). Ratios list every round so the spread shows; "best'
+        " runs\" compares each server's fastest round, since interference only slows a run.",
         "- Servers log at `warning` level (sockserve's default `info` logs every connection).",
         "- The machine is shared and noisy: compare servers within this table, not with numbers",
         "  measured elsewhere, and expect a few percent of drift between runs.",
@@ -325,8 +426,10 @@ def write_report(
             continue
         ratio, each = got
         per = ", ".join(f"{r:.2f}" for r in each)
+        best_a, best_b = best_of(rounds, "sockserve", wl), best_of(rounds, base, wl)
+        best = f"; best runs {best_a / best_b:.2f}x" if best_a and best_b else ""
         lines.append(
-            f"| {wl}: sockserve vs {labels[base]} | **{ratio:.2f}x** (rounds: {per}) "
+            f"| {wl}: sockserve vs {labels[base]} | **{ratio:.2f}x** (rounds: {per}{best}) "
             f"| >= {target:.1f}x | {'yes' if ratio >= target else 'no'} |"
         )
     c10k = extras.get("conn10k")
@@ -468,6 +571,15 @@ def main() -> int:
     )
     p.add_argument(
         "--workloads", help="comma-separated subset of: " + ",".join(w.name for w in WORKLOADS)
+    )
+    p.add_argument(
+        "--max-foreign",
+        type=float,
+        default=0.25,
+        help="rerun a measurement if other processes used more than this many cores (default 0.25)",
+    )
+    p.add_argument(
+        "--retries", type=int, default=2, help="reruns of a disturbed measurement (default 2)"
     )
     p.add_argument("--no-10k", action="store_true", help="skip the 10,000-connection test")
     p.add_argument(

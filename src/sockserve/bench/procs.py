@@ -63,6 +63,8 @@ def run_procs(spec: LoadSpec, procs: int, progress: Progress | None = None) -> L
     """Run ``spec`` over ``procs`` forked processes and return the merged result."""
     shares = split(spec, procs)
     shm = mmap.mmap(-1, _SLOT.size * len(shares))
+    for i in range(len(shares)):
+        _SLOT.pack_into(shm, i * _SLOT.size, 0, 0, 0, -1.0)  # "starting" until a worker reports
     go_r, go_w = os.pipe()
     children: list[tuple[int, int]] = []  # (pid, result pipe)
     try:

@@ -150,11 +150,18 @@ class ProgressLine:
         self._last_t = 0.0
         self._last_n = 0
         self._shown = False
+        self._warming = False
 
     def __call__(self, elapsed: float, done: int, errors: int, timeouts: int) -> None:
         if not self.enabled:
             return
         now = time.monotonic()
+        if elapsed >= 0 and self._warming:
+            # Counters restart when measuring starts: rate from the start of the measured phase.
+            self._warming = False
+            self._last_t, self._last_n = now - elapsed, 0
+        elif elapsed < 0:
+            self._warming = True
         if now - self._last_t < self.every:
             return
         rate = (

@@ -133,8 +133,6 @@ def _spec(args: argparse.Namespace) -> object:
     from ..framing import DEFAULT_MAX_MESSAGE
 
     endpoint = parse_endpoint(args.url)
-    if endpoint.scheme == "tls" and args.procs > 1:
-        pass  # each worker makes its own handshakes: fine
     if args.message is not None:
         payload = args.message.encode()
         if not payload:
