@@ -1,39 +1,60 @@
 """sockserve: serve, call and load-test request/response services over TCP, UDP and Unix sockets.
 
-Light on import: the server side (asyncio, uvloop) loads only when a server
-name is first used, so ``sockserve call`` and ``sockserve.connect`` start fast.
+Every name below is imported on first use (PEP 562), so ``import sockserve``
+costs nothing and ``sockserve call`` / ``sockserve.connect`` load only the
+blocking client, never asyncio or uvloop.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
-from .client import Client, connect
-from .endpoints import Endpoint, parse_endpoint
-from .errors import (
-    ClientError,
-    ConfigError,
-    ConnectError,
-    ConnectionClosed,
-    EndpointError,
-    LocalProtocolError,
-    MessageTooLarge,
-    ProtocolError,
-    RemoteProtocolError,
-    RequestTimeout,
-    ServiceError,
-    SockserveError,
-)
-from .service import Context, Service, StreamSession
-
 __version__ = "0.1.0"
 
+TYPE_CHECKING = False
 if TYPE_CHECKING:
     from .aclient import AsyncClient, aconnect
     from .api import serve
+    from .client import Client, connect
+    from .endpoints import Endpoint, parse_endpoint
+    from .errors import (
+        ClientError,
+        ConfigError,
+        ConnectError,
+        ConnectionClosed,
+        EndpointError,
+        LocalProtocolError,
+        MessageTooLarge,
+        ProtocolError,
+        RemoteProtocolError,
+        RequestTimeout,
+        ServiceError,
+        SockserveError,
+    )
     from .server import Server, ServerConfig, ServerThread
+    from .service import Context, Service, StreamSession
 
-_LAZY = {
+_ERRORS = [
+    "ClientError",
+    "ConfigError",
+    "ConnectError",
+    "ConnectionClosed",
+    "EndpointError",
+    "LocalProtocolError",
+    "MessageTooLarge",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "RequestTimeout",
+    "ServiceError",
+    "SockserveError",
+]
+_LAZY: dict[str, str] = {
+    **dict.fromkeys(_ERRORS, "sockserve.errors"),
+    "Client": "sockserve.client",
+    "connect": "sockserve.client",
+    "Endpoint": "sockserve.endpoints",
+    "parse_endpoint": "sockserve.endpoints",
+    "Context": "sockserve.service",
+    "Service": "sockserve.service",
+    "StreamSession": "sockserve.service",
     "AsyncClient": "sockserve.aclient",
     "aconnect": "sockserve.aclient",
     "serve": "sockserve.api",
@@ -43,13 +64,19 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'sockserve' has no attribute {name!r}")
     import importlib
 
-    return getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_LAZY])
 
 
 __all__ = [

@@ -5,13 +5,16 @@ Imports only the blocking client (no asyncio), so a one-shot call starts fast.
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from ..client import Client
 from ..errors import EndpointError, SockserveError
-from .common import add_client_arguments, client_options, exit_code, fail
+from .common import Args, add_client_arguments, client_options, exit_code, fail, fast_parse_client
 from .main import EXIT_OK, EXIT_USAGE
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -24,7 +27,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
 
 
-def run(args: argparse.Namespace) -> int:
+def fast_parse(argv: list[str]) -> Args | None:
+    """Parse a plain call command line without argparse (None: let argparse do it)."""
+    return fast_parse_client(argv, "text")
+
+
+def run(args: argparse.Namespace | Args) -> int:
     try:
         client = Client(args.url, **client_options(args))  # type: ignore[arg-type]
     except (EndpointError, SockserveError) as exc:

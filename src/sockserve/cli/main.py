@@ -2,13 +2,21 @@
 
 Exit codes shared by every subcommand: 0 ok, 1 runtime failure, 2 usage error;
 ``call`` adds 3 (cannot connect), 4 (timed out) and 5 (closed early).
+
+``sockserve call`` must start about as fast as ``python -c pass``, so this module
+imports nothing at the top (argparse alone costs ~4 ms), and a plain ``call``
+command line is parsed without argparse (see ``common.fast_parse``); anything
+unusual, such as ``--help`` or a bad option, goes to argparse for its messages.
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
-from collections.abc import Sequence
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Sequence
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -29,16 +37,16 @@ COMMANDS = {
 }
 
 
-class ArgumentParser(argparse.ArgumentParser):
-    """argparse that exits 2 with one line of usage error (its default), never a traceback."""
-
-
 def build_parser() -> argparse.ArgumentParser:
+    """The full parser with every subcommand (for ``sockserve --help``)."""
+    import argparse
     import importlib
 
-    parser = ArgumentParser(
+    parser = argparse.ArgumentParser(
         prog="sockserve",
-        description="Serve, call and load-test request/response services over TCP, UDP and Unix sockets.",
+        description=(
+            "Serve, call and load-test request/response services over TCP, UDP and Unix sockets."
+        ),
     )
     parser.add_argument("--version", action="version", version=f"sockserve {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -61,30 +69,38 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    # Fast path: build only the parser that is needed, so `sockserve call` starts quickly.
     if args_list and args_list[0] in COMMANDS:
-        import importlib
-
-        name = args_list[0]
-        module, help_text = COMMANDS[name]
-        try:
-            mod = importlib.import_module(module)
-        except ImportError as exc:
-            print(f"sockserve {name}: unavailable: {exc}", file=sys.stderr)
-            return EXIT_FAIL
-        p = ArgumentParser(prog=f"sockserve {name}", description=help_text)
-        mod.add_arguments(p)
-        args = p.parse_intermixed_args(args_list[1:])
-        try:
-            return int(mod.run(args))
-        except KeyboardInterrupt:
-            return 130
+        return _run_command(args_list[0], args_list[1:])
     parser = build_parser()
     args = parser.parse_args(args_list)
     if not getattr(args, "command", None):
         parser.print_help()
         return EXIT_USAGE
     return int(args._module.run(args))
+
+
+def _run_command(name: str, argv: list[str]) -> int:
+    """Build only the parser that is needed, so a subcommand starts quickly."""
+    module, help_text = COMMANDS[name]
+    try:
+        # __import__ rather than importlib.import_module: importlib pulls in warnings.
+        __import__(module)
+        mod = sys.modules[module]
+    except ImportError as exc:
+        print(f"sockserve {name}: unavailable: {exc}", file=sys.stderr)
+        return EXIT_FAIL
+    fast = getattr(mod, "fast_parse", None)
+    args = fast(argv) if fast is not None else None
+    if args is None:
+        import argparse
+
+        p = argparse.ArgumentParser(prog=f"sockserve {name}", description=help_text)
+        mod.add_arguments(p)
+        args = p.parse_intermixed_args(argv)
+    try:
+        return int(mod.run(args))
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 from ..errors import ConfigError
 from .base import DEFAULT_MAX_MESSAGE, Codec
 from .length import LengthCodec
 from .line import LineCodec
 from .raw import RawCodec
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing (keeps `call` fast)
+if TYPE_CHECKING:
+    from collections.abc import Callable
 
 FRAMINGS: dict[str, Callable[[int], Codec]] = {
     "raw": RawCodec,

@@ -8,7 +8,13 @@ The only exception a codec raises on peer input is :class:`RemoteProtocolError`.
 
 from __future__ import annotations
 
-from typing import Protocol
+# typing costs ~6 ms to import; the one-shot client must not pay it. The Protocol
+# below is for type checkers; at run time ``Codec`` is a plain class that documents it.
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Protocol
+else:
+    Protocol = object
 
 # Why 64 KiB: a UDP datagram cannot be larger, and it bounds what one client can
 # make the server hold per connection before a protocol error closes it.

@@ -7,8 +7,6 @@ no message to be "too large".
 
 from __future__ import annotations
 
-from collections import deque
-
 from ..errors import LocalProtocolError
 from .base import DEFAULT_MAX_MESSAGE
 
@@ -22,7 +20,7 @@ class RawCodec:
         if max_message < 1:
             raise ValueError("max_message must be positive")
         self.max_message = max_message
-        self._queue: deque[bytes] = deque()
+        self._queue: list[bytes] = []  # rarely more than one chunk: a list is enough
 
     def feed(self, data: bytes) -> None:
         if not data:
@@ -35,7 +33,7 @@ class RawCodec:
             self._queue.append(data[start : start + cap])
 
     def next_message(self) -> bytes | None:
-        return self._queue.popleft() if self._queue else None
+        return self._queue.pop(0) if self._queue else None
 
     def end_of_input(self) -> bytes | None:
         return None
