@@ -201,6 +201,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="auto",
         help="event loop (default: uvloop when installed)",
     )
+    o.add_argument(
+        "--engine",
+        choices=("auto", "asyncio"),
+        default=d.engine,
+        help="auto (default): plain TCP/Unix request/reply and UDP on the epoll engine, the rest "
+        "on asyncio transports; asyncio: everything on transports",
+    )
+    o.add_argument(
+        "--busy-poll",
+        type=int,
+        default=d.busy_poll_us,
+        metavar="USEC",
+        help="after a batch of requests keep polling this long before sleeping; a client's next "
+        "request usually arrives within it (default 50; 0 = off)",
+    )
 
 
 def build_config(args: argparse.Namespace) -> object:
@@ -226,6 +241,8 @@ def build_config(args: argparse.Namespace) -> object:
         proxy_from=tuple(parse_network(c) for c in args.proxy_from),
         proxy_header_timeout=args.proxy_header_timeout,
         service_options=_service_options(args),
+        engine=args.engine,
+        busy_poll_us=args.busy_poll,
     )
 
 
