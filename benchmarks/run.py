@@ -411,6 +411,8 @@ def write_report(
         "- Servers log at `warning` level (sockserve's default `info` logs every connection).",
         "- The machine is shared and noisy: compare servers within this table, not with numbers",
         "  measured elsewhere, and expect a few percent of drift between runs.",
+        "- A server that comes close to what the generator itself can drive (see *Load generator",
+        "  check*) is partly measuring the generator: ratios between such servers shrink toward 1.",
         "",
         "## Goals (issue 4)",
         "",
