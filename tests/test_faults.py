@@ -37,8 +37,9 @@ import sockserve
 from sockserve.server import ServerThread
 from sockserve.server.config import DEFAULT_WRITE_HIGH
 from sockserve.server.epoll import FastStream
+from sockserve.server.requests import MAX_QUEUED
 from sockserve.server.runtime import MAX_DATAGRAM_INFLIGHT
-from sockserve.server.stream import MAX_QUEUED, StreamProtocol
+from sockserve.server.stream import StreamProtocol
 
 pytestmark = pytest.mark.timeout(90)
 

@@ -26,13 +26,12 @@ import select
 import socket
 import time
 from collections import deque
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, Protocol, cast
+from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ProtocolError
 from ..framing import Codec, make_codec
 from ..service import Context
-from .logs import fmt_peer, service_log
+from .requests import PAUSE_QUEUE, PAUSE_WRITE, RequestQueue
 
 if TYPE_CHECKING:
     from .runtime import StreamRuntime
@@ -50,12 +49,6 @@ READ_SIZE = 65536
 MAX_EVENTS = 1024
 #: Longest one loop callback keeps serving before yielding to timers, tasks and accepts.
 MAX_TURN = 0.002
-#: Requests queued for an async handler before reading pauses (pipelining bound).
-MAX_QUEUED = 64
-RESUME_QUEUED = 16
-
-_PAUSE_WRITE = 1
-_PAUSE_QUEUE = 2
 
 
 class Member(Protocol):
@@ -119,7 +112,7 @@ class Hub:
                 return
 
 
-class FastStream:
+class FastStream(RequestQueue):
     """One request/reply stream connection served straight from the hub.
 
     Offers what the runtime's bookkeeping needs, like the transport-based
@@ -262,13 +255,7 @@ class FastStream:
     def _dispatch(self, msg: bytes) -> None:
         self.active = True
         if self._async:
-            if self._queue is None:
-                self._queue = deque()
-            self._queue.append(msg)
-            if self._worker is None:
-                self._worker = self.rt.loop.create_task(self._run_queue())
-            if len(self._queue) >= MAX_QUEUED:
-                self._pause(_PAUSE_QUEUE)
+            self._enqueue(msg)
             return
         try:
             reply = self._handler(msg, self.ctx)
@@ -286,28 +273,6 @@ class FastStream:
         codec = self._codec
         self._write(codec.encode(bytes(reply)) if codec is not None else bytes(reply))
 
-    async def _run_queue(self) -> None:
-        queue = self._queue
-        assert queue is not None
-        try:
-            while queue:
-                msg = queue.popleft()
-                if self._paused & _PAUSE_QUEUE and len(queue) <= RESUME_QUEUED:
-                    self._resume(_PAUSE_QUEUE)
-                try:
-                    reply = await cast(Awaitable[Any], self._handler(msg, self.ctx))
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    self._handler_failed()
-                    return
-                self.active = True
-                self._send(reply)
-        finally:
-            self._worker = None
-        if self._eof or self.closing:
-            self.close()
-
     # -- writing and flow control ------------------------------------------------------
 
     def _write(self, data: bytes) -> None:
@@ -315,7 +280,7 @@ class FastStream:
             self._out.append(data)
             self._out_size += len(data)
             if self._out_size > self._high:
-                self._pause(_PAUSE_WRITE)
+                self._pause(PAUSE_WRITE)
             return
         try:
             sent = self.sock.send(data)
@@ -330,7 +295,7 @@ class FastStream:
             self._out_size = len(rest)
             self._update_events()
             if self._out_size > self._high:
-                self._pause(_PAUSE_WRITE)
+                self._pause(PAUSE_WRITE)
 
     def _flush(self) -> None:
         out = self._out
@@ -350,8 +315,8 @@ class FastStream:
         else:
             self._out = None
             self._out_size = 0
-        if self._out_size <= self._low and self._paused & _PAUSE_WRITE:
-            self._resume(_PAUSE_WRITE)
+        if self._out_size <= self._low and self._paused & PAUSE_WRITE:
+            self._resume(PAUSE_WRITE)
         if not self._out:
             if self.closing and not self.busy:
                 self._finish(None)
@@ -410,30 +375,6 @@ class FastStream:
 
     # -- failures and closing ----------------------------------------------------------
 
-    def _handler_failed(self) -> None:
-        peer = fmt_peer(self.ctx.peer)
-        service_log.exception(
-            "handler %s raised on %s from %s; closing that connection",
-            self.rt.service.name,
-            self.rt.endpoint,
-            peer,
-            extra={"event": "handler_error", "endpoint": self.rt.endpoint, "peer": peer},
-        )
-        self.rt.note_close_reason(self, "handler error")
-        self.abort()
-
-    def _bad_reply(self, reply: object) -> None:
-        peer = fmt_peer(self.ctx.peer)
-        service_log.error(
-            "handler %s returned %s, not bytes or None; closing connection from %s",
-            self.rt.service.name,
-            type(reply).__name__,
-            peer,
-            extra={"event": "handler_error", "endpoint": self.rt.endpoint, "peer": peer},
-        )
-        self.rt.note_close_reason(self, "handler error")
-        self.abort()
-
     def _protocol_error(self, exc: ProtocolError) -> None:
         self.rt.note_close_reason(self, f"protocol error: {exc}")
         if self._queue:
@@ -461,7 +402,7 @@ class FastStream:
         if not self.busy:
             self.close()
         else:
-            self._pause(_PAUSE_QUEUE)
+            self._pause(PAUSE_QUEUE)
 
     def abort(self) -> None:
         self.closing = True

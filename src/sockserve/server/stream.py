@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import ProtocolError
@@ -18,20 +17,13 @@ from ..framing import Codec, make_codec
 from ..service import Context, StreamSession
 from .epoll import FastStream
 from .logs import conn_log, fmt_peer, service_log
+from .requests import PAUSE_QUEUE, PAUSE_WRITE, RequestQueue
 
 if TYPE_CHECKING:
     from .runtime import StreamRuntime
 
-#: Requests queued for an async handler before reading pauses (pipelining bound).
-MAX_QUEUED = 64
-RESUME_QUEUED = 16
 
-# Reasons reading is paused, as bits, so one cause clearing does not resume another.
-_PAUSE_WRITE = 1
-_PAUSE_QUEUE = 2
-
-
-class StreamProtocol(asyncio.Protocol):
+class StreamProtocol(RequestQueue, asyncio.Protocol):
     """One request/reply connection."""
 
     __slots__ = (
@@ -115,10 +107,10 @@ class StreamProtocol(asyncio.Protocol):
         return bool(self._queue) or self._worker is not None
 
     def pause_writing(self) -> None:
-        self._pause(_PAUSE_WRITE)
+        self._pause(PAUSE_WRITE)
 
     def resume_writing(self) -> None:
-        self._resume(_PAUSE_WRITE)
+        self._resume(PAUSE_WRITE)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._worker is not None:
@@ -142,11 +134,7 @@ class StreamProtocol(asyncio.Protocol):
     def _dispatch(self, msg: bytes) -> None:
         self.active = True
         if self._async:
-            self._queue.append(msg)
-            if self._worker is None:
-                self._worker = self.rt.loop.create_task(self._run_queue())
-            if len(self._queue) >= MAX_QUEUED:
-                self._pause(_PAUSE_QUEUE)
+            self._enqueue(msg)
             return
         try:
             reply = self._handler(msg, self.ctx)
@@ -163,56 +151,7 @@ class StreamProtocol(asyncio.Protocol):
             return
         self._transport.write(self._codec.encode(bytes(reply)))
 
-    async def _run_queue(self) -> None:
-        queue = self._queue
-        try:
-            while queue:
-                msg = queue.popleft()
-                if self._paused & _PAUSE_QUEUE and len(queue) <= RESUME_QUEUED:
-                    self._resume(_PAUSE_QUEUE)
-                try:
-                    reply = await cast(Awaitable[Any], self._handler(msg, self.ctx))
-                except asyncio.CancelledError:
-                    raise
-                except Exception:
-                    self._handler_failed()
-                    return
-                self.active = True
-                self._send(reply)
-        finally:
-            self._worker = None
-        if self._eof or self.closing:
-            self.close()
-
     # -- failures and closing ----------------------------------------------------------
-
-    def _handler_failed(self) -> None:
-        service_log.exception(
-            "handler %s raised on %s from %s; closing that connection",
-            self.rt.service.name,
-            self.rt.endpoint,
-            fmt_peer(self.ctx.peer),
-            extra={
-                "event": "handler_error",
-                "endpoint": self.rt.endpoint,
-                "peer": fmt_peer(self.ctx.peer),
-            },
-        )
-        self.abort()
-
-    def _bad_reply(self, reply: object) -> None:
-        service_log.error(
-            "handler %s returned %s, not bytes or None; closing connection from %s",
-            self.rt.service.name,
-            type(reply).__name__,
-            fmt_peer(self.ctx.peer),
-            extra={
-                "event": "handler_error",
-                "endpoint": self.rt.endpoint,
-                "peer": fmt_peer(self.ctx.peer),
-            },
-        )
-        self.abort()
 
     def _protocol_error(self, exc: ProtocolError) -> None:
         self.rt.note_close_reason(self, f"protocol error: {exc}")
@@ -272,7 +211,7 @@ class StreamProtocol(asyncio.Protocol):
         if not self.busy:
             self.close()
         elif self._transport is not None:
-            self._pause(_PAUSE_QUEUE)
+            self._pause(PAUSE_QUEUE)
 
     def abort(self) -> None:
         self.closing = True

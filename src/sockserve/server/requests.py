@@ -1,0 +1,114 @@
+"""Request handling shared by both stream engines (asyncio transports and epoll).
+
+An async handler's requests on one connection are answered in order by one task
+per connection; reading pauses while too many wait, so pipelining is bounded.
+Handler failures are logged here, once, with the service, endpoint and peer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any, cast
+
+from ..service import Context
+from .logs import fmt_peer, service_log
+
+if TYPE_CHECKING:
+    from .runtime import StreamRuntime
+
+#: Requests queued for an async handler before reading pauses (pipelining bound).
+MAX_QUEUED = 64
+RESUME_QUEUED = 16
+
+# Reasons reading is paused, as bits, so one cause clearing does not resume another.
+PAUSE_WRITE = 1
+PAUSE_QUEUE = 2
+
+
+class RequestQueue:
+    """Mixin: in-order answering of async requests, and handler-failure handling.
+
+    The class using it provides ``rt``, ``ctx``, ``_handler``, ``_queue``,
+    ``_worker``, ``_paused``, ``_eof``, ``closing`` and the methods ``_send``,
+    ``_resume``, ``close`` and ``abort``.
+    """
+
+    if not TYPE_CHECKING:  # slotted at run time (no per-connection __dict__); mypy sees the fields
+        __slots__ = ()
+
+    rt: StreamRuntime
+    ctx: Context
+    closing: bool
+    _handler: Any
+    _queue: deque[bytes] | None
+    _worker: asyncio.Task[None] | None
+    _paused: int
+    _eof: bool
+
+    active: bool
+
+    if TYPE_CHECKING:
+
+        def _send(self, reply: object) -> None: ...
+        def _resume(self, why: int) -> None: ...
+        def _pause(self, why: int) -> None: ...
+        def close(self) -> None: ...
+        def abort(self) -> None: ...
+
+    def _enqueue(self, msg: bytes) -> None:
+        if self._queue is None:
+            self._queue = deque()
+        self._queue.append(msg)
+        if self._worker is None:
+            self._worker = self.rt.loop.create_task(self._run_queue())
+        if len(self._queue) >= MAX_QUEUED:
+            self._pause(PAUSE_QUEUE)
+
+    async def _run_queue(self) -> None:
+        queue = self._queue
+        assert queue is not None
+        try:
+            while queue:
+                msg = queue.popleft()
+                if self._paused & PAUSE_QUEUE and len(queue) <= RESUME_QUEUED:
+                    self._resume(PAUSE_QUEUE)
+                try:
+                    reply = await cast(Awaitable[Any], self._handler(msg, self.ctx))
+                except asyncio.CancelledError:
+                    raise
+                except Exception:
+                    self._handler_failed()
+                    return
+                self.active = True
+                self._send(reply)
+        finally:
+            self._worker = None
+        if self._eof or self.closing:
+            self.close()
+
+    def _handler_failed(self) -> None:
+        """Log the handler's exception (call inside ``except``) and close this connection."""
+        peer = fmt_peer(self.ctx.peer)
+        service_log.exception(
+            "handler %s raised on %s from %s; closing that connection",
+            self.rt.service.name,
+            self.rt.endpoint,
+            peer,
+            extra={"event": "handler_error", "endpoint": self.rt.endpoint, "peer": peer},
+        )
+        self.rt.note_close_reason(self, "handler error")  # type: ignore[arg-type]
+        self.abort()
+
+    def _bad_reply(self, reply: object) -> None:
+        peer = fmt_peer(self.ctx.peer)
+        service_log.error(
+            "handler %s returned %s, not bytes or None; closing connection from %s",
+            self.rt.service.name,
+            type(reply).__name__,
+            peer,
+            extra={"event": "handler_error", "endpoint": self.rt.endpoint, "peer": peer},
+        )
+        self.rt.note_close_reason(self, "handler error")  # type: ignore[arg-type]
+        self.abort()
