@@ -252,18 +252,6 @@ class FastStream(RequestQueue):
 
     # -- requests ----------------------------------------------------------------------
 
-    def _dispatch(self, msg: bytes) -> None:
-        self.active = True
-        if self._async:
-            self._enqueue(msg)
-            return
-        try:
-            reply = self._handler(msg, self.ctx)
-        except Exception:
-            self._handler_failed()
-            return
-        self._send(reply)
-
     def _send(self, reply: object) -> None:
         if reply is None or self.fd < 0:
             return

@@ -28,9 +28,9 @@ PAUSE_QUEUE = 2
 
 
 class RequestQueue:
-    """Mixin: in-order answering of async requests, and handler-failure handling.
+    """Mixin: dispatching requests, in-order answering of async ones, handler failures.
 
-    The class using it provides ``rt``, ``ctx``, ``_handler``, ``_queue``,
+    The class using it provides ``rt``, ``ctx``, ``_handler``, ``_async``, ``_queue``,
     ``_worker``, ``_paused``, ``_eof``, ``closing`` and the methods ``_send``,
     ``_resume``, ``close`` and ``abort``.
     """
@@ -42,6 +42,7 @@ class RequestQueue:
     ctx: Context
     closing: bool
     _handler: Any
+    _async: bool
     _queue: deque[bytes] | None
     _worker: asyncio.Task[None] | None
     _paused: int
@@ -56,6 +57,19 @@ class RequestQueue:
         def _pause(self, why: int) -> None: ...
         def close(self) -> None: ...
         def abort(self) -> None: ...
+
+    def _dispatch(self, msg: bytes) -> None:
+        """Answer one whole request: inline for a sync handler, queued for an async one."""
+        self.active = True
+        if self._async:
+            self._enqueue(msg)
+            return
+        try:
+            reply = self._handler(msg, self.ctx)
+        except Exception:
+            self._handler_failed()
+            return
+        self._send(reply)
 
     def _enqueue(self, msg: bytes) -> None:
         if self._queue is None:

@@ -131,18 +131,6 @@ class StreamProtocol(RequestQueue, asyncio.Protocol):
                 return
             self._dispatch(msg)
 
-    def _dispatch(self, msg: bytes) -> None:
-        self.active = True
-        if self._async:
-            self._enqueue(msg)
-            return
-        try:
-            reply = self._handler(msg, self.ctx)
-        except Exception:
-            self._handler_failed()
-            return
-        self._send(reply)
-
     def _send(self, reply: object) -> None:
         if reply is None or self._transport is None or self._transport.is_closing():
             return
