@@ -47,6 +47,9 @@ _IN_OR_ERR = _IN | _ERR
 READ_SIZE = 65536
 #: Events taken per epoll_wait.
 MAX_EVENTS = 1024
+#: Busy-poll only after batches of at most this many events (light load, where the
+#: sleep and wake-up between requests dominate their latency).
+SPIN_BATCH = 4
 #: Longest one loop callback keeps serving before yielding to timers, tasks and accepts.
 MAX_TURN = 0.002
 
@@ -92,9 +95,8 @@ class Hub:
         members = self.members
         clock = time.perf_counter
         spin = self.busy_poll
-        now = clock()
-        end_turn = now + MAX_TURN
-        idle_until = now + spin
+        end_turn = 0.0
+        idle_until = 0.0
         while True:
             events = poll(0, MAX_EVENTS)
             if events:
@@ -102,13 +104,17 @@ class Hub:
                     member = members.get(fd)
                     if member is not None:
                         member.on_event(ev)
-                if not spin:
+                # Spin only after a small batch: with many clients busy the next batch is
+                # already on its way without sleeping, and empty polls would only cost.
+                if not spin or len(events) > SPIN_BATCH:
                     return
                 now = clock()
-                if now > end_turn:
+                if not end_turn:
+                    end_turn = now + MAX_TURN
+                elif now > end_turn:
                     return  # let the loop run timers, tasks and accepts; level-triggered, so we come back
                 idle_until = now + spin
-            elif not spin or clock() > idle_until:
+            elif not idle_until or clock() > idle_until:
                 return
 
 
@@ -176,6 +182,38 @@ class FastStream(RequestQueue):
     # -- events ------------------------------------------------------------------------
 
     def on_event(self, events: int) -> None:
+        if self._events == _IN and events & _IN:
+            # The hot path, inlined: reading, nothing queued to send.
+            try:
+                data = self.sock.recv(READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._finish(exc)
+                return
+            if data and self._fast and len(data) <= self._max:
+                self.active = True  # a whole request (framed input counts only when complete)
+                try:
+                    reply = self._handler(data, self.ctx)
+                except Exception:
+                    self._handler_failed()
+                    return
+                if type(reply) is not bytes:
+                    if reply is not None:
+                        self._send(reply)
+                    return
+                try:
+                    sent = self.sock.send(reply)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError as exc:
+                    self._finish(exc)
+                    return
+                if sent != len(reply):
+                    self._hold(reply[sent:])
+                return
+            self._received(data)
+            return
         if self._events & _IN and events & _IN_OR_ERR:
             self._on_readable()
         elif events & _ERR:
@@ -196,13 +234,14 @@ class FastStream(RequestQueue):
         except OSError as exc:
             self._finish(exc)
             return
+        self._received(data)
+
+    def _received(self, data: bytes) -> None:
         if not data:
             self._on_eof()
             return
         if self._fast and len(data) <= self._max:
-            self.active = (
-                True  # a whole request: framed input counts only when complete (slowloris)
-            )
+            self.active = True  # a whole request (framed input counts only when complete)
             try:
                 reply = self._handler(data, self.ctx)
             except Exception:
@@ -278,12 +317,15 @@ class FastStream(RequestQueue):
             self._finish(exc)
             return
         if sent < len(data):
-            rest = data[sent:]
-            self._out = [rest]
-            self._out_size = len(rest)
-            self._update_events()
-            if self._out_size > self._high:
-                self._pause(PAUSE_WRITE)
+            self._hold(data[sent:])
+
+    def _hold(self, rest: bytes) -> None:
+        """Keep what the kernel did not take; send it when the socket is writable."""
+        self._out = [rest]
+        self._out_size = len(rest)
+        self._update_events()
+        if self._out_size > self._high:
+            self._pause(PAUSE_WRITE)
 
     def _flush(self) -> None:
         out = self._out
