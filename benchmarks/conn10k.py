@@ -122,7 +122,7 @@ def run(n: int = 10_000, timeout: float = 30.0) -> dict[str, object]:
     raise_fd_limit(n + 200)  # inherited by the server process too
     port = free_port()
     log = Path(tempfile.gettempdir()) / "sockserve-bench-10k.log"
-    cmd = [PYTHON, "-m", "sockserve", "serve", "timestamp", "--log-level", "warning"]
+    cmd = [PYTHON, "-m", "sockserve", "serve", "timestamp"]  # defaults: info logs every connection
     cmd += ["--listen", f"tcp://127.0.0.1:{port}"]
     with server_process(cmd, log) as proc:
         wait_ready(port)

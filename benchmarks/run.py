@@ -76,7 +76,7 @@ PEERS_ALL = [
         "sockserve",
         "sockserve (uvloop)",
         (
-            *(PYTHON, "-m", "sockserve", "serve", "timestamp", "--log-level", "warning"),
+            *(PYTHON, "-m", "sockserve", "serve", "timestamp"),
             *("--listen", "tcp://127.0.0.1:{tcp}", "--listen", "udp://127.0.0.1:{udp}"),
             *("--listen", "unix://{unix}"),
         ),
@@ -408,7 +408,7 @@ def write_report(
         f" runs saw at most {worst_foreign(rounds):.2f} cores of foreign load (median"
         f' {median_foreign(rounds):.2f}). Ratios list every round so the spread shows; "best'
         " runs\" compares each server's fastest round, since interference only slows a run.",
-        "- Servers log at `warning` level (sockserve's default `info` logs every connection).",
+        "- sockserve runs with its defaults (raw framing, limits on, `info` logging of every connection).",
         "- The machine is shared and noisy: compare servers within this table, not with numbers",
         "  measured elsewhere, and expect a few percent of drift between runs.",
         "- A server that comes close to what the generator itself can drive (see *Load generator",
