@@ -15,17 +15,12 @@ from .main import EXIT_FAIL, EXIT_USAGE
 
 def _size(text: str) -> int:
     """Bytes with an optional K/M/G suffix (binary): 64K, 1M."""
-    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    mult = units.get(t[-1:], 1)
-    if mult != 1:
-        t = t[:-1]
+    from ..server.config import parse_size
+
     try:
-        value = int(t) * mult
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"bad size {text!r}: expected bytes such as 65536 or 64K"
-        ) from None
+        value = parse_size(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"bad size: {exc}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
     return value

@@ -106,6 +106,17 @@ class ServerConfig:
         return replace(self, **changes)
 
 
+def parse_size(text: str) -> int:
+    """Bytes with an optional binary K/M/G suffix (``65536``, ``64K``, ``1MiB``); ValueError if not."""
+    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
+    t = text.strip().lower().removesuffix("b").removesuffix("i")
+    mult = units.get(t[-1:], 1)
+    digits = t[:-1] if mult != 1 else t
+    if not digits.isdigit():
+        raise ValueError(f"expected bytes such as 65536 or 64K, not {text!r}")
+    return int(digits) * mult
+
+
 def parse_network(text: str) -> Network:
     """Parse a CIDR (or a bare address) for --allow/--deny; raise ConfigError naming it."""
     try:

@@ -31,7 +31,7 @@ from typing import Any
 
 from ..endpoints import Endpoint, parse_endpoint
 from ..errors import ConfigError, EndpointError
-from .config import ServerConfig, parse_mode, parse_network
+from .config import ServerConfig, parse_mode, parse_network, parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -54,12 +54,7 @@ def _size(value: Any) -> int:
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     if isinstance(value, str):
-        units = {"k": 1024, "m": 1024**2, "g": 1024**3}
-        t = value.strip().lower().removesuffix("b").removesuffix("i")
-        mult = units.get(t[-1:], 1)
-        digits = t[:-1] if mult != 1 else t
-        if digits.isdigit():
-            return int(digits) * mult
+        return parse_size(value)
     raise ValueError('expected bytes, e.g. 65536 or "64K"')
 
 

@@ -104,16 +104,16 @@ class Hub:
                     member = members.get(fd)
                     if member is not None:
                         member.on_event(ev)
-                # Spin only after a small batch: with many clients busy the next batch is
-                # already on its way without sleeping, and empty polls would only cost.
-                if not spin or len(events) > SPIN_BATCH:
-                    return
+                # Poll again straight away rather than through the loop: while batches keep
+                # coming that saves the loop's own epoll_wait and dispatch per batch. Spin
+                # (keep polling through empty polls) only after a small batch: with many
+                # clients busy the next batch is on its way anyway, and empty polls only cost.
                 now = clock()
                 if not end_turn:
                     end_turn = now + MAX_TURN
                 elif now > end_turn:
                     return  # let the loop run timers, tasks and accepts; level-triggered, so we come back
-                idle_until = now + spin
+                idle_until = now + spin if spin and len(events) <= SPIN_BATCH else 0.0
             elif not idle_until or clock() > idle_until:
                 return
 
