@@ -1,3 +1,3 @@
-from sockserve.cli.main import main
+from sockserve.cli.main import exit_with, main
 
-raise SystemExit(main())
+exit_with(main())

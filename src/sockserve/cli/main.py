@@ -103,5 +103,25 @@ def _run_command(name: str, argv: list[str]) -> int:
         return 130
 
 
+def exit_with(code: int) -> None:
+    """Exit with ``code``. After a one-shot ``call`` skip the interpreter's teardown.
+
+    Freeing every object at exit takes ~1.5 ms, more than a whole ``sockserve call``
+    spends on its own work; its output is flushed here first and it registers no
+    exit handlers, so ``os._exit`` loses nothing. Other commands exit normally.
+    """
+    if len(sys.argv) > 1 and sys.argv[1] == "call":
+        import os
+
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except (BrokenPipeError, ValueError):
+            pass  # a closed pipe or stream: nothing more can be written anyway
+        else:
+            os._exit(code)
+    raise SystemExit(code)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    exit_with(main())
