@@ -239,6 +239,7 @@ class Server:
         if binding in self.bindings:
             self.bindings.remove(binding)
         kept: dict[Endpoint, Listener] = {}
+        close_after: list[Listener] = []
         for ep, rt in pairs:
             rt.stop_accepting()
             lst = rt.listener
@@ -247,13 +248,17 @@ class Server:
                 del self.listeners[i], self.endpoints[i]
             if ep in keep:
                 kept[ep] = lst
-            else:
+            elif ep.is_stream:
                 close_listener(lst)
-        task = self.loop.create_task(self._drain_runtimes([rt for _, rt in pairs]))
+            else:
+                close_after.append(lst)  # in-flight async replies are sent from it
+        task = self.loop.create_task(self._drain_runtimes([rt for _, rt in pairs], close_after))
         self.track(task)
         return kept, task
 
-    async def _drain_runtimes(self, runtimes: list[Runtime]) -> None:
+    async def _drain_runtimes(
+        self, runtimes: list[Runtime], close_after: Iterable[Listener] = ()
+    ) -> None:
         streams = [rt for rt in runtimes if isinstance(rt, StreamRuntime)]
         datagrams = [rt for rt in runtimes if isinstance(rt, DatagramRuntime)]
         for srt in streams:
@@ -275,6 +280,8 @@ class Server:
         for drt in datagrams:
             if drt in self.datagrams:
                 self.datagrams.remove(drt)
+        for lst in close_after:
+            close_listener(lst)
 
     def _schedule_sweep(self) -> None:
         timeouts = [rt.config.idle_timeout for rt in self.streams if rt.config.idle_timeout]
