@@ -10,7 +10,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ..errors import ConfigError
-from ..framing import DEFAULT_MAX_MESSAGE, FRAMINGS
+from ..framing import DEFAULT_MAX_MESSAGE, codec_factory
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -73,10 +73,9 @@ class ServerConfig:
             )
         if isinstance(self.unix_mode, str):
             object.__setattr__(self, "unix_mode", parse_mode(self.unix_mode))
-        if self.framing not in FRAMINGS:
-            raise ConfigError(
-                f"unknown framing {self.framing!r}; expected one of {', '.join(FRAMINGS)}"
-            )
+        # Raises ConfigError for an unknown name, and imports the codec now: not at the
+        # first request, when descriptors may be exhausted (EMFILE) and an import would fail.
+        codec_factory(self.framing)
         if self.max_message < 1:
             raise ConfigError(f"max message must be at least 1 byte, got {self.max_message}")
         if self.idle_timeout is not None and self.idle_timeout <= 0:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..errors import ProtocolError
 from ..framing import Codec, make_codec
 from ..service import Context
+from .logs import server_log
 from .requests import PAUSE_QUEUE, PAUSE_WRITE, RequestQueue
 
 if TYPE_CHECKING:
@@ -90,6 +91,20 @@ class Hub:
             self.loop.remove_reader(self._ep.fileno())
             self._ep.close()
 
+    def _member_failed(self, fd: int, member: Member) -> None:
+        """A bug or resource failure inside one member: log it, end that member only."""
+        server_log.exception(
+            "internal error serving descriptor %d (%s); closing it",
+            fd,
+            type(member).__name__,
+            extra={"event": "internal_error"},
+        )
+        abort = getattr(member, "abort", None)
+        if abort is not None:
+            abort()
+        else:
+            self.remove(fd)
+
     def _ready(self) -> None:
         poll = self._ep.poll
         members = self.members
@@ -103,7 +118,10 @@ class Hub:
                 for fd, ev in events:
                     member = members.get(fd)
                     if member is not None:
-                        member.on_event(ev)
+                        try:
+                            member.on_event(ev)
+                        except Exception:
+                            self._member_failed(fd, member)
                 # Poll again straight away rather than through the loop: while batches keep
                 # coming that saves the loop's own epoll_wait and dispatch per batch. Spin
                 # (keep polling through empty polls) only after a small batch: with many
@@ -276,16 +294,17 @@ class FastStream(RequestQueue):
     def _on_eof(self) -> None:
         self._eof = True
         self._set_reading(False)
-        codec = self._get_codec()
-        try:
-            while not self.closing and (msg := codec.next_message()) is not None:
-                self._dispatch(msg)
-            last = codec.end_of_input()
-        except ProtocolError as exc:
-            self._protocol_error(exc)
-            return
-        if last is not None and not self.closing:
-            self._dispatch(last)
+        codec = self._codec  # None: raw fast path, nothing buffered, nothing left to answer
+        if codec is not None:
+            try:
+                while not self.closing and (msg := codec.next_message()) is not None:
+                    self._dispatch(msg)
+                last = codec.end_of_input()
+            except ProtocolError as exc:
+                self._protocol_error(exc)
+                return
+            if last is not None and not self.closing:
+                self._dispatch(last)
         if not self.busy:
             self.close()  # flush what is written, then close
 
