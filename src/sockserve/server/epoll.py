@@ -32,7 +32,7 @@ from ..errors import ProtocolError
 from ..framing import Codec, make_codec
 from ..service import Context
 from .logs import server_log
-from .requests import PAUSE_QUEUE, PAUSE_WRITE, RequestQueue
+from .requests import PAUSE_WRITE, RequestQueue
 
 if TYPE_CHECKING:
     from .runtime import StreamRuntime
@@ -282,15 +282,6 @@ class FastStream(RequestQueue):
             self._codec = make_codec(self.rt.config.framing, self._max)
         return self._codec
 
-    def _drain_codec(self) -> None:
-        codec = self._get_codec()
-        # Stop while paused: the rest stay parsed-but-unanswered until _resume.
-        while not self.closing and not self._paused:
-            msg = codec.next_message()
-            if msg is None:
-                return
-            self._dispatch(msg)
-
     def _on_eof(self) -> None:
         self._eof = True
         self._set_reading(False)
@@ -376,20 +367,15 @@ class FastStream(RequestQueue):
         self._paused |= why
         self._set_reading(False)
 
-    def _resume(self, why: int) -> None:
-        was = self._paused
-        self._paused &= ~why
-        if was and not self._paused and not self.closing and self.fd >= 0:
-            if self._codec is not None and self._codec.buffered:
-                try:
-                    self._drain_codec()
-                except ProtocolError as exc:
-                    self._protocol_error(exc)
-                    return
-                if self._paused or self.closing:
-                    return
-            if not self._eof:
-                self._set_reading(True)
+    def _can_resume(self) -> bool:
+        return not self.closing and self.fd >= 0
+
+    def _start_reading(self) -> None:
+        if not self._eof:
+            self._set_reading(True)
+
+    def _codec_now(self) -> Codec:
+        return self._get_codec()
 
     def _set_reading(self, on: bool) -> None:
         want = (_IN if on else 0) | (self._events & _OUT)
@@ -424,17 +410,6 @@ class FastStream(RequestQueue):
 
     # -- failures and closing ----------------------------------------------------------
 
-    def _protocol_error(self, exc: ProtocolError) -> None:
-        self.rt.note_close_reason(self, f"protocol error: {exc}")
-        if self._queue:
-            self._queue.clear()
-        self.close()
-
-    @property
-    def busy(self) -> bool:
-        """A request is queued or running: draining must wait for it."""
-        return bool(self._queue) or self._worker is not None
-
     def close(self) -> None:
         """Stop reading; close once the replies already written are flushed."""
         self.closing = True
@@ -444,14 +419,6 @@ class FastStream(RequestQueue):
             self._finish(None)
         else:
             self._set_reading(False)
-
-    def drain(self) -> None:
-        """Graceful shutdown: close now if idle, else once the in-flight requests are answered."""
-        self.closing = True
-        if not self.busy:
-            self.close()
-        else:
-            self._pause(PAUSE_QUEUE)
 
     def abort(self) -> None:
         self.closing = True

@@ -12,10 +12,12 @@ from collections import deque
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, cast
 
+from ..errors import ProtocolError
 from ..service import Context
 from .logs import fmt_peer, service_log
 
 if TYPE_CHECKING:
+    from ..framing import Codec
     from .runtime import StreamRuntime
 
 #: Requests queued for an async handler before reading pauses (pipelining bound).
@@ -30,9 +32,10 @@ PAUSE_QUEUE = 2
 class RequestQueue:
     """Mixin: dispatching requests, in-order answering of async ones, handler failures.
 
-    The class using it provides ``rt``, ``ctx``, ``_handler``, ``_async``, ``_queue``,
-    ``_worker``, ``_paused``, ``_eof``, ``closing`` and the methods ``_send``,
-    ``_resume``, ``close`` and ``abort``.
+    The class using it provides ``rt``, ``ctx``, ``_handler``, ``_async``, ``_codec``,
+    ``_queue``, ``_worker``, ``_paused``, ``_eof``, ``closing`` and the methods
+    ``_send``, ``_pause``, ``close``, ``abort``, and the engine hooks ``_can_resume``
+    (reading may restart), ``_start_reading`` and ``_codec_now`` (the codec, made if needed).
     """
 
     if not TYPE_CHECKING:  # slotted at run time (no per-connection __dict__); mypy sees the fields
@@ -46,6 +49,7 @@ class RequestQueue:
     _queue: deque[bytes] | None
     _worker: asyncio.Task[None] | None
     _paused: int
+    _codec: Codec | None
     _eof: bool
 
     active: bool
@@ -53,8 +57,10 @@ class RequestQueue:
     if TYPE_CHECKING:
 
         def _send(self, reply: object) -> None: ...
-        def _resume(self, why: int) -> None: ...
         def _pause(self, why: int) -> None: ...
+        def _can_resume(self) -> bool: ...
+        def _start_reading(self) -> None: ...
+        def _codec_now(self) -> Codec: ...
         def close(self) -> None: ...
         def abort(self) -> None: ...
 
@@ -70,6 +76,55 @@ class RequestQueue:
             self._handler_failed()
             return
         self._send(reply)
+
+    def _drain_codec(self) -> None:
+        """Answer the whole requests the codec holds, stopping while reading is paused.
+
+        One read can hold thousands of small requests; answering them all at once would
+        grow the write buffer (or the async queue) far past its mark. The rest stay
+        parsed-but-unanswered in the codec until ``_resume``.
+        """
+        codec = self._codec_now()
+        while not self.closing and not self._paused:
+            msg = codec.next_message()
+            if msg is None:
+                return
+            self._dispatch(msg)
+
+    def _resume(self, why: int) -> None:
+        """Clear one reason for pausing; with none left, answer what is buffered, then read."""
+        was = self._paused
+        self._paused &= ~why
+        if was and not self._paused and self._can_resume():
+            codec = self._codec
+            if codec is not None and codec.buffered:
+                try:
+                    self._drain_codec()
+                except ProtocolError as exc:
+                    self._protocol_error(exc)
+                    return
+                if self._paused or self.closing:
+                    return
+            self._start_reading()
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        self.rt.note_close_reason(self, f"protocol error: {exc}")  # type: ignore[arg-type]
+        if self._queue:
+            self._queue.clear()
+        self.close()
+
+    @property
+    def busy(self) -> bool:
+        """A request is queued or running: draining must wait for it."""
+        return bool(self._queue) or self._worker is not None
+
+    def drain(self) -> None:
+        """Graceful shutdown: close now if idle, else once the in-flight requests are answered."""
+        self.closing = True
+        if not self.busy:
+            self.close()
+        else:
+            self._pause(PAUSE_QUEUE)
 
     def _enqueue(self, msg: bytes) -> None:
         if self._queue is None:

@@ -17,7 +17,7 @@ from ..framing import Codec, make_codec
 from ..service import Context, StreamSession
 from .epoll import FastStream
 from .logs import conn_log, fmt_peer, service_log
-from .requests import PAUSE_QUEUE, PAUSE_WRITE, RequestQueue
+from .requests import PAUSE_WRITE, RequestQueue
 
 if TYPE_CHECKING:
     from .runtime import StreamRuntime
@@ -120,17 +120,6 @@ class StreamProtocol(RequestQueue, asyncio.Protocol):
 
     # -- request handling --------------------------------------------------------------
 
-    def _drain_codec(self) -> None:
-        codec = self._codec
-        # Stop while paused: one read can hold thousands of small requests, and answering
-        # them all at once would grow the write buffer (or the async queue) far past its
-        # mark. The rest stay parsed-but-unanswered in the codec until _resume.
-        while not self.closing and not self._paused:
-            msg = codec.next_message()
-            if msg is None:
-                return
-            self._dispatch(msg)
-
     def _send(self, reply: object) -> None:
         if reply is None or self._transport is None or self._transport.is_closing():
             return
@@ -141,34 +130,20 @@ class StreamProtocol(RequestQueue, asyncio.Protocol):
 
     # -- failures and closing ----------------------------------------------------------
 
-    def _protocol_error(self, exc: ProtocolError) -> None:
-        self.rt.note_close_reason(self, f"protocol error: {exc}")
-        self._queue.clear()
-        self.close()
-
     def _pause(self, why: int) -> None:
         if not self._paused and self._transport is not None:
             self._transport.pause_reading()
         self._paused |= why
 
-    def _resume(self, why: int) -> None:
-        was = self._paused
-        self._paused &= ~why
-        if was and not self._paused and self._transport is not None and not self.closing:
-            if self._codec.buffered:  # requests left in the codec when reading paused
-                try:
-                    self._drain_codec()
-                except ProtocolError as exc:
-                    self._protocol_error(exc)
-                    return
-                if self._paused or self.closing:
-                    return
+    def _can_resume(self) -> bool:
+        return self._transport is not None and not self.closing
+
+    def _start_reading(self) -> None:
+        if self._transport is not None:
             self._transport.resume_reading()
 
-    @property
-    def busy(self) -> bool:
-        """A request is queued or running: draining must wait for it."""
-        return bool(self._queue) or self._worker is not None
+    def _codec_now(self) -> Codec:
+        return self._codec
 
     # Introspection shared with the epoll engine's FastStream (tests, metrics).
     @property
@@ -192,14 +167,6 @@ class StreamProtocol(RequestQueue, asyncio.Protocol):
         self.closing = True
         if self._transport is not None and not self._transport.is_closing():
             self._transport.close()
-
-    def drain(self) -> None:
-        """Graceful shutdown: close now if idle, else once the in-flight requests are answered."""
-        self.closing = True
-        if not self.busy:
-            self.close()
-        elif self._transport is not None:
-            self._pause(PAUSE_QUEUE)
 
     def abort(self) -> None:
         self.closing = True
