@@ -363,3 +363,25 @@ def test_ncat_udp_and_unix(serve: Callable[..., ServerThread], sock_dir: Path) -
     )
     assert unix.returncode == 0, unix.stderr
     check_stamp(unix.stdout, b"unix line\n")
+
+
+@pytest.mark.parametrize(
+    "args", [["--engine", "asyncio"], ["--busy-poll", "0"], ["--busy-poll", "500"]]
+)
+def test_serve_engine_options(args: list[str]) -> None:
+    with ServerProcess(
+        "--listen", "tcp://127.0.0.1:0", "--listen", "udp://127.0.0.1:0", *args, ready=2
+    ) as srv:
+        for url in srv.endpoints:
+            proc = run_cli("call", url, "engine")
+            assert proc.returncode == 0, proc.stderr
+            check_stamp(proc.stdout.rstrip(b"\n"), b"engine")
+        srv.signal(signal.SIGTERM)
+        assert srv.wait()[0] == 0
+
+
+def test_serve_rejects_bad_engine_options() -> None:
+    assert run_cli("serve", "--engine", "threads").returncode == 2
+    proc = run_cli("serve", "--busy-poll", "99999")
+    assert proc.returncode == 2
+    assert "busy poll" in proc.stderr.decode()
