@@ -62,9 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
+    """The version, and whether the server's C speedups are in use (as server.fastio decides)."""
+    import os
+
     from .. import __version__
 
-    return __version__
+    try:
+        from .. import _speedups  # noqa: F401
+    except ImportError:
+        return f"{__version__} (C speedups: not built)"
+    if os.environ.get("SOCKSERVE_PURE_PYTHON"):
+        return f"{__version__} (C speedups: off, SOCKSERVE_PURE_PYTHON is set)"
+    return f"{__version__} (C speedups: on)"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..errors import ProtocolError
 from ..framing import Codec, make_codec
 from ..service import Context
+from .fastio import stream_recv, stream_send
 from .logs import server_log
 from .requests import PAUSE_WRITE, RequestQueue
 
@@ -206,7 +207,7 @@ class FastStream(RequestQueue):
         if self._events == _IN and events & _IN:
             # The hot path, inlined: reading, nothing queued to send.
             try:
-                data = self.sock.recv(READ_SIZE)
+                data = stream_recv(self.fd, READ_SIZE)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:
@@ -224,7 +225,7 @@ class FastStream(RequestQueue):
                         self._send(reply)
                     return
                 try:
-                    sent = self.sock.send(reply)
+                    sent = stream_send(self.fd, reply)
                 except (BlockingIOError, InterruptedError):
                     sent = 0
                 except OSError as exc:
@@ -249,7 +250,7 @@ class FastStream(RequestQueue):
 
     def _on_readable(self) -> None:
         try:
-            data = self.sock.recv(READ_SIZE)
+            data = stream_recv(self.fd, READ_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
@@ -323,7 +324,7 @@ class FastStream(RequestQueue):
                 self._pause(PAUSE_WRITE)
             return
         try:
-            sent = self.sock.send(data)
+            sent = stream_send(self.fd, data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
@@ -346,7 +347,7 @@ class FastStream(RequestQueue):
             return
         data = out[0] if len(out) == 1 else b"".join(out)
         try:
-            sent = self.sock.send(data)
+            sent = stream_send(self.fd, data)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:

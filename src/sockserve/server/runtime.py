@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import os
 import select
 import socket
 import ssl
@@ -23,6 +24,8 @@ from ..service import Context, Service, is_async_handler
 from .access import AccessControl
 from .config import DEFAULT_UDP_RATE, ServerConfig
 from .epoll import FastStream, Hub
+from .fastio import BATCH as DATAGRAM_BATCH
+from .fastio import batch_io
 from .listeners import Listener
 from .logs import conn_log, fmt_peer, server_log, service_log
 from .stream import AnyConn, SessionProtocol, StreamProtocol, TrackedConn
@@ -33,8 +36,10 @@ if TYPE_CHECKING:
 #: Connections accepted per wakeup before yielding to the loop (fairness vs. throughput).
 ACCEPT_BATCH = 256
 _EPOLLIN = getattr(select, "EPOLLIN", 1)
-#: Datagrams handled per wakeup before yielding to the loop.
+#: Datagrams handled per wakeup before yielding to the loop, read DATAGRAM_BATCH at a time.
 RECV_BATCH = 128
+#: Largest datagram read whole; a longer one is cut to this, as recvfrom(MAX_DATAGRAM) cuts.
+MAX_DATAGRAM = 65536
 #: Async datagram requests running at once; past this, new ones are dropped (UDP may
 #: drop), so a flood to a slow async handler cannot grow the task set without bound.
 MAX_DATAGRAM_INFLIGHT = 1024
@@ -365,6 +370,7 @@ class DatagramRuntime:
         self._hub: Hub | None = None
         self._reading = False
         self.dropped = 0
+        self._io = batch_io(listener.sock)
         self._guarded = inet and (
             self.access.active or rate > 0 or self.min_port > 0 or self.guard_amplify
         )
@@ -390,54 +396,68 @@ class DatagramRuntime:
             self._reading = False
 
     def _readable(self) -> None:
-        sock = self.listener.sock
-        recvfrom = sock.recvfrom
-        sendto = sock.sendto
+        target, recv, send = self._io
         handler = self.handler
-        local = self.endpoint
         is_async = self.is_async
         # Hot loop: the common guard (source port) is checked inline; rate, access and
-        # amplification checks go through methods only when configured.
+        # amplification checks go through methods only when configured. Plain bytes
+        # replies are sent together after the batch (one sendmmsg with the helper).
         min_port = self.min_port
         slow_guard = self._guarded and (self.access.active or self.rate > 0)
         plain_send = not self.guard_amplify
-        for _ in range(RECV_BATCH):
+        local = self.endpoint
+        for _ in range(RECV_BATCH // DATAGRAM_BATCH):
             try:
-                data, addr = recvfrom(65536)
+                batch = recv(target, DATAGRAM_BATCH, MAX_DATAGRAM)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error: keep going
                 server_log.debug("%s: recvfrom: %s", local, exc)
                 continue
-            if ((min_port and addr[1] < min_port) or slow_guard) and not self._admit(addr):
-                continue
-            ctx = Context(addr, local)
-            if is_async:
-                if len(self.inflight) >= MAX_DATAGRAM_INFLIGHT:
-                    self.dropped += 1
+            replies: list[tuple[bytes, Any]] = []
+            for data, addr in batch:
+                if ((min_port and addr[1] < min_port) or slow_guard) and not self._admit(addr):
                     continue
-                task = self.loop.create_task(self._answer_async(data, ctx))
-                self.inflight.add(task)
-                task.add_done_callback(self.inflight.discard)
-                continue
-            try:
-                reply = handler(data, ctx)
-            except Exception:
-                self._handler_failed(addr)
-                continue
-            if reply is None:
-                continue
-            if plain_send and type(reply) is bytes:
+                ctx = Context(addr, local)
+                if is_async:
+                    if len(self.inflight) >= MAX_DATAGRAM_INFLIGHT:
+                        self.dropped += 1
+                        continue
+                    task = self.loop.create_task(self._answer_async(data, ctx))
+                    self.inflight.add(task)
+                    task.add_done_callback(self.inflight.discard)
+                    continue
                 try:
-                    sendto(reply, addr)
+                    reply = handler(data, ctx)
+                except Exception:
+                    self._handler_failed(addr)
                     continue
-                except (BlockingIOError, InterruptedError):
-                    self.dropped += 1  # the socket buffer is full: UDP drops, so do we
+                if reply is None:
                     continue
-                except OSError as exc:
-                    conn_log.info("%s: sendto %s failed: %s", local, fmt_peer(addr), exc)
-                    continue
-            self._send(sendto, data, reply, addr)
+                if plain_send and type(reply) is bytes:
+                    replies.append((reply, addr))
+                else:
+                    self._send(self.listener.sock.sendto, data, reply, addr)
+            if replies:
+                failed = send(target, replies)
+                if failed is not None:
+                    self._sends_failed(replies, failed)
+            if len(batch) < DATAGRAM_BATCH:
+                return  # the socket was drained: wait for the next wakeup
+
+    def _sends_failed(
+        self, replies: list[tuple[bytes, Any]], failed: list[tuple[int, int]]
+    ) -> None:
+        for index, err in failed:
+            if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+                self.dropped += 1  # the socket buffer is full: UDP drops, so do we
+            else:
+                conn_log.info(
+                    "%s: sendto %s failed: %s",
+                    self.endpoint,
+                    fmt_peer(replies[index][1]),
+                    os.strerror(err),
+                )
 
     def _send(self, sendto: Callable[..., int], request: bytes, reply: Any, addr: Any) -> None:
         if self.guard_amplify and len(reply) > len(request) and not _is_loopback_peer(addr):

@@ -1,0 +1,478 @@
+/* sockserve._speedups: socket I/O for the server's hot paths, without the standard
+ * socket module's per-call costs. Optional: sockserve.server.fastio falls back to
+ * pure Python when it is missing (or SOCKSERVE_PURE_PYTHON=1 is set).
+ *
+ * Why C: on loopback a request is mostly system calls, so what remains to cut is
+ * the work around them.
+ * - Datagrams: recv_batch/send_batch move a whole batch per recvmmsg(2)/sendmmsg(2)
+ *   call. The standard library has no wrapper, and driving them from ctypes costs
+ *   more Python per datagram than the calls save.
+ * - Streams: recv/send are one non-blocking call each, like socket.recv/send, but
+ *   without releasing the GIL around a call that cannot block, without parsing
+ *   arguments by format string, and reading into a static buffer instead of
+ *   allocating 64 KiB per read and shrinking it.
+ * This module only copies between kernel structures and Python objects; every
+ * decision (guards, handlers, what a failure means) stays in Python.
+ *
+ * Addresses are the Python objects socket.recvfrom gives and sendto takes:
+ * (host, port) for AF_INET and (host, port, flowinfo, scope_id) for AF_INET6.
+ * Other families are refused; callers use the recvfrom/sendto loop for them.
+ *
+ * The GIL is held throughout (no call blocks: MSG_DONTWAIT), so the module-level
+ * buffers below are never used by two threads at once.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <limits.h>
+#include <netinet/in.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+
+/* Datagrams per call at most (UIO_MAXIOV allows 1024; past 256 batches stop paying). */
+#define MAX_BATCH 256
+/* Largest datagram a caller may ask to receive (the IPv4/IPv6 UDP payload limit, rounded). */
+#define MAX_SIZE 65536
+
+static struct mmsghdr recv_msgs[MAX_BATCH];
+static struct iovec recv_iov[MAX_BATCH];
+static struct sockaddr_storage recv_names[MAX_BATCH];
+static char *recv_arena;
+static size_t recv_arena_size;
+
+static struct mmsghdr send_msgs[MAX_BATCH];
+static struct iovec send_iov[MAX_BATCH];
+static struct sockaddr_storage send_names[MAX_BATCH];
+
+/* The last IPv4 source seen and its host string: most traffic comes from few hosts,
+ * and reusing the str saves an inet_ntop and an allocation per datagram. */
+static struct in_addr last_v4_addr;
+static PyObject *last_v4_host;
+/* The last host str sent to and its parsed form, for the same reason (held, so that
+ * a new str at a recycled address can never be mistaken for it). */
+static PyObject *send_host_obj;
+static int send_host_family;
+static union {
+    struct in_addr v4;
+    struct in6_addr v6;
+} send_host_addr;
+
+/* An fd argument: any C int (PyLong_AsInt is public only from 3.13). A negative one
+ * reaches the system call and fails there with EBADF, as on a closed socket. */
+static int
+as_fd(PyObject *obj, int *fd)
+{
+    long value = PyLong_AsLong(obj);
+    if (value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (value < INT_MIN || value > INT_MAX) {
+        PyErr_Format(PyExc_OverflowError, "fd %ld is out of range", value);
+        return -1;
+    }
+    *fd = (int)value;
+    return 0;
+}
+
+static PyObject *
+v4_host(const struct in_addr *addr)
+{
+    char text[INET_ADDRSTRLEN];
+    if (last_v4_host != NULL && last_v4_addr.s_addr == addr->s_addr) {
+        Py_INCREF(last_v4_host);
+        return last_v4_host;
+    }
+    if (inet_ntop(AF_INET, addr, text, sizeof text) == NULL) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    PyObject *host = PyUnicode_FromString(text);
+    if (host == NULL) {
+        return NULL;
+    }
+    Py_XSETREF(last_v4_host, Py_NewRef(host));
+    last_v4_addr = *addr;
+    return host;
+}
+
+static PyObject *
+make_address(const struct sockaddr_storage *name, socklen_t len)
+{
+    if (name->ss_family == AF_INET && len >= sizeof(struct sockaddr_in)) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)name;
+        PyObject *host = v4_host(&sin->sin_addr);
+        if (host == NULL) {
+            return NULL;
+        }
+        return Py_BuildValue("(Ni)", host, (int)ntohs(sin->sin_port));
+    }
+    if (name->ss_family == AF_INET6 && len >= sizeof(struct sockaddr_in6)) {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)name;
+        char text[INET6_ADDRSTRLEN];
+        if (inet_ntop(AF_INET6, &sin6->sin6_addr, text, sizeof text) == NULL) {
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        return Py_BuildValue("(siII)", text, (int)ntohs(sin6->sin6_port),
+                             (unsigned int)ntohl(sin6->sin6_flowinfo),
+                             (unsigned int)sin6->sin6_scope_id);
+    }
+    PyErr_Format(PyExc_ValueError, "recv_batch: address family %d is not supported",
+                 (int)name->ss_family);
+    return NULL;
+}
+
+/* recv_batch(fd, count, size) -> list[(bytes, address)] */
+static PyObject *
+recv_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "recv_batch(fd, count, size) takes 3 arguments");
+        return NULL;
+    }
+    int fd;
+    if (as_fd(args[0], &fd) < 0) {
+        return NULL;
+    }
+    Py_ssize_t count = PyLong_AsSsize_t(args[1]);
+    Py_ssize_t size = PyLong_AsSsize_t(args[2]);
+    if (PyErr_Occurred()) {
+        return NULL;
+    }
+    if (count < 1 || count > MAX_BATCH) {
+        return PyErr_Format(PyExc_ValueError, "recv_batch: count must be 1..%d, not %zd",
+                            MAX_BATCH, count);
+    }
+    if (size < 1 || size > MAX_SIZE) {
+        return PyErr_Format(PyExc_ValueError, "recv_batch: size must be 1..%d, not %zd",
+                            MAX_SIZE, size);
+    }
+    size_t need = (size_t)count * (size_t)size;
+    if (need > recv_arena_size) {
+        /* Grows to at most MAX_BATCH * MAX_SIZE; the kernel touches only the pages
+         * datagrams land in, so small datagrams keep the resident part small. */
+        char *arena = realloc(recv_arena, need);
+        if (arena == NULL) {
+            return PyErr_NoMemory();
+        }
+        recv_arena = arena;
+        recv_arena_size = need;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        recv_iov[i].iov_base = recv_arena + i * size;
+        recv_iov[i].iov_len = (size_t)size;
+        struct msghdr *hdr = &recv_msgs[i].msg_hdr;
+        hdr->msg_name = &recv_names[i];
+        hdr->msg_namelen = sizeof recv_names[i];
+        hdr->msg_iov = &recv_iov[i];
+        hdr->msg_iovlen = 1;
+        hdr->msg_control = NULL;
+        hdr->msg_controllen = 0;
+        hdr->msg_flags = 0;
+    }
+    int got;
+    do {
+        got = recvmmsg(fd, recv_msgs, (unsigned int)count, MSG_DONTWAIT, NULL);
+    } while (got < 0 && errno == EINTR);
+    if (got < 0) {
+        return PyErr_SetFromErrno(PyExc_OSError); /* EAGAIN: BlockingIOError */
+    }
+    PyObject *batch = PyList_New(got);
+    if (batch == NULL) {
+        return NULL;
+    }
+    for (int i = 0; i < got; i++) {
+        /* Like recvfrom(size): a datagram longer than size arrives cut to size. */
+        PyObject *data = PyBytes_FromStringAndSize(recv_iov[i].iov_base, recv_msgs[i].msg_len);
+        if (data == NULL) {
+            Py_DECREF(batch);
+            return NULL;
+        }
+        PyObject *addr = make_address(&recv_names[i], recv_msgs[i].msg_hdr.msg_namelen);
+        if (addr == NULL) {
+            Py_DECREF(data);
+            Py_DECREF(batch);
+            return NULL;
+        }
+        PyObject *item = PyTuple_New(2);
+        if (item == NULL) {
+            Py_DECREF(data);
+            Py_DECREF(addr);
+            Py_DECREF(batch);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(item, 0, data);
+        PyTuple_SET_ITEM(item, 1, addr);
+        PyList_SET_ITEM(batch, i, item);
+    }
+    return batch;
+}
+
+/* Fill *name from a Python address; returns its length, or 0 with an exception set. */
+static socklen_t
+parse_address(PyObject *addr, struct sockaddr_storage *name)
+{
+    if (!PyTuple_Check(addr) || (PyTuple_GET_SIZE(addr) != 2 && PyTuple_GET_SIZE(addr) != 4)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "send_batch: an address is (host, port) or (host, port, flowinfo, scope_id)");
+        return 0;
+    }
+    PyObject *host = PyTuple_GET_ITEM(addr, 0);
+    long port = PyLong_AsLong(PyTuple_GET_ITEM(addr, 1));
+    if (port == -1 && PyErr_Occurred()) {
+        return 0;
+    }
+    if (port < 0 || port > 65535) {
+        PyErr_Format(PyExc_OverflowError, "send_batch: port must be 0-65535, not %ld", port);
+        return 0;
+    }
+    if (host != send_host_obj) {
+        if (!PyUnicode_Check(host)) {
+            PyErr_SetString(PyExc_TypeError, "send_batch: the host must be a str");
+            return 0;
+        }
+        const char *text = PyUnicode_AsUTF8(host);
+        if (text == NULL) {
+            return 0;
+        }
+        int family = PyTuple_GET_SIZE(addr) == 2 ? AF_INET : AF_INET6;
+        if (inet_pton(family, text, &send_host_addr) != 1) {
+            Py_CLEAR(send_host_obj);
+            PyErr_Format(PyExc_ValueError, "send_batch: %R is not a numeric %s address", host,
+                         family == AF_INET ? "IPv4" : "IPv6");
+            return 0;
+        }
+        Py_XSETREF(send_host_obj, Py_NewRef(host));
+        send_host_family = family;
+    }
+    memset(name, 0, sizeof *name);
+    if (send_host_family == AF_INET && PyTuple_GET_SIZE(addr) == 2) {
+        struct sockaddr_in *sin = (struct sockaddr_in *)name;
+        sin->sin_family = AF_INET;
+        sin->sin_port = htons((uint16_t)port);
+        sin->sin_addr = send_host_addr.v4;
+        return sizeof *sin;
+    }
+    if (send_host_family == AF_INET6 && PyTuple_GET_SIZE(addr) == 4) {
+        struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)name;
+        unsigned long flowinfo = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(addr, 2));
+        unsigned long scope_id = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(addr, 3));
+        if (PyErr_Occurred()) {
+            return 0;
+        }
+        sin6->sin6_family = AF_INET6;
+        sin6->sin6_port = htons((uint16_t)port);
+        sin6->sin6_flowinfo = htonl((uint32_t)flowinfo);
+        sin6->sin6_scope_id = (uint32_t)scope_id;
+        sin6->sin6_addr = send_host_addr.v6;
+        return sizeof *sin6;
+    }
+    PyErr_Format(PyExc_ValueError, "send_batch: %R is not an address of its tuple's family", addr);
+    return 0;
+}
+
+/* Append (index, errno) to *failed, creating the list on first use. */
+static int
+note_failure(PyObject **failed, Py_ssize_t index, int err)
+{
+    if (*failed == NULL && (*failed = PyList_New(0)) == NULL) {
+        return -1;
+    }
+    PyObject *item = Py_BuildValue("(ni)", index, err);
+    if (item == NULL) {
+        return -1;
+    }
+    int rc = PyList_Append(*failed, item);
+    Py_DECREF(item);
+    return rc;
+}
+
+/* send_batch(fd, items) -> None | list[(index, errno)]
+ *
+ * items: a list of (bytes, address). Every datagram is tried; those the kernel
+ * refused come back as (index, errno), so one bad destination costs only its own
+ * reply. Once the socket buffer is full (EAGAIN) the rest are reported unsent. */
+static PyObject *
+send_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "send_batch(fd, items) takes 2 arguments");
+        return NULL;
+    }
+    int fd;
+    if (as_fd(args[0], &fd) < 0) {
+        return NULL;
+    }
+    PyObject *items = args[1];
+    if (!PyList_Check(items)) {
+        PyErr_SetString(PyExc_TypeError, "send_batch: items must be a list");
+        return NULL;
+    }
+    PyObject *failed = NULL;
+    Py_ssize_t total = PyList_GET_SIZE(items);
+    for (Py_ssize_t start = 0; start < total; start += MAX_BATCH) {
+        Py_ssize_t n = total - start < MAX_BATCH ? total - start : MAX_BATCH;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *item = PyList_GET_ITEM(items, start + i);
+            if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 2 ||
+                !PyBytes_Check(PyTuple_GET_ITEM(item, 0))) {
+                Py_XDECREF(failed);
+                return PyErr_Format(PyExc_TypeError,
+                                    "send_batch: item %zd is not a (bytes, address) pair",
+                                    start + i);
+            }
+            PyObject *data = PyTuple_GET_ITEM(item, 0);
+            socklen_t len = parse_address(PyTuple_GET_ITEM(item, 1), &send_names[i]);
+            if (len == 0) {
+                Py_XDECREF(failed);
+                return NULL;
+            }
+            /* The list holds the bytes, and nothing runs Python code before the call. */
+            send_iov[i].iov_base = PyBytes_AS_STRING(data);
+            send_iov[i].iov_len = (size_t)PyBytes_GET_SIZE(data);
+            struct msghdr *hdr = &send_msgs[i].msg_hdr;
+            hdr->msg_name = &send_names[i];
+            hdr->msg_namelen = len;
+            hdr->msg_iov = &send_iov[i];
+            hdr->msg_iovlen = 1;
+            hdr->msg_control = NULL;
+            hdr->msg_controllen = 0;
+            hdr->msg_flags = 0;
+        }
+        Py_ssize_t off = 0;
+        while (off < n) {
+            int sent = sendmmsg(fd, send_msgs + off, (unsigned int)(n - off), MSG_DONTWAIT);
+            if (sent > 0) {
+                off += sent;
+                continue;
+            }
+            int err = sent < 0 ? errno : EIO;
+            if (err == EINTR) {
+                continue;
+            }
+            if (err == EAGAIN || err == EWOULDBLOCK) {
+                for (Py_ssize_t i = start + off; i < total; i++) {
+                    if (note_failure(&failed, i, err) < 0) {
+                        Py_XDECREF(failed);
+                        return NULL;
+                    }
+                }
+                return failed;
+            }
+            /* The first datagram of the rest failed on its own (say EMSGSIZE, or an
+             * unreachable destination): report it and go on with the next. */
+            if (note_failure(&failed, start + off, err) < 0) {
+                Py_XDECREF(failed);
+                return NULL;
+            }
+            off += 1;
+        }
+    }
+    if (failed == NULL) {
+        Py_RETURN_NONE;
+    }
+    return failed;
+}
+
+/* Stream reads land here and are copied out at their real size: a recv(65536) through
+ * the socket module allocates 64 KiB per call and shrinks it, which on glibc also
+ * triggers malloc_consolidate on busy servers. */
+static char stream_buf[MAX_SIZE];
+
+/* recv(fd, size) -> bytes: one non-blocking recv; b"" at end of stream. */
+static PyObject *
+stream_recv(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "recv(fd, size) takes 2 arguments");
+        return NULL;
+    }
+    int fd;
+    if (as_fd(args[0], &fd) < 0) {
+        return NULL;
+    }
+    Py_ssize_t size = PyLong_AsSsize_t(args[1]);
+    if (size == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (size < 1 || size > MAX_SIZE) {
+        return PyErr_Format(PyExc_ValueError, "recv: size must be 1..%d, not %zd", MAX_SIZE,
+                            size);
+    }
+    ssize_t got;
+    do {
+        got = recv(fd, stream_buf, (size_t)size, MSG_DONTWAIT);
+    } while (got < 0 && errno == EINTR);
+    if (got < 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyBytes_FromStringAndSize(stream_buf, got);
+}
+
+/* send(fd, data) -> int: one non-blocking send of bytes; how many went. */
+static PyObject *
+stream_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "send(fd, data) takes 2 arguments");
+        return NULL;
+    }
+    int fd;
+    if (as_fd(args[0], &fd) < 0) {
+        return NULL;
+    }
+    if (!PyBytes_Check(args[1])) {
+        PyErr_Format(PyExc_TypeError, "send: data must be bytes, not %.100s",
+                     Py_TYPE(args[1])->tp_name);
+        return NULL;
+    }
+    ssize_t sent;
+    do {
+        sent = send(fd, PyBytes_AS_STRING(args[1]), (size_t)PyBytes_GET_SIZE(args[1]),
+                    MSG_DONTWAIT | MSG_NOSIGNAL);
+    } while (sent < 0 && errno == EINTR);
+    if (sent < 0) {
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromSsize_t(sent);
+}
+
+static PyMethodDef methods[] = {
+    {"recv", (PyCFunction)(void (*)(void))stream_recv, METH_FASTCALL,
+     "recv(fd, size) -> bytes\n\nOne non-blocking recv(2) without releasing the GIL."},
+    {"send", (PyCFunction)(void (*)(void))stream_send, METH_FASTCALL,
+     "send(fd, data) -> int\n\nOne non-blocking send(2) without releasing the GIL."},
+    {"recv_batch", (PyCFunction)(void (*)(void))recv_batch, METH_FASTCALL,
+     "recv_batch(fd, count, size) -> list[tuple[bytes, address]]\n\n"
+     "Receive up to count datagrams (each cut to size bytes) with one recvmmsg call,\n"
+     "without blocking; raises BlockingIOError when none is waiting."},
+    {"send_batch", (PyCFunction)(void (*)(void))send_batch, METH_FASTCALL,
+     "send_batch(fd, items) -> None | list[tuple[int, int]]\n\n"
+     "Send each (bytes, address) of items with sendmmsg, without blocking. Returns None\n"
+     "when all were sent, else (index, errno) for each that was not."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "sockserve._speedups",
+    .m_doc = "Socket I/O for sockserve's hot paths: recvmmsg/sendmmsg batches, recv/send (Linux).",
+    .m_size = -1,
+    .m_methods = methods,
+};
+
+PyMODINIT_FUNC
+PyInit__speedups(void)
+{
+    PyObject *module = PyModule_Create(&module_def);
+    if (module == NULL) {
+        return NULL;
+    }
+    if (PyModule_AddIntConstant(module, "MAX_BATCH", MAX_BATCH) < 0 ||
+        PyModule_AddIntConstant(module, "MAX_SIZE", MAX_SIZE) < 0) {
+        Py_DECREF(module);
+        return NULL;
+    }
+    return module;
+}

@@ -1,0 +1,264 @@
+"""The hot-path socket I/O (``server/fastio.py``): the C helper and the pure-Python
+fallback must keep the same contract, on real loopback sockets."""
+
+from __future__ import annotations
+
+import errno
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from support import ServerProcess
+
+from sockserve.server import fastio
+
+try:
+    from sockserve import _speedups
+except ImportError:  # not built here (no compiler): the fallback is still tested
+    _speedups = None  # type: ignore[assignment]
+
+needs_c = pytest.mark.skipif(_speedups is None, reason="sockserve._speedups is not built")
+
+
+class Impl:
+    """One implementation of the contract, called the way the server calls it."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def batch(self, sock: socket.socket) -> tuple[Any, Any, Any]:
+        if self.name == "c":
+            assert _speedups is not None
+            return sock.fileno(), _speedups.recv_batch, _speedups.send_batch
+        return sock, fastio.recv_loop, fastio.send_loop
+
+    def stream(self) -> tuple[Any, Any]:
+        if self.name == "c":
+            assert _speedups is not None
+            return _speedups.recv, _speedups.send
+        return os.read, os.write
+
+
+@pytest.fixture(params=["c", "python"])
+def impl(request: pytest.FixtureRequest) -> Impl:
+    if request.param == "c" and _speedups is None:
+        pytest.skip("sockserve._speedups is not built")
+    return Impl(request.param)
+
+
+def _udp(host: str = "127.0.0.1") -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(family, socket.SOCK_DGRAM)
+    s.bind((host, 0))
+    s.settimeout(5)
+    return s
+
+
+@pytest.fixture
+def server() -> Iterator[socket.socket]:
+    s = _udp()
+    s.setblocking(False)
+    yield s
+    s.close()
+
+
+def _wait_readable(sock: socket.socket) -> None:
+    import select
+
+    assert select.select([sock], [], [], 5)[0], "nothing arrived within 5 s"
+
+
+def test_recv_batch_empty_raises_blocking(impl: Impl, server: socket.socket) -> None:
+    target, recv, _ = impl.batch(server)
+    with pytest.raises(BlockingIOError):
+        recv(target, 8, 2048)
+
+
+def test_batch_round_trip_keeps_data_and_addresses(impl: Impl, server: socket.socket) -> None:
+    target, recv, send = impl.batch(server)
+    clients = [_udp() for _ in range(3)]
+    try:
+        sent = []
+        for i, c in enumerate(clients):
+            for j in range(2):
+                msg = bytes([i, j]) * (10 + i)
+                c.sendto(msg, server.getsockname())
+                sent.append((msg, c.getsockname()))
+        got: list[tuple[bytes, Any]] = []
+        while len(got) < len(sent):
+            _wait_readable(server)
+            got += recv(target, 64, 2048)
+        assert sorted(got) == sorted(sent)
+        assert send(target, [(b"re:" + data, addr) for data, addr in got]) is None
+        for c in clients:
+            replies = {c.recvfrom(2048)[0] for _ in range(2)}
+            assert all(r.startswith(b"re:") for r in replies)
+            assert len(replies) == 2
+    finally:
+        for c in clients:
+            c.close()
+
+
+def test_recv_batch_takes_at_most_count(impl: Impl, server: socket.socket) -> None:
+    target, recv, _ = impl.batch(server)
+    with _udp() as c:
+        for i in range(5):
+            c.sendto(b"%d" % i, server.getsockname())
+        _wait_readable(server)
+        first = recv(target, 2, 2048)
+        assert 1 <= len(first) <= 2
+        rest: list[tuple[bytes, Any]] = []
+        while len(first) + len(rest) < 5:
+            _wait_readable(server)
+            rest += recv(target, 64, 2048)
+        assert [d for d, _ in first + rest] == [b"0", b"1", b"2", b"3", b"4"]
+
+
+def test_long_datagram_is_cut_to_size_like_recvfrom(impl: Impl, server: socket.socket) -> None:
+    target, recv, _ = impl.batch(server)
+    with _udp() as c:
+        c.sendto(b"x" * 3000, server.getsockname())
+        c.sendto(b"after", server.getsockname())
+        got: list[tuple[bytes, Any]] = []
+        while len(got) < 2:
+            _wait_readable(server)
+            got += recv(target, 8, 1000)
+    assert [d for d, _ in got] == [b"x" * 1000, b"after"]
+
+
+def test_ipv6_addresses_match_the_socket_module(impl: Impl) -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        srv = _udp("::1")
+    except OSError:
+        pytest.skip("::1 is not configured")
+    srv.setblocking(False)
+    target, recv, send = impl.batch(srv)
+    with srv, _udp("::1") as c:
+        c.sendto(b"six", srv.getsockname())
+        _wait_readable(srv)
+        [(data, addr)] = recv(target, 8, 2048)
+        assert data == b"six"
+        assert addr == c.getsockname()  # (host, port, flowinfo, scope_id)
+        assert send(target, [(b"back", addr)]) is None
+        assert c.recvfrom(2048)[0] == b"back"
+
+
+def test_one_refused_datagram_does_not_stop_the_rest(impl: Impl, server: socket.socket) -> None:
+    """A reply the kernel refuses (too long for UDP) is reported by index; the others go."""
+    target, _, send = impl.batch(server)
+    with _udp() as c:
+        addr = c.getsockname()
+        failed = send(target, [(b"one", addr), (b"x" * 70000, addr), (b"three", addr)])
+        assert failed == [(1, errno.EMSGSIZE)]
+        assert [c.recvfrom(2048)[0] for _ in range(2)] == [b"one", b"three"]
+
+
+def test_send_batch_rejects_what_is_not_bytes(impl: Impl, server: socket.socket) -> None:
+    target, _, send = impl.batch(server)
+    with pytest.raises(TypeError):
+        send(target, [("text", ("127.0.0.1", 9))])
+
+
+def test_stream_recv_send_contract(impl: Impl) -> None:
+    recv, send = impl.stream()
+    a, b = socket.socketpair()
+    with a, b:
+        a.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            recv(a.fileno(), 1024)
+        assert send(a.fileno(), b"ping") == 4
+        assert b.recv(16) == b"ping"
+        b.sendall(b"pong" * 100)
+        assert recv(a.fileno(), 8) == b"pongpong"  # at most size bytes
+        assert recv(a.fileno(), 4096) == b"pong" * 98
+        b.close()
+        assert recv(a.fileno(), 1024) == b""  # end of stream
+        with pytest.raises(OSError) as info:  # EPIPE, not a SIGPIPE that kills the process
+            for _ in range(3):
+                send(a.fileno(), b"x")
+        assert info.value.errno in (errno.EPIPE, errno.ECONNRESET)
+
+
+def test_stream_calls_on_a_closed_descriptor_raise_ebadf(impl: Impl) -> None:
+    recv, send = impl.stream()
+    with pytest.raises(OSError) as info:
+        recv(-1, 16)
+    assert info.value.errno == errno.EBADF
+    with pytest.raises(OSError) as info:
+        send(-1, b"x")
+    assert info.value.errno == errno.EBADF
+
+
+@needs_c
+def test_c_helper_validates_its_arguments(server: socket.socket) -> None:
+    assert _speedups is not None
+    fd = server.fileno()
+    with pytest.raises(ValueError, match="count"):
+        _speedups.recv_batch(fd, 0, 2048)
+    with pytest.raises(ValueError, match="count"):
+        _speedups.recv_batch(fd, _speedups.MAX_BATCH + 1, 2048)
+    with pytest.raises(ValueError, match="size"):
+        _speedups.recv_batch(fd, 8, _speedups.MAX_SIZE + 1)
+    with pytest.raises(TypeError, match="item 0"):
+        _speedups.send_batch(fd, [b"no address"])
+    with pytest.raises(ValueError, match="numeric"):
+        _speedups.send_batch(fd, [(b"x", ("localhost", 9))])
+    with pytest.raises(OverflowError, match="port"):
+        _speedups.send_batch(fd, [(b"x", ("127.0.0.1", 70000))])
+    with pytest.raises(TypeError, match="bytes"):
+        _speedups.send(fd, "text")
+
+
+@needs_c
+def test_c_helper_sends_more_than_one_kernel_batch(server: socket.socket) -> None:
+    """Past MAX_BATCH items, send_batch goes on in further sendmmsg calls."""
+    assert _speedups is not None
+    n = _speedups.MAX_BATCH + 10
+    with _udp() as c:
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
+        addr = c.getsockname()
+        assert _speedups.send_batch(server.fileno(), [(b"%d" % i, addr) for i in range(n)]) is None
+        assert [c.recvfrom(64)[0] for _ in range(n)] == [b"%d" % i for i in range(n)]
+
+
+def test_ci_builds_the_c_helper() -> None:
+    """CI sets SOCKSERVE_REQUIRE_SPEEDUPS: there the fast path must really be tested."""
+    if not os.environ.get("SOCKSERVE_REQUIRE_SPEEDUPS"):
+        pytest.skip("SOCKSERVE_REQUIRE_SPEEDUPS is not set")
+    assert _speedups is not None, "sockserve._speedups was not built"
+    assert fastio.HAVE_SPEEDUPS
+
+
+@pytest.mark.parametrize("pure", ["0", "1"])
+def test_server_answers_with_and_without_the_helper(pure: str) -> None:
+    """The whole server, TCP and UDP, with the helper and with SOCKSERVE_PURE_PYTHON."""
+    env = {"SOCKSERVE_PURE_PYTHON": "1"} if pure == "1" else {}
+    version = subprocess.run(
+        [sys.executable, "-m", "sockserve", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, **env},
+        check=True,
+    ).stdout
+    assert ("C speedups: on" in version) == (pure == "0" and _speedups is not None)
+    with ServerProcess(
+        "--listen", "tcp://127.0.0.1:0", "--listen", "udp://127.0.0.1:0", env=env, ready=2
+    ) as srv:
+        tcp_url, udp_url = sorted(srv.endpoints)
+        host, port = tcp_url.split("//")[1].rsplit(":", 1)
+        with socket.create_connection((host, int(port)), timeout=5) as t:
+            for i in range(50):
+                t.sendall(b"tcp %d" % i)
+                assert t.recv(1024).endswith(b"] tcp %d" % i)
+        host, port = udp_url.split("//")[1].rsplit(":", 1)
+        with _udp() as u:
+            for i in range(50):
+                u.sendto(b"udp %d" % i, (host, int(port)))
+                assert u.recvfrom(1024)[0].endswith(b"] udp %d" % i)
