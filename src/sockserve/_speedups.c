@@ -18,8 +18,10 @@
  * (host, port) for AF_INET and (host, port, flowinfo, scope_id) for AF_INET6.
  * Other families are refused; callers use the recvfrom/sendto loop for them.
  *
- * The GIL is held throughout (no call blocks: MSG_DONTWAIT), so the module-level
- * buffers below are never used by two threads at once.
+ * The GIL is held throughout (no call blocks: MSG_DONTWAIT). The module-level
+ * buffers below are still only used between a system call and the copy of its
+ * results into objects that cannot run Python code (bytes): any other allocation
+ * may start a garbage collection whose finalizers let another thread in.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -30,6 +32,7 @@
 #include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/socket.h>
 
 /* Datagrams per call at most (UIO_MAXIOV allows 1024; past 256 batches stop paying). */
@@ -98,9 +101,9 @@ v4_host(const struct in_addr *addr)
 }
 
 static PyObject *
-make_address(const struct sockaddr_storage *name, socklen_t len)
+make_address(const struct sockaddr *name, socklen_t len)
 {
-    if (name->ss_family == AF_INET && len >= sizeof(struct sockaddr_in)) {
+    if (name->sa_family == AF_INET && len >= sizeof(struct sockaddr_in)) {
         const struct sockaddr_in *sin = (const struct sockaddr_in *)name;
         PyObject *host = v4_host(&sin->sin_addr);
         if (host == NULL) {
@@ -108,7 +111,7 @@ make_address(const struct sockaddr_storage *name, socklen_t len)
         }
         return Py_BuildValue("(Ni)", host, (int)ntohs(sin->sin_port));
     }
-    if (name->ss_family == AF_INET6 && len >= sizeof(struct sockaddr_in6)) {
+    if (name->sa_family == AF_INET6 && len >= sizeof(struct sockaddr_in6)) {
         const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)name;
         char text[INET6_ADDRSTRLEN];
         if (inet_ntop(AF_INET6, &sin6->sin6_addr, text, sizeof text) == NULL) {
@@ -119,7 +122,7 @@ make_address(const struct sockaddr_storage *name, socklen_t len)
                              (unsigned int)sin6->sin6_scope_id);
     }
     PyErr_Format(PyExc_ValueError, "recv_batch: address family %d is not supported",
-                 (int)name->ss_family);
+                 (int)name->sa_family);
     return NULL;
 }
 
@@ -178,31 +181,40 @@ recv_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     if (got < 0) {
         return PyErr_SetFromErrno(PyExc_OSError); /* EAGAIN: BlockingIOError */
     }
-    PyObject *batch = PyList_New(got);
-    if (batch == NULL) {
-        return NULL;
-    }
+    /* Copy out of the shared buffers before anything that can run Python code (a
+     * GC-tracked allocation can start a collection, whose finalizers can let
+     * another thread in to reuse them). Bytes objects are not GC-tracked. */
+    PyObject *datas[MAX_BATCH];
+    struct sockaddr_in6 names[MAX_BATCH]; /* large enough for AF_INET and AF_INET6 */
+    socklen_t name_lens[MAX_BATCH];
     for (int i = 0; i < got; i++) {
         /* Like recvfrom(size): a datagram longer than size arrives cut to size. */
-        PyObject *data = PyBytes_FromStringAndSize(recv_iov[i].iov_base, recv_msgs[i].msg_len);
-        if (data == NULL) {
-            Py_DECREF(batch);
+        datas[i] = PyBytes_FromStringAndSize(recv_iov[i].iov_base, recv_msgs[i].msg_len);
+        if (datas[i] == NULL) {
+            while (--i >= 0) {
+                Py_DECREF(datas[i]);
+            }
             return NULL;
         }
-        PyObject *addr = make_address(&recv_names[i], recv_msgs[i].msg_hdr.msg_namelen);
-        if (addr == NULL) {
-            Py_DECREF(data);
-            Py_DECREF(batch);
-            return NULL;
-        }
-        PyObject *item = PyTuple_New(2);
+        socklen_t len = recv_msgs[i].msg_hdr.msg_namelen;
+        memset(&names[i], 0, sizeof names[i]);
+        memcpy(&names[i], &recv_names[i], len < sizeof names[i] ? len : sizeof names[i]);
+        name_lens[i] = len;
+    }
+    PyObject *batch = PyList_New(got);
+    for (int i = 0; i < got; i++) {
+        PyObject *addr = batch == NULL ? NULL
+                                       : make_address((struct sockaddr *)&names[i], name_lens[i]);
+        PyObject *item = addr == NULL ? NULL : PyTuple_New(2);
         if (item == NULL) {
-            Py_DECREF(data);
-            Py_DECREF(addr);
-            Py_DECREF(batch);
+            Py_XDECREF(addr);
+            Py_XDECREF(batch);
+            for (int j = i; j < got; j++) {
+                Py_DECREF(datas[j]);
+            }
             return NULL;
         }
-        PyTuple_SET_ITEM(item, 0, data);
+        PyTuple_SET_ITEM(item, 0, datas[i]);
         PyTuple_SET_ITEM(item, 1, addr);
         PyList_SET_ITEM(batch, i, item);
     }
@@ -217,6 +229,13 @@ parse_address(PyObject *addr, struct sockaddr_storage *name)
         PyErr_SetString(PyExc_TypeError,
                         "send_batch: an address is (host, port) or (host, port, flowinfo, scope_id)");
         return 0;
+    }
+    /* ints only: an object with __index__ would run Python code mid-batch. */
+    for (Py_ssize_t i = 1; i < PyTuple_GET_SIZE(addr); i++) {
+        if (!PyLong_Check(PyTuple_GET_ITEM(addr, i))) {
+            PyErr_Format(PyExc_TypeError, "send_batch: %R has a part that is not an int", addr);
+            return 0;
+        }
     }
     PyObject *host = PyTuple_GET_ITEM(addr, 0);
     long port = PyLong_AsLong(PyTuple_GET_ITEM(addr, 1));
@@ -340,6 +359,11 @@ send_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             hdr->msg_controllen = 0;
             hdr->msg_flags = 0;
         }
+        /* Failures are noted in C first: making Python objects can run Python code
+         * (see recv_batch), and the shared arrays are in use until the chunk is sent. */
+        Py_ssize_t fail_index[MAX_BATCH];
+        int fail_errno[MAX_BATCH];
+        int fails = 0, full = 0;
         Py_ssize_t off = 0;
         while (off < n) {
             int sent = sendmmsg(fd, send_msgs + off, (unsigned int)(n - off), MSG_DONTWAIT);
@@ -352,21 +376,30 @@ send_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                 continue;
             }
             if (err == EAGAIN || err == EWOULDBLOCK) {
-                for (Py_ssize_t i = start + off; i < total; i++) {
-                    if (note_failure(&failed, i, err) < 0) {
-                        Py_XDECREF(failed);
-                        return NULL;
-                    }
-                }
-                return failed;
+                full = err;
+                break;
             }
             /* The first datagram of the rest failed on its own (say EMSGSIZE, or an
-             * unreachable destination): report it and go on with the next. */
-            if (note_failure(&failed, start + off, err) < 0) {
+             * unreachable destination): note it and go on with the next. */
+            fail_index[fails] = start + off;
+            fail_errno[fails++] = err;
+            off += 1;
+        }
+        for (int i = 0; i < fails; i++) {
+            if (note_failure(&failed, fail_index[i], fail_errno[i]) < 0) {
                 Py_XDECREF(failed);
                 return NULL;
             }
-            off += 1;
+        }
+        if (full) {
+            /* The socket buffer is full: the rest is unsent. */
+            for (Py_ssize_t i = start + off; i < total; i++) {
+                if (note_failure(&failed, i, full) < 0) {
+                    Py_XDECREF(failed);
+                    return NULL;
+                }
+            }
+            return failed;
         }
     }
     if (failed == NULL) {
@@ -438,7 +471,181 @@ stream_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyLong_FromSsize_t(sent);
 }
 
+/* Events taken per poll_fast call at most (the hub's MAX_EVENTS). */
+#define MAX_EVENTS 1024
+static PyObject *str_active; /* "active", interned */
+
+/* Serve one readable fast connection: recv, call the handler, send the reply.
+ * Returns NULL with no exception when the request was answered in full (or there
+ * was nothing to read), a new reference to what the hub must finish in Python
+ * otherwise (see poll_fast), or NULL with an exception to propagate. */
+static PyObject *
+serve_fast(int fd, PyObject *spec)
+{
+    if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 4) {
+        PyErr_SetString(PyExc_TypeError, "poll_fast: a spec is (member, handler, ctx, max)");
+        return NULL;
+    }
+    PyObject *member = PyTuple_GET_ITEM(spec, 0);
+    PyObject *handler = PyTuple_GET_ITEM(spec, 1);
+    PyObject *ctx = PyTuple_GET_ITEM(spec, 2);
+    Py_ssize_t max = PyLong_AsSsize_t(PyTuple_GET_ITEM(spec, 3));
+    if (max == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    ssize_t got;
+    do {
+        got = recv(fd, stream_buf, sizeof stream_buf, MSG_DONTWAIT);
+    } while (got < 0 && errno == EINTR);
+    if (got < 0) {
+        if (errno == EAGAIN || errno == EWOULDBLOCK) {
+            return NULL;
+        }
+        return PyLong_FromLong(errno);
+    }
+    PyObject *data = PyBytes_FromStringAndSize(stream_buf, got);
+    if (data == NULL || got == 0 || got > max) {
+        return data; /* end of stream, or longer than one request may be */
+    }
+    /* A whole request: mark the connection active for the idle sweeper, as the
+     * Python hot path does, then answer it. */
+    if (PyObject_SetAttr(member, str_active, Py_True) < 0) {
+        Py_DECREF(data);
+        return NULL;
+    }
+    PyObject *call_args[2] = {data, ctx};
+    Py_INCREF(handler);
+    PyObject *reply = PyObject_Vectorcall(handler, call_args, 2, NULL);
+    Py_DECREF(handler);
+    Py_DECREF(data);
+    if (reply == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+            return NULL; /* KeyboardInterrupt, SystemExit: not the handler's failure */
+        }
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (tb != NULL) {
+            PyException_SetTraceback(value, tb);
+        }
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        return value; /* the hub logs it as the handler's failure */
+    }
+    if (reply == Py_None) {
+        Py_DECREF(reply);
+        return NULL;
+    }
+    Py_ssize_t sent = 0;
+    if (PyBytes_CheckExact(reply)) {
+        Py_ssize_t len = PyBytes_GET_SIZE(reply);
+        ssize_t rc;
+        do {
+            rc = send(fd, PyBytes_AS_STRING(reply), (size_t)len, MSG_DONTWAIT | MSG_NOSIGNAL);
+        } while (rc < 0 && errno == EINTR);
+        if (rc == len) {
+            Py_DECREF(reply);
+            return NULL;
+        }
+        sent = rc >= 0 ? rc : -(Py_ssize_t)errno;
+    }
+    return Py_BuildValue("(Nn)", reply, sent);
+}
+
+/* poll_fast(epfd, maxevents, fast) -> (nevents, rest)
+ *
+ * One epoll_wait(epfd, timeout 0). Events of connections registered in ``fast``
+ * (fd -> (member, handler, ctx, max): raw framing, a sync handler, nothing queued
+ * to send) that are exactly EPOLLIN are served here: the Python hot path of
+ * FastStream.on_event, without its interpreter overhead. Everything else comes
+ * back in ``rest`` as (fd, events, extra) for the hub to finish in Python:
+ * extra is None (not touched: call on_event), bytes (received but not answered:
+ * end of stream or an oversized request), an int (recv's errno), an exception
+ * (the handler raised it), or (reply, sent) (a reply that is not bytes, or was not
+ * sent whole; sent < 0 is -errno). */
+static PyObject *
+poll_fast(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "poll_fast(epfd, maxevents, fast) takes 3 arguments");
+        return NULL;
+    }
+    int epfd;
+    if (as_fd(args[0], &epfd) < 0) {
+        return NULL;
+    }
+    long maxevents = PyLong_AsLong(args[1]);
+    if (maxevents == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
+    if (maxevents < 1 || maxevents > MAX_EVENTS) {
+        return PyErr_Format(PyExc_ValueError, "poll_fast: maxevents must be 1..%d, not %ld",
+                            MAX_EVENTS, maxevents);
+    }
+    PyObject *fast = args[2];
+    if (!PyDict_Check(fast)) {
+        PyErr_SetString(PyExc_TypeError, "poll_fast: fast must be a dict");
+        return NULL;
+    }
+    /* On the stack: the handlers called below run Python code, which can let another
+     * thread's hub call in. */
+    struct epoll_event poll_events[MAX_EVENTS];
+    int n = epoll_wait(epfd, poll_events, (int)maxevents, 0);
+    if (n < 0) {
+        if (errno != EINTR) {
+            return PyErr_SetFromErrno(PyExc_OSError);
+        }
+        n = 0;
+    }
+    PyObject *rest = PyList_New(0);
+    if (rest == NULL) {
+        return NULL;
+    }
+    for (int i = 0; i < n; i++) {
+        int fd = poll_events[i].data.fd;
+        uint32_t ev = poll_events[i].events;
+        PyObject *extra = NULL;
+        if (ev == EPOLLIN) {
+            PyObject *key = PyLong_FromLong(fd);
+            if (key == NULL) {
+                goto error;
+            }
+            PyObject *spec = PyDict_GetItemWithError(fast, key);
+            Py_DECREF(key);
+            if (spec == NULL && PyErr_Occurred()) {
+                goto error;
+            }
+            if (spec != NULL) {
+                Py_INCREF(spec); /* the handler may run code that unregisters it */
+                extra = serve_fast(fd, spec);
+                Py_DECREF(spec);
+                if (extra == NULL) {
+                    if (PyErr_Occurred()) {
+                        goto error;
+                    }
+                    continue; /* answered */
+                }
+            }
+        }
+        PyObject *item = Py_BuildValue("(iIN)", fd, (unsigned int)ev,
+                                       extra != NULL ? extra : Py_NewRef(Py_None));
+        if (item == NULL || PyList_Append(rest, item) < 0) {
+            Py_XDECREF(item);
+            goto error;
+        }
+        Py_DECREF(item);
+    }
+    return Py_BuildValue("(iN)", n, rest);
+error:
+    Py_DECREF(rest);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
+    {"poll_fast", (PyCFunction)(void (*)(void))poll_fast, METH_FASTCALL,
+     "poll_fast(epfd, maxevents, fast) -> (nevents, rest)\n\n"
+     "One non-blocking epoll_wait; serves plain raw requests of the connections in fast\n"
+     "and returns the events left for Python as (fd, events, extra)."},
     {"recv", (PyCFunction)(void (*)(void))stream_recv, METH_FASTCALL,
      "recv(fd, size) -> bytes\n\nOne non-blocking recv(2) without releasing the GIL."},
     {"send", (PyCFunction)(void (*)(void))stream_send, METH_FASTCALL,
@@ -465,12 +672,17 @@ static struct PyModuleDef module_def = {
 PyMODINIT_FUNC
 PyInit__speedups(void)
 {
+    str_active = PyUnicode_InternFromString("active");
+    if (str_active == NULL) {
+        return NULL;
+    }
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL) {
         return NULL;
     }
     if (PyModule_AddIntConstant(module, "MAX_BATCH", MAX_BATCH) < 0 ||
-        PyModule_AddIntConstant(module, "MAX_SIZE", MAX_SIZE) < 0) {
+        PyModule_AddIntConstant(module, "MAX_SIZE", MAX_SIZE) < 0 ||
+        PyModule_AddIntConstant(module, "MAX_EVENTS", MAX_EVENTS) < 0) {
         Py_DECREF(module);
         return NULL;
     }

@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
+import os
 import select
 import socket
 import time
@@ -31,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..errors import ProtocolError
 from ..framing import Codec, make_codec
 from ..service import Context
-from .fastio import stream_recv, stream_send
+from .fastio import poll_fast, stream_recv, stream_send
 from .logs import server_log
 from .requests import PAUSE_WRITE, RequestQueue
 
@@ -60,7 +62,11 @@ MAX_TURN = 0.002
 
 
 class Member(Protocol):
-    """Something registered with the hub: called with the epoll event bits."""
+    """Something registered with the hub: called with the epoll event bits.
+
+    A member may also offer ``fast_spec()`` and ``on_fast_result(extra)``: see
+    FastStream, whose plain requests the C helper answers without calling it.
+    """
 
     def on_event(self, events: int) -> None: ...
 
@@ -73,17 +79,35 @@ class Hub:
         self.busy_poll = busy_poll
         self._ep = select.epoll()
         self.members: dict[int, Member] = {}
+        #: fd -> (member, handler, ctx, max_message) of connections whose next readable
+        #: event the C helper may serve itself: raw framing, a sync handler, only
+        #: reading (nothing queued to send, not paused or closing).
+        self.fast: dict[int, tuple[Any, Any, Any, int]] = {}
+        self._poll = self._poll_python if poll_fast is None else self._poll_c
         loop.add_reader(self._ep.fileno(), self._ready)
         self._closed = False
 
     def add(self, fd: int, member: Member, events: int) -> None:
         self._ep.register(fd, events)
         self.members[fd] = member
+        self._note_fast(fd, member, events)
 
     def modify(self, fd: int, events: int) -> None:
         self._ep.modify(fd, events)
+        member = self.members.get(fd)
+        if member is not None:
+            self._note_fast(fd, member, events)
+
+    def _note_fast(self, fd: int, member: Member, events: int) -> None:
+        spec_of = getattr(member, "fast_spec", None)
+        spec = spec_of() if spec_of is not None and events == _IN else None
+        if spec is not None:
+            self.fast[fd] = spec
+        else:
+            self.fast.pop(fd, None)
 
     def remove(self, fd: int) -> None:
+        self.fast.pop(fd, None)
         if self.members.pop(fd, None) is not None and not self._closed:
             # OSError/ValueError: already closed, and the kernel dropped it from the set.
             with contextlib.suppress(OSError, ValueError):
@@ -109,21 +133,33 @@ class Hub:
         else:
             self.remove(fd)
 
+    def _poll_c(self) -> tuple[int, list[tuple[int, int, Any]]]:
+        assert poll_fast is not None
+        return poll_fast(self._ep.fileno(), MAX_EVENTS, self.fast)
+
+    def _poll_python(self) -> tuple[int, list[tuple[int, int, Any]]]:
+        events = self._ep.poll(0, MAX_EVENTS)
+        return len(events), [(fd, ev, None) for fd, ev in events]
+
     def _ready(self) -> None:
-        poll = self._ep.poll
+        poll = self._poll
         members = self.members
         clock = time.perf_counter
         spin = self.busy_poll
         end_turn = 0.0
         idle_until = 0.0
         while True:
-            events = poll(0, MAX_EVENTS)
-            if events:
-                for fd, ev in events:
+            count, events = poll()
+            if count:
+                # Events the C helper served itself are not in the list (see fast).
+                for fd, ev, extra in events:
                     member = members.get(fd)
                     if member is not None:
                         try:
-                            member.on_event(ev)
+                            if extra is None:
+                                member.on_event(ev)
+                            else:
+                                member.on_fast_result(extra)  # type: ignore[attr-defined]
                         except Exception:
                             self._member_failed(fd, member)
                 # Poll again straight away rather than through the loop: while batches keep
@@ -134,7 +170,7 @@ class Hub:
                     end_turn = now + MAX_TURN
                 elif now > end_turn:
                     return  # let the loop run timers, tasks and accepts; level-triggered, so we come back
-                few = len(events) <= SPIN_BATCH and len(members) <= SPIN_MEMBERS
+                few = count <= SPIN_BATCH and len(members) <= SPIN_MEMBERS
                 idle_until = now + spin if spin and few else 0.0
             elif not idle_until or clock() > idle_until:
                 return
@@ -202,6 +238,30 @@ class FastStream(RequestQueue):
         rt.opened(self)
 
     # -- events ------------------------------------------------------------------------
+
+    def fast_spec(self) -> tuple[FastStream, Any, Context, int] | None:
+        """What the C helper needs to answer this connection's plain requests itself."""
+        return (self, self._handler, self.ctx, self._max) if self._fast else None
+
+    def on_fast_result(self, extra: object) -> None:
+        """Finish what the C helper began for a readable event (see ``poll_fast``)."""
+        if type(extra) is bytes:
+            self._received(extra)  # end of stream, or longer than one request
+        elif type(extra) is int:
+            self._finish(OSError(extra, os.strerror(extra)))
+        elif type(extra) is tuple:
+            reply, sent = extra
+            if type(reply) is not bytes:
+                self._send(reply)
+            elif sent < 0 and -sent not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                self._finish(OSError(-sent, os.strerror(-sent)))
+            else:
+                self._hold(reply[max(sent, 0) :])
+        elif isinstance(extra, Exception):
+            try:
+                raise extra
+            except Exception:
+                self._handler_failed()
 
     def on_event(self, events: int) -> None:
         if self._events == _IN and events & _IN:

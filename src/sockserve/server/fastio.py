@@ -16,6 +16,9 @@ Contracts, the same for both implementations:
   ``None``, or ``(index, errno)`` for each datagram that was not sent;
 - ``stream_recv(fd, size)`` / ``stream_send(fd, data)``: one non-blocking
   ``recv``/``send`` on a connected stream socket, errors raised as ``OSError``.
+
+``poll_fast`` has no pure-Python twin: without the helper the hub runs each
+connection's own Python hot path, which does the same.
 """
 
 from __future__ import annotations
@@ -85,10 +88,15 @@ HAVE_SPEEDUPS = _speedups is not None
 
 stream_recv: Callable[[int, int], bytes]
 stream_send: Callable[[int, bytes], int]
+#: ``poll_fast(epfd, maxevents, fast) -> (nevents, rest)``: the epoll hub's batch,
+#: plain raw requests answered in C (see ``_speedups.c``); None without the helper.
+poll_fast: Callable[[int, int, dict[int, Any]], tuple[int, list[tuple[int, int, Any]]]] | None
 if _speedups is not None:
     stream_recv = _speedups.recv
     stream_send = _speedups.send
+    poll_fast = _speedups.poll_fast
 else:
+    poll_fast = None
     # read(2)/write(2) on a connected stream socket are recv/send without flags.
     stream_recv = os.read
     stream_send = os.write
