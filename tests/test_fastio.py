@@ -1,4 +1,4 @@
-"""The hot-path socket I/O (``server/fastio.py``): the C helper and the pure-Python
+"""The hot-path socket I/O (``sockserve/fastio.py``): the C helper and the pure-Python
 fallback must keep the same contract, on real loopback sockets."""
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 from support import ServerProcess
 
-from sockserve.server import fastio
+from sockserve import fastio
 
 try:
     from sockserve import _speedups
@@ -41,6 +41,12 @@ class Impl:
             assert _speedups is not None
             return _speedups.recv, _speedups.send
         return os.read, os.write
+
+    def recv_into(self) -> Any:
+        if self.name == "c":
+            assert _speedups is not None
+            return _speedups.recv_into
+        return lambda fd, buf: os.readv(fd, [buf])
 
 
 @pytest.fixture(params=["c", "python"])
@@ -185,6 +191,26 @@ def test_stream_recv_send_contract(impl: Impl) -> None:
         assert info.value.errno in (errno.EPIPE, errno.ECONNRESET)
 
 
+def test_stream_recv_into_fills_the_buffer(impl: Impl) -> None:
+    recv_into = impl.recv_into()
+    a, b = socket.socketpair()
+    with a, b:
+        a.setblocking(False)
+        buf = bytearray(8)
+        with pytest.raises(BlockingIOError):
+            recv_into(a.fileno(), buf)
+        b.sendall(b"0123456789")
+        assert recv_into(a.fileno(), buf) == 8
+        assert buf == b"01234567"
+        assert recv_into(a.fileno(), buf) == 2
+        assert buf[:2] == b"89"
+        b.close()
+        assert recv_into(a.fileno(), buf) == 0
+    with pytest.raises(OSError) as info:
+        recv_into(-1, buf)
+    assert info.value.errno == errno.EBADF
+
+
 def test_stream_calls_on_a_closed_descriptor_raise_ebadf(impl: Impl) -> None:
     recv, send = impl.stream()
     with pytest.raises(OSError) as info:
@@ -213,6 +239,8 @@ def test_c_helper_validates_its_arguments(server: socket.socket) -> None:
         _speedups.send_batch(fd, [(b"x", ("127.0.0.1", 70000))])
     with pytest.raises(TypeError, match="bytes"):
         _speedups.send(fd, "text")
+    with pytest.raises(BufferError):
+        _speedups.recv_into(fd, b"read-only")
 
 
 @needs_c

@@ -1,6 +1,7 @@
-/* sockserve._speedups: socket I/O for the server's hot paths, without the standard
- * socket module's per-call costs. Optional: sockserve.server.fastio falls back to
- * pure Python when it is missing (or SOCKSERVE_PURE_PYTHON=1 is set).
+/* sockserve._speedups: socket I/O for the hot paths of the server and the load
+ * generator, without the standard socket module's per-call costs. Optional:
+ * sockserve.fastio falls back to pure Python when it is missing (or when
+ * SOCKSERVE_PURE_PYTHON=1 is set).
  *
  * Why C: on loopback a request is mostly system calls, so what remains to cut is
  * the work around them.
@@ -443,6 +444,35 @@ stream_recv(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
     return PyBytes_FromStringAndSize(stream_buf, got);
 }
 
+/* recv_into(fd, buffer) -> int: one non-blocking recv into a writable buffer. */
+static PyObject *
+stream_recv_into(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "recv_into(fd, buffer) takes 2 arguments");
+        return NULL;
+    }
+    int fd;
+    if (as_fd(args[0], &fd) < 0) {
+        return NULL;
+    }
+    Py_buffer view;
+    if (PyObject_GetBuffer(args[1], &view, PyBUF_WRITABLE) < 0) {
+        return NULL;
+    }
+    ssize_t got;
+    do {
+        got = recv(fd, view.buf, (size_t)view.len, MSG_DONTWAIT);
+    } while (got < 0 && errno == EINTR);
+    int err = errno;
+    PyBuffer_Release(&view);
+    if (got < 0) {
+        errno = err;
+        return PyErr_SetFromErrno(PyExc_OSError);
+    }
+    return PyLong_FromSsize_t(got);
+}
+
 /* send(fd, data) -> int: one non-blocking send of bytes; how many went. */
 static PyObject *
 stream_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -648,6 +678,8 @@ static PyMethodDef methods[] = {
      "and returns the events left for Python as (fd, events, extra)."},
     {"recv", (PyCFunction)(void (*)(void))stream_recv, METH_FASTCALL,
      "recv(fd, size) -> bytes\n\nOne non-blocking recv(2) without releasing the GIL."},
+    {"recv_into", (PyCFunction)(void (*)(void))stream_recv_into, METH_FASTCALL,
+     "recv_into(fd, buffer) -> int\n\nOne non-blocking recv(2) into buffer, without releasing the GIL."},
     {"send", (PyCFunction)(void (*)(void))stream_send, METH_FASTCALL,
      "send(fd, data) -> int\n\nOne non-blocking send(2) without releasing the GIL."},
     {"recv_batch", (PyCFunction)(void (*)(void))recv_batch, METH_FASTCALL,

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from ..client import Client
 from ..endpoints import Endpoint
 from ..errors import ClientError
+from ..fastio import stream_recv_into, stream_send
 from ..framing import DEFAULT_MAX_MESSAGE, LengthCodec, make_codec
 from .histogram import HALF, MAX_VALUE, SUB_BITS, Histogram
 
@@ -416,6 +417,9 @@ class LoadEngine:
         dgram = mode == "dgram"
         rsize = self.spec.reply_size or 1
         tls = self.tls
+        # Plain sockets: the C helper's recv/send (no GIL round trip per call).
+        recv_into = stream_recv_into
+        send = stream_send
         open_loop = self.spec.rate is not None
         depth = self.depth
         reqs = self.reqs
@@ -452,7 +456,7 @@ class LoadEngine:
                     replies = 0
                     while True:
                         try:
-                            n = conn.recv_into(buf)
+                            n = conn.recv_into(buf) if tls else recv_into(fd, buf)
                         except (BlockingIOError, ssl.SSLWantReadError):
                             break
                         except OSError as exc:
@@ -531,7 +535,7 @@ class LoadEngine:
                                 conn.out += one
                             else:
                                 try:
-                                    sent = conn.send(one)
+                                    sent = conn.send(one) if tls else send(fd, one)
                                 except OSError:
                                     sent = -1
                                 if sent != len(one):

@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    """The version, and whether the server's C speedups are in use (as server.fastio decides)."""
+    """The version, and whether the server's C speedups are in use (as sockserve.fastio decides)."""
     import os
 
     from .. import __version__

@@ -31,9 +31,9 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ProtocolError
+from ..fastio import poll_fast, stream_recv, stream_send
 from ..framing import Codec, make_codec
 from ..service import Context
-from .fastio import poll_fast, stream_recv, stream_send
 from .logs import server_log
 from .requests import PAUSE_WRITE, RequestQueue
 

@@ -20,12 +20,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ..endpoints import Endpoint
 from ..errors import ConfigError
+from ..fastio import BATCH as DATAGRAM_BATCH
+from ..fastio import batch_io
 from ..service import Context, Service, is_async_handler
 from .access import AccessControl
 from .config import DEFAULT_UDP_RATE, ServerConfig
 from .epoll import FastStream, Hub
-from .fastio import BATCH as DATAGRAM_BATCH
-from .fastio import batch_io
 from .listeners import Listener
 from .logs import conn_log, fmt_peer, server_log, service_log
 from .stream import AnyConn, SessionProtocol, StreamProtocol, TrackedConn

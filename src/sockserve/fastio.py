@@ -1,5 +1,6 @@
-"""Socket I/O for the server's hot paths: the C helper ``sockserve._speedups`` where
-it was built, else the same contracts in pure Python.
+"""Socket I/O for the hot paths of the server and of ``sockserve bench``: the C
+helper ``sockserve._speedups`` where it was built, else the same contracts in
+pure Python.
 
 Why: on loopback the system calls cost more than everything sockserve does in
 Python, so what is left to save is the work around them. The helper batches UDP
@@ -14,8 +15,9 @@ Contracts, the same for both implementations:
   first read);
 - ``send_batch(target, items)`` sends each ``(bytes, address)`` and returns
   ``None``, or ``(index, errno)`` for each datagram that was not sent;
-- ``stream_recv(fd, size)`` / ``stream_send(fd, data)``: one non-blocking
-  ``recv``/``send`` on a connected stream socket, errors raised as ``OSError``.
+- ``stream_recv(fd, size)``, ``stream_recv_into(fd, buffer)``, ``stream_send(fd, data)``:
+  one non-blocking ``recv``/``send`` on a connected socket (the descriptor is
+  non-blocking), errors raised as ``OSError``.
 
 ``poll_fast`` has no pure-Python twin: without the helper the hub runs each
 connection's own Python hot path, which does the same.
@@ -75,7 +77,7 @@ def _load() -> ModuleType | None:
     if os.environ.get("SOCKSERVE_PURE_PYTHON"):
         return None
     try:
-        from .. import _speedups
+        from . import _speedups
     except ImportError:
         return None
     return _speedups
@@ -87,12 +89,14 @@ _speedups = _load()
 HAVE_SPEEDUPS = _speedups is not None
 
 stream_recv: Callable[[int, int], bytes]
+stream_recv_into: Callable[[int, bytearray], int]
 stream_send: Callable[[int, bytes], int]
 #: ``poll_fast(epfd, maxevents, fast) -> (nevents, rest)``: the epoll hub's batch,
 #: plain raw requests answered in C (see ``_speedups.c``); None without the helper.
 poll_fast: Callable[[int, int, dict[int, Any]], tuple[int, list[tuple[int, int, Any]]]] | None
 if _speedups is not None:
     stream_recv = _speedups.recv
+    stream_recv_into = _speedups.recv_into
     stream_send = _speedups.send
     poll_fast = _speedups.poll_fast
 else:
@@ -100,6 +104,9 @@ else:
     # read(2)/write(2) on a connected stream socket are recv/send without flags.
     stream_recv = os.read
     stream_send = os.write
+
+    def stream_recv_into(fd: int, buffer: bytearray) -> int:
+        return os.readv(fd, [buffer])
 
 
 def batch_io(sock: socket.socket) -> tuple[Any, RecvBatch, SendBatch]:
