@@ -263,7 +263,11 @@ def run_round(
                 "unix": f"unix://{unix}",
             }
         for peer in order:
-            wait_ready(int(urls[peer.name]["tcp"].rsplit(":", 1)[1]), urls[peer.name]["unix"][7:])
+            has_unix = any(w.startswith("unix") for w in peer.workloads)
+            wait_ready(
+                int(urls[peer.name]["tcp"].rsplit(":", 1)[1]),
+                urls[peer.name]["unix"][7:] if has_unix else None,
+            )
         for w in workloads:
             for peer in order:
                 if w.name not in peer.workloads:
@@ -279,6 +283,17 @@ def run_round(
                     flush=True,
                 )
     return out
+
+
+def c_reference(ydir: Path) -> Peer:
+    """The C yardstick ``cecho -t`` as a reference row: what one core does with no
+    interpreter at all (TCP and UDP on one port; no Unix sockets)."""
+    return Peer(
+        "cecho",
+        "C epoll server (yardstick)",
+        (str(ydir / "cecho"), "{tcp}", "-t"),
+        ("tcp-50", "tcp-1", "udp-50"),
+    )
 
 
 def yardstick_check(ydir: Path, args: argparse.Namespace) -> dict[str, object]:
@@ -468,7 +483,7 @@ def write_report(
         "| goal | throughput | core time per request | target | met (throughput) |",
         "|---|---|---|---|---|",
     ]
-    labels = {p.name: p.label for p in PEERS_ALL}
+    labels = {p.name: p.label for p in peers}
     for wl, target, base in GOALS:
         if not any(w.name == wl for w in workloads):
             continue
@@ -659,7 +674,9 @@ def main() -> int:
         "--no-startup", action="store_true", help="skip the `sockserve call` start-up test"
     )
     p.add_argument(
-        "--yardsticks", type=Path, help="folder with echobench and cecho: add the generator check"
+        "--yardsticks",
+        type=Path,
+        help="folder with echobench and cecho: add the generator check and the C server as a reference row",
     )
     p.add_argument(
         "--quick", action="store_true", help="1 round, 1 s, 0.5 s warm-up: checks the suite runs"
@@ -672,6 +689,8 @@ def main() -> int:
     if args.servers:
         names = args.servers.split(",")
         peers = [x for x in PEERS_ALL if x.name in names]
+    if args.yardsticks:
+        peers = [*peers, c_reference(args.yardsticks)]
     workloads = WORKLOADS
     if args.workloads:
         names = args.workloads.split(",")
