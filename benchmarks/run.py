@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -362,6 +363,17 @@ def best_of(rounds: list[dict[str, dict[str, dict[str, object]]]], peer: str, wl
     return max(vals, default=0.0)
 
 
+def table(
+    peers: list[Peer], workloads: list[Workload], cell: Callable[[str, str], str]
+) -> list[str]:
+    """A markdown table: a row per server, a column per workload, ``cell(peer, workload)``."""
+    rows = ["| server | " + " | ".join(w.name for w in workloads) + " |"]
+    rows.append("|---" * (len(workloads) + 1) + "|")
+    for p in peers:
+        rows.append(f"| {p.label} | " + " | ".join(cell(p.name, w.name) for w in workloads) + " |")
+    return rows
+
+
 def fmt_rps(v: float | None) -> str:
     return "—" if v is None else f"{v:,.0f}"
 
@@ -525,11 +537,7 @@ def write_report(
             f"| {'yes' if float(st['ratio']) <= 1.3 else 'no'} |"
         )
     lines += ["", "## Requests/s (median of rounds)", ""]
-    lines.append("| server | " + " | ".join(w.name for w in workloads) + " |")
-    lines.append("|---" * (len(workloads) + 1) + "|")
-    for p in peers:
-        cells = [fmt_rps(median_of(rounds, p.name, w.name, "rps")) for w in workloads]
-        lines.append(f"| {p.label} | " + " | ".join(cells) + " |")
+    lines += table(peers, workloads, lambda p, w: fmt_rps(median_of(rounds, p, w, "rps")))
     lines += [
         "",
         "## Server core time per request, µs (median of rounds)",
@@ -539,25 +547,21 @@ def write_report(
         "not the server, set the pace.",
         "",
     ]
-    lines.append("| server | " + " | ".join(w.name for w in workloads) + " |")
-    lines.append("|---" * (len(workloads) + 1) + "|")
-    for p in peers:
-        cells = []
-        for w in workloads:
-            us = median_of(rounds, p.name, w.name, "server_core_us")
-            busy = median_of(rounds, p.name, w.name, "server_core_busy")
-            cells.append("—" if us is None else f"{us:.2f} ({busy:.2f})")
-        lines.append(f"| {p.label} | " + " | ".join(cells) + " |")
+
+    def core_cell(peer: str, wl: str) -> str:
+        us = median_of(rounds, peer, wl, "server_core_us")
+        busy = median_of(rounds, peer, wl, "server_core_busy")
+        return "—" if us is None or busy is None else f"{us:.2f} ({busy:.2f})"
+
+    lines += table(peers, workloads, core_cell)
     lines += ["", "## Latency p50 / p99 (median of rounds, closed loop)", ""]
-    lines.append("| server | " + " | ".join(w.name for w in workloads) + " |")
-    lines.append("|---" * (len(workloads) + 1) + "|")
-    for p in peers:
-        cells = []
-        for w in workloads:
-            p50 = median_of(rounds, p.name, w.name, "p50_us")
-            p99 = median_of(rounds, p.name, w.name, "p99_us")
-            cells.append("—" if p50 is None else f"{fmt_us(p50)} / {fmt_us(p99)}")
-        lines.append(f"| {p.label} | " + " | ".join(cells) + " |")
+
+    def latency_cell(peer: str, wl: str) -> str:
+        p50 = median_of(rounds, peer, wl, "p50_us")
+        p99 = median_of(rounds, peer, wl, "p99_us")
+        return "—" if p50 is None else f"{fmt_us(p50)} / {fmt_us(p99)}"
+
+    lines += table(peers, workloads, latency_cell)
     lines += [
         "",
         "— : not run. The textbook blocking loop serves one stream client at a time, so it only",
