@@ -35,3 +35,17 @@ def raising(request: bytes, ctx: Context) -> bytes:
     if request.startswith(b"boom"):
         raise RuntimeError("boom requested by the test")
     return b"ok " + request
+
+
+def every_outcome(request: bytes, ctx: Context) -> bytes | str | None:
+    """One request per way a raw handler can end (see test_fastio): each is a separate
+    exit of the C fast path."""
+    if request == b"boom":
+        raise RuntimeError("boom requested by the test")
+    if request == b"none":
+        return None
+    if request == b"str":
+        return "not bytes"
+    if request == b"big":
+        return b"x" * (4 << 20)  # more than the socket buffer takes at once
+    return b"ok " + request

@@ -6,12 +6,14 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import struct
 import subprocess
 import sys
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from faultkit import LoggedServer, addr_of, closed_by_peer
 from support import ServerProcess
 
 from sockserve import fastio
@@ -291,3 +293,66 @@ def test_server_answers_with_and_without_the_helper(pure: str) -> None:
             for i in range(50):
                 u.sendto(b"udp %d" % i, (host, int(port)))
                 assert u.recvfrom(1024)[0].endswith(b"] udp %d" % i)
+
+
+@pytest.mark.parametrize("pure", ["0", "1"])
+def test_every_exit_of_the_raw_fast_path(pure: str) -> None:
+    """Raw framing and a sync handler: answered inside the C helper's poll, except where
+    the handler raises, returns nothing or not bytes, the reply does not fit the socket
+    buffer, or the chunk is longer than one request may be. Each case must end as the
+    pure-Python path ends it, and the server must go on serving."""
+    env = {"SOCKSERVE_PURE_PYTHON": "1" if pure == "1" else ""}
+    with LoggedServer(
+        "fault_services:every_outcome",
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--max-message",
+        "1000",
+        env=env,
+    ) as srv:
+        addr = addr_of(srv.endpoints[0])
+        with socket.create_connection(addr, timeout=5) as s:
+            s.sendall(b"hello")
+            assert s.recv(100) == b"ok hello"
+            s.sendall(b"none")  # no reply, connection kept
+            s.settimeout(0.3)  # an absence: nothing may come within a bound
+            with pytest.raises(TimeoutError):
+                s.recv(100)
+            s.settimeout(5)
+            s.sendall(b"again")
+            assert s.recv(100) == b"ok again"
+            s.sendall(b"big")  # 4 MiB: partly sent, the rest held and flushed later
+            got = 0
+            while got < 4 << 20:
+                chunk = s.recv(1 << 16)
+                assert chunk, "closed before the whole reply came"
+                got += len(chunk)
+            assert got == 4 << 20
+            s.sendall(b"after big")
+            assert s.recv(100) == b"ok after big"
+        with socket.create_connection(addr, timeout=5) as s:
+            s.sendall(b"boom")  # the handler raised: logged, that connection closed
+            assert closed_by_peer(s)
+        srv.wait_line("boom requested by the test")
+        with socket.create_connection(addr, timeout=5) as s:
+            s.sendall(b"str")  # not bytes: logged, that connection closed
+            assert closed_by_peer(s)
+        srv.wait_line("not bytes")
+        with socket.create_connection(addr, timeout=5) as s:
+            s.sendall(b"y" * 5000)  # longer than --max-message: raw splits it into 5 requests
+            want = (b"ok " + b"y" * 1000) * 5
+            got_bytes = b""
+            while len(got_bytes) < len(want):
+                chunk = s.recv(1 << 16)
+                assert chunk, "closed before all five replies came"
+                got_bytes += chunk
+            assert got_bytes == want
+        for _ in range(3):  # a reset arrives as recv's errno
+            s = socket.create_connection(addr, timeout=5)
+            s.sendall(b"hi")
+            assert s.recv(100) == b"ok hi"
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            s.close()
+        with socket.create_connection(addr, timeout=5) as s:
+            s.sendall(b"still")
+            assert s.recv(100) == b"ok still"
