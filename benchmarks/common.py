@@ -119,8 +119,12 @@ def machine() -> dict[str, str]:
             versions[mod] = __import__(mod).__version__
         except Exception:
             versions[mod] = "not installed"
+    version = subprocess.run(
+        [PYTHON, "-m", "sockserve", "--version"], capture_output=True, text=True, timeout=30
+    ).stdout.strip()
     return {
         "sockserve": _revision(),
+        "build": version or "unknown",
         "cpu": f"{cpu} x {os.cpu_count()} cores",
         "memory": mem,
         "kernel": f"{platform.system()} {platform.release()}",

@@ -8,6 +8,10 @@ a batch before going back to sleep. A closed-loop client usually sends its
 next request within that window, so the server skips a sleep and a wake-up per
 request: that is where most of a request's latency goes on loopback and VMs.
 
+With the C helper (``sockserve.fastio``), the poll itself runs in C and answers
+plain raw requests there (``Hub.fast``): whatever it cannot finish comes back as
+an event for the same Python methods that serve it without the helper.
+
 The epoll set is itself a file descriptor, registered with the event loop
 (uvloop or asyncio) through ``add_reader``, so timers, async handlers, TLS
 connections and signals keep working around it. Connections it cannot serve
