@@ -356,3 +356,50 @@ def test_every_exit_of_the_raw_fast_path(pure: str) -> None:
         with socket.create_connection(addr, timeout=5) as s:
             s.sendall(b"still")
             assert s.recv(100) == b"ok still"
+
+
+def test_a_slow_handler_does_not_hold_a_batchs_replies(serve: Any) -> None:
+    """Replies of one datagram batch go out together, but a slow sync handler must not
+    make the first client wait for the whole batch: 20 datagrams queued at once (while
+    the server is held in a handler), 5 ms of handling each; the first reply must come
+    while most are still unhandled."""
+    import threading
+    import time
+
+    handled = 0
+    lock = threading.Lock()
+    entered, release = threading.Event(), threading.Event()
+
+    def slow(request: bytes, ctx: Any) -> bytes:
+        nonlocal handled
+        if request == b"gate":
+            entered.set()
+            release.wait(10)  # holds the server so the next datagrams queue up
+            return b"opened"
+        time.sleep(0.005)
+        with lock:
+            handled += 1
+        return b"done " + request
+
+    st = serve(slow, "udp://127.0.0.1:0")
+    host, port = addr_of(st.url("udp"))
+    clients = [_udp() for _ in range(20)]
+    try:
+        with _udp() as gate:
+            gate.sendto(b"gate", (host, port))
+            assert entered.wait(5)
+            for i, c in enumerate(clients):
+                c.sendto(b"%d" % i, (host, port))
+            release.set()
+            assert gate.recvfrom(100)[0] == b"opened"
+        first = clients[0].recvfrom(100)[0]
+        with lock:
+            handled_then = handled
+        assert first == b"done 0"
+        assert handled_then < 15, f"the first reply waited for {handled_then} of 20 handlers"
+        for i, c in enumerate(clients[1:], 1):
+            assert c.recvfrom(100)[0] == b"done %d" % i
+    finally:
+        release.set()
+        for c in clients:
+            c.close()

@@ -15,13 +15,14 @@ import os
 import select
 import socket
 import ssl
+import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
 from ..endpoints import Endpoint
 from ..errors import ConfigError
 from ..fastio import BATCH as DATAGRAM_BATCH
-from ..fastio import batch_io
+from ..fastio import SendBatch, batch_io
 from ..service import Context, Service, is_async_handler
 from .access import AccessControl
 from .config import DEFAULT_UDP_RATE, ServerConfig
@@ -40,6 +41,9 @@ _EPOLLIN = getattr(select, "EPOLLIN", 1)
 RECV_BATCH = 128
 #: Largest datagram read whole; a longer one is cut to this, as recvfrom(MAX_DATAGRAM) cuts.
 MAX_DATAGRAM = 65536
+#: Replies of a batch are sent together, but none waits longer than about this (plus
+#: up to four handler calls) for the rest of its batch to be handled.
+REPLY_HOLD_MAX = 0.0002
 #: Async datagram requests running at once; past this, new ones are dropped (UDP may
 #: drop), so a flood to a slow async handler cannot grow the task set without bound.
 MAX_DATAGRAM_INFLIGHT = 1024
@@ -406,6 +410,7 @@ class DatagramRuntime:
         slow_guard = self._guarded and (self.access.active or self.rate > 0)
         plain_send = not self.guard_amplify
         local = self.endpoint
+        clock = time.perf_counter
         for _ in range(RECV_BATCH // DATAGRAM_BATCH):
             try:
                 batch = recv(target, DATAGRAM_BATCH, MAX_DATAGRAM)
@@ -415,6 +420,7 @@ class DatagramRuntime:
                 server_log.debug("%s: recvfrom: %s", local, exc)
                 continue
             replies: list[tuple[bytes, Any]] = []
+            held_since = clock()
             for data, addr in batch:
                 if ((min_port and addr[1] < min_port) or slow_guard) and not self._admit(addr):
                     continue
@@ -436,18 +442,23 @@ class DatagramRuntime:
                     continue
                 if plain_send and type(reply) is bytes:
                     replies.append((reply, addr))
+                    # A slow handler must not hold earlier replies for the whole batch:
+                    # every 4th reply, send what waited longer than REPLY_HOLD_MAX.
+                    if not len(replies) & 3 and clock() - held_since > REPLY_HOLD_MAX:
+                        self._send_replies(target, send, replies)
+                        replies = []
+                        held_since = clock()
                 else:
                     self._send(self.listener.sock.sendto, data, reply, addr)
             if replies:
-                failed = send(target, replies)
-                if failed is not None:
-                    self._sends_failed(replies, failed)
+                self._send_replies(target, send, replies)
             if len(batch) < DATAGRAM_BATCH:
                 return  # the socket was drained: wait for the next wakeup
 
-    def _sends_failed(
-        self, replies: list[tuple[bytes, Any]], failed: list[tuple[int, int]]
-    ) -> None:
+    def _send_replies(self, target: Any, send: SendBatch, replies: list[tuple[bytes, Any]]) -> None:
+        failed = send(target, replies)
+        if failed is None:
+            return
         for index, err in failed:
             if err in (errno.EAGAIN, errno.EWOULDBLOCK):
                 self.dropped += 1  # the socket buffer is full: UDP drops, so do we
