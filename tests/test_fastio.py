@@ -403,3 +403,88 @@ def test_a_slow_handler_does_not_hold_a_batchs_replies(serve: Any) -> None:
         release.set()
         for c in clients:
             c.close()
+
+
+class _Member:
+    """Stands in for a FastStream: what poll_fast reads and writes on one."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.active = False
+
+
+@needs_c
+def test_poll_fast_serves_and_hands_back() -> None:
+    """poll_fast on real sockets: a plain request is answered in C; a reply whose
+    connection was closed meanwhile is dropped, not sent to whoever has the fd now;
+    an exception that is not the handler's failure comes back after the batch."""
+    import select
+
+    assert _speedups is not None
+    ep = select.epoll()
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        for a, _ in pairs:
+            a.setblocking(False)
+            ep.register(a.fileno(), select.EPOLLIN)
+        (a0, b0), (_a1, b1), (a2, b2) = pairs
+        m0, m1, m2 = (_Member(a.fileno()) for a, _ in pairs)
+
+        def handler(request: bytes, ctx: Any) -> bytes:
+            if request == b"close me":
+                m1.fd = -1  # what FastStream._finish does
+            if request == b"interrupt":
+                raise KeyboardInterrupt
+            return b"re:" + request
+
+        fast = {m.fd: (m, handler, None, 100) for m in (m0, m1, m2)}
+        b0.sendall(b"hello")
+        b1.sendall(b"close me")
+        b2.sendall(b"x" * 500)  # longer than max 100: handed back as bytes
+        _wait_readable(a2)
+        n, rest, error = _speedups.poll_fast(ep.fileno(), 64, fast)
+        assert (n, error) == (3, None)
+        assert rest == [(a2.fileno(), select.EPOLLIN, b"x" * 500)]
+        assert b0.recv(100) == b"re:hello" and m0.active
+        b1.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            b1.recv(100)  # its connection was closed by the handler: nothing sent
+
+        b0.sendall(b"interrupt")
+        _wait_readable(a0)
+        n, rest, error = _speedups.poll_fast(ep.fileno(), 64, fast)
+        assert n == 1 and rest == [] and isinstance(error, KeyboardInterrupt)
+    finally:
+        ep.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+@needs_c
+def test_send_batch_takes_numeric_hosts_only(server: socket.socket) -> None:
+    assert _speedups is not None
+
+    class Host(str):
+        pass
+
+    fd = server.fileno()
+    with pytest.raises(TypeError, match="str"):
+        _speedups.send_batch(fd, [(b"x", (Host("127.0.0.1"), 9))])
+    with pytest.raises(ValueError, match="numeric"):
+        _speedups.send_batch(fd, [(b"x", ("127.0.0.1\0junk", 9))])
+
+
+@needs_c
+def test_send_batch_ignores_an_ipv6_zone_suffix() -> None:
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6")
+    try:
+        srv, c = _udp("::1"), _udp("::1")
+    except OSError:
+        pytest.skip("::1 is not configured")
+    assert _speedups is not None
+    with srv, c:
+        port = c.getsockname()[1]
+        assert _speedups.send_batch(srv.fileno(), [(b"zoned", ("::1%lo", port, 0, 0))]) is None
+        assert c.recvfrom(100)[0] == b"zoned"

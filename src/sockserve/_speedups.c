@@ -30,6 +30,7 @@
 #include <arpa/inet.h>
 #include <errno.h>
 #include <limits.h>
+#include <netdb.h>
 #include <netinet/in.h>
 #include <stdlib.h>
 #include <string.h>
@@ -114,9 +115,13 @@ make_address(const struct sockaddr *name, socklen_t len)
     }
     if (name->sa_family == AF_INET6 && len >= sizeof(struct sockaddr_in6)) {
         const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)name;
-        char text[INET6_ADDRSTRLEN];
-        if (inet_ntop(AF_INET6, &sin6->sin6_addr, text, sizeof text) == NULL) {
-            return PyErr_SetFromErrno(PyExc_OSError);
+        char text[NI_MAXHOST];
+        /* Like the socket module: getnameinfo, so a scoped (link-local) address
+         * reads "fe80::1%eth0". */
+        int rc = getnameinfo(name, sizeof *sin6, text, sizeof text, NULL, 0, NI_NUMERICHOST);
+        if (rc != 0) {
+            PyErr_Format(PyExc_OSError, "recv_batch: getnameinfo: %s", gai_strerror(rc));
+            return NULL;
         }
         return Py_BuildValue("(siII)", text, (int)ntohs(sin6->sin6_port),
                              (unsigned int)ntohl(sin6->sin6_flowinfo),
@@ -140,8 +145,11 @@ recv_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     Py_ssize_t count = PyLong_AsSsize_t(args[1]);
+    if (count == -1 && PyErr_Occurred()) {
+        return NULL;
+    }
     Py_ssize_t size = PyLong_AsSsize_t(args[2]);
-    if (PyErr_Occurred()) {
+    if (size == -1 && PyErr_Occurred()) {
         return NULL;
     }
     if (count < 1 || count > MAX_BATCH) {
@@ -248,16 +256,32 @@ parse_address(PyObject *addr, struct sockaddr_storage *name)
         return 0;
     }
     if (host != send_host_obj) {
-        if (!PyUnicode_Check(host)) {
+        /* Exactly str: releasing a cached subclass instance could run its __del__,
+         * that is Python code, in the middle of a batch (see send_batch). */
+        if (!PyUnicode_CheckExact(host)) {
             PyErr_SetString(PyExc_TypeError, "send_batch: the host must be a str");
             return 0;
         }
-        const char *text = PyUnicode_AsUTF8(host);
+        Py_ssize_t text_len;
+        const char *text = PyUnicode_AsUTF8AndSize(host, &text_len);
         if (text == NULL) {
             return 0;
         }
+        /* Numeric hosts only, as recv_batch gives them; an IPv6 "%zone" suffix is
+         * dropped, since the scope id travels in the address tuple. */
+        char numeric[INET6_ADDRSTRLEN];
+        Py_ssize_t keep = 0;
+        while (keep < text_len && text[keep] != '%' && text[keep] != '\0') {
+            keep++;
+        }
         int family = PyTuple_GET_SIZE(addr) == 2 ? AF_INET : AF_INET6;
-        if (inet_pton(family, text, &send_host_addr) != 1) {
+        int ok = (keep == text_len || text[keep] == '%') && keep < (Py_ssize_t)sizeof numeric;
+        if (ok) {
+            memcpy(numeric, text, (size_t)keep);
+            numeric[keep] = '\0';
+            ok = inet_pton(family, numeric, &send_host_addr) == 1;
+        }
+        if (!ok) {
             Py_CLEAR(send_host_obj);
             PyErr_Format(PyExc_ValueError, "send_batch: %R is not a numeric %s address", host,
                          family == AF_INET ? "IPv4" : "IPv6");
@@ -277,8 +301,11 @@ parse_address(PyObject *addr, struct sockaddr_storage *name)
     if (send_host_family == AF_INET6 && PyTuple_GET_SIZE(addr) == 4) {
         struct sockaddr_in6 *sin6 = (struct sockaddr_in6 *)name;
         unsigned long flowinfo = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(addr, 2));
+        if (flowinfo == (unsigned long)-1 && PyErr_Occurred()) {
+            return 0;
+        }
         unsigned long scope_id = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(addr, 3));
-        if (PyErr_Occurred()) {
+        if (scope_id == (unsigned long)-1 && PyErr_Occurred()) {
             return 0;
         }
         sin6->sin6_family = AF_INET6;
@@ -330,8 +357,10 @@ send_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         return NULL;
     }
     PyObject *failed = NULL;
-    Py_ssize_t total = PyList_GET_SIZE(items);
-    for (Py_ssize_t start = 0; start < total; start += MAX_BATCH) {
+    /* Between chunks, noting failures allocates (so may run Python code): the list's
+     * length is read again for each chunk. */
+    for (Py_ssize_t start = 0; start < PyList_GET_SIZE(items); start += MAX_BATCH) {
+        Py_ssize_t total = PyList_GET_SIZE(items);
         Py_ssize_t n = total - start < MAX_BATCH ? total - start : MAX_BATCH;
         for (Py_ssize_t i = 0; i < n; i++) {
             PyObject *item = PyList_GET_ITEM(items, start + i);
@@ -342,13 +371,13 @@ send_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
                                     "send_batch: item %zd is not a (bytes, address) pair",
                                     start + i);
             }
-            PyObject *data = PyTuple_GET_ITEM(item, 0);
             socklen_t len = parse_address(PyTuple_GET_ITEM(item, 1), &send_names[i]);
             if (len == 0) {
                 Py_XDECREF(failed);
                 return NULL;
             }
             /* The list holds the bytes, and nothing runs Python code before the call. */
+            PyObject *data = PyTuple_GET_ITEM(item, 0);
             send_iov[i].iov_base = PyBytes_AS_STRING(data);
             send_iov[i].iov_len = (size_t)PyBytes_GET_SIZE(data);
             struct msghdr *hdr = &send_msgs[i].msg_hdr;
@@ -504,6 +533,24 @@ stream_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 /* Events taken per poll_fast call at most (the hub's MAX_EVENTS). */
 #define MAX_EVENTS 1024
 static PyObject *str_active; /* "active", interned */
+static PyObject *str_fd;     /* "fd", interned */
+
+/* Whether the member still owns fd after Python code ran: a connection closed by
+ * that code has fd -1, and the number may already belong to a new connection. */
+static int
+still_owns(PyObject *member, int fd)
+{
+    PyObject *now = PyObject_GetAttr(member, str_fd);
+    if (now == NULL) {
+        return -1;
+    }
+    long value = PyLong_AsLong(now);
+    Py_DECREF(now);
+    if (value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    return value == fd;
+}
 
 /* Serve one readable fast connection: recv, call the handler, send the reply.
  * Returns NULL with no exception when the request was answered in full (or there
@@ -560,11 +607,21 @@ serve_fast(int fd, PyObject *spec)
         }
         Py_XDECREF(type);
         Py_XDECREF(tb);
-        return value; /* the hub logs it as the handler's failure */
+        reply = value; /* the hub logs it as the handler's failure */
     }
-    if (reply == Py_None) {
+    else if (reply == Py_None) {
         Py_DECREF(reply);
         return NULL;
+    }
+    /* The handler ran Python code: if that closed this connection, what it returned
+     * belongs to nobody now (the Python path's send to fd -1 fails the same way). */
+    int owns = still_owns(member, fd);
+    if (owns != 1) {
+        Py_DECREF(reply);
+        return NULL; /* with the exception of still_owns set, if it failed */
+    }
+    if (PyExceptionInstance_Check(reply)) {
+        return reply;
     }
     Py_ssize_t sent = 0;
     if (PyBytes_CheckExact(reply)) {
@@ -582,7 +639,7 @@ serve_fast(int fd, PyObject *spec)
     return Py_BuildValue("(Nn)", reply, sent);
 }
 
-/* poll_fast(epfd, maxevents, fast) -> (nevents, rest)
+/* poll_fast(epfd, maxevents, fast) -> (nevents, rest, error)
  *
  * One epoll_wait(epfd, timeout 0). Events of connections registered in ``fast``
  * (fd -> (member, handler, ctx, max): raw framing, a sync handler, nothing queued
@@ -592,7 +649,9 @@ serve_fast(int fd, PyObject *spec)
  * extra is None (not touched: call on_event), bytes (received but not answered:
  * end of stream or an oversized request), an int (recv's errno), an exception
  * (the handler raised it), or (reply, sent) (a reply that is not bytes, or was not
- * sent whole; sent < 0 is -errno). */
+ * sent whole; sent < 0 is -errno). ``error`` is None, or an exception that stopped
+ * the batch (KeyboardInterrupt in a handler, MemoryError): the caller finishes
+ * ``rest`` first, then raises it. */
 static PyObject *
 poll_fast(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
@@ -665,15 +724,33 @@ poll_fast(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         Py_DECREF(item);
     }
-    return Py_BuildValue("(iN)", n, rest);
+    return Py_BuildValue("(iNO)", n, rest, Py_None);
 error:
-    Py_DECREF(rest);
-    return NULL;
+    /* Stop here, but hand back what was already taken off sockets (data read,
+     * replies half sent) with the error, which the hub raises once it is done. */
+    {
+        PyObject *type, *value, *tb;
+        PyErr_Fetch(&type, &value, &tb);
+        PyErr_NormalizeException(&type, &value, &tb);
+        if (value == NULL) {
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+            Py_DECREF(rest);
+            PyErr_SetString(PyExc_SystemError, "poll_fast: error without an exception");
+            return NULL;
+        }
+        if (tb != NULL) {
+            PyException_SetTraceback(value, tb);
+        }
+        Py_XDECREF(type);
+        Py_XDECREF(tb);
+        return Py_BuildValue("(iNN)", n, rest, value);
+    }
 }
 
 static PyMethodDef methods[] = {
     {"poll_fast", (PyCFunction)(void (*)(void))poll_fast, METH_FASTCALL,
-     "poll_fast(epfd, maxevents, fast) -> (nevents, rest)\n\n"
+     "poll_fast(epfd, maxevents, fast) -> (nevents, rest, error)\n\n"
      "One non-blocking epoll_wait; serves plain raw requests of the connections in fast\n"
      "and returns the events left for Python as (fd, events, extra)."},
     {"recv", (PyCFunction)(void (*)(void))stream_recv, METH_FASTCALL,
@@ -705,7 +782,8 @@ PyMODINIT_FUNC
 PyInit__speedups(void)
 {
     str_active = PyUnicode_InternFromString("active");
-    if (str_active == NULL) {
+    str_fd = PyUnicode_InternFromString("fd");
+    if (str_active == NULL || str_fd == NULL) {
         return NULL;
     }
     PyObject *module = PyModule_Create(&module_def);

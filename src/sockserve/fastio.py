@@ -91,9 +91,10 @@ HAVE_SPEEDUPS = _speedups is not None
 stream_recv: Callable[[int, int], bytes]
 stream_recv_into: Callable[[int, bytearray], int]
 stream_send: Callable[[int, bytes], int]
-#: ``poll_fast(epfd, maxevents, fast) -> (nevents, rest)``: the epoll hub's batch,
-#: plain raw requests answered in C (see ``_speedups.c``); None without the helper.
-poll_fast: Callable[[int, int, dict[int, Any]], tuple[int, list[tuple[int, int, Any]]]] | None
+#: ``poll_fast(epfd, maxevents, fast) -> (nevents, rest, error)``: the epoll hub's
+#: batch, plain raw requests answered in C (see ``_speedups.c``); None without the helper.
+PollResult = tuple[int, list[tuple[int, int, Any]], "BaseException | None"]
+poll_fast: Callable[[int, int, dict[int, Any]], PollResult] | None
 if _speedups is not None:
     stream_recv = _speedups.recv
     stream_recv_into = _speedups.recv_into

@@ -35,7 +35,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ProtocolError
-from ..fastio import poll_fast, stream_recv, stream_send
+from ..fastio import PollResult, poll_fast, stream_recv, stream_send
 from ..framing import Codec, make_codec
 from ..service import Context
 from .logs import server_log
@@ -137,13 +137,13 @@ class Hub:
         else:
             self.remove(fd)
 
-    def _poll_c(self) -> tuple[int, list[tuple[int, int, Any]]]:
+    def _poll_c(self) -> PollResult:
         assert poll_fast is not None
         return poll_fast(self._ep.fileno(), MAX_EVENTS, self.fast)
 
-    def _poll_python(self) -> tuple[int, list[tuple[int, int, Any]]]:
+    def _poll_python(self) -> PollResult:
         events = self._ep.poll(0, MAX_EVENTS)
-        return len(events), [(fd, ev, None) for fd, ev in events]
+        return len(events), [(fd, ev, None) for fd, ev in events], None
 
     def _ready(self) -> None:
         poll = self._poll
@@ -153,7 +153,7 @@ class Hub:
         end_turn = 0.0
         idle_until = 0.0
         while True:
-            count, events = poll()
+            count, events, error = poll()
             if count:
                 # Events the C helper served itself are not in the list (see fast).
                 for fd, ev, extra in events:
@@ -166,6 +166,8 @@ class Hub:
                                 member.on_fast_result(extra)  # type: ignore[attr-defined]
                         except Exception:
                             self._member_failed(fd, member)
+                if error is not None:
+                    raise error  # what stopped the C batch, once its results are handled
                 # Poll again straight away rather than through the loop: while batches keep
                 # coming that saves the loop's own epoll_wait and dispatch per batch. Spin
                 # (keep polling through empty polls) only with few clients (see SPIN_BATCH).
