@@ -82,6 +82,34 @@ as_fd(PyObject *obj, int *fd)
     return 0;
 }
 
+/* The common start of every function here: the argument count, then args[0] as an fd. */
+static int
+fd_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *signature,
+        int *fd)
+{
+    if (nargs != want) {
+        PyErr_Format(PyExc_TypeError, "%s takes %zd arguments, not %zd", signature, want, nargs);
+        return -1;
+    }
+    return as_fd(args[0], fd);
+}
+
+/* An int argument that must lie in lo..hi; "what" names it in the error. */
+static int
+int_in(PyObject *obj, Py_ssize_t lo, Py_ssize_t hi, const char *what, Py_ssize_t *out)
+{
+    Py_ssize_t value = PyLong_AsSsize_t(obj);
+    if (value == -1 && PyErr_Occurred()) {
+        return -1;
+    }
+    if (value < lo || value > hi) {
+        PyErr_Format(PyExc_ValueError, "%s must be %zd..%zd, not %zd", what, lo, hi, value);
+        return -1;
+    }
+    *out = value;
+    return 0;
+}
+
 static PyObject *
 v4_host(const struct in_addr *addr)
 {
@@ -136,29 +164,14 @@ make_address(const struct sockaddr *name, socklen_t len)
 static PyObject *
 recv_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "recv_batch(fd, count, size) takes 3 arguments");
-        return NULL;
-    }
     int fd;
-    if (as_fd(args[0], &fd) < 0) {
+    if (fd_args(args, nargs, 3, "recv_batch(fd, count, size)", &fd) < 0) {
         return NULL;
     }
-    Py_ssize_t count = PyLong_AsSsize_t(args[1]);
-    if (count == -1 && PyErr_Occurred()) {
+    Py_ssize_t count, size;
+    if (int_in(args[1], 1, MAX_BATCH, "recv_batch: count", &count) < 0 ||
+        int_in(args[2], 1, MAX_SIZE, "recv_batch: size", &size) < 0) {
         return NULL;
-    }
-    Py_ssize_t size = PyLong_AsSsize_t(args[2]);
-    if (size == -1 && PyErr_Occurred()) {
-        return NULL;
-    }
-    if (count < 1 || count > MAX_BATCH) {
-        return PyErr_Format(PyExc_ValueError, "recv_batch: count must be 1..%d, not %zd",
-                            MAX_BATCH, count);
-    }
-    if (size < 1 || size > MAX_SIZE) {
-        return PyErr_Format(PyExc_ValueError, "recv_batch: size must be 1..%d, not %zd",
-                            MAX_SIZE, size);
     }
     size_t need = (size_t)count * (size_t)size;
     if (need > recv_arena_size) {
@@ -343,12 +356,8 @@ note_failure(PyObject **failed, Py_ssize_t index, int err)
 static PyObject *
 send_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "send_batch(fd, items) takes 2 arguments");
-        return NULL;
-    }
     int fd;
-    if (as_fd(args[0], &fd) < 0) {
+    if (fd_args(args, nargs, 2, "send_batch(fd, items)", &fd) < 0) {
         return NULL;
     }
     PyObject *items = args[1];
@@ -447,21 +456,13 @@ static char stream_buf[MAX_SIZE];
 static PyObject *
 stream_recv(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "recv(fd, size) takes 2 arguments");
-        return NULL;
-    }
     int fd;
-    if (as_fd(args[0], &fd) < 0) {
+    if (fd_args(args, nargs, 2, "recv(fd, size)", &fd) < 0) {
         return NULL;
     }
-    Py_ssize_t size = PyLong_AsSsize_t(args[1]);
-    if (size == -1 && PyErr_Occurred()) {
+    Py_ssize_t size;
+    if (int_in(args[1], 1, MAX_SIZE, "recv: size", &size) < 0) {
         return NULL;
-    }
-    if (size < 1 || size > MAX_SIZE) {
-        return PyErr_Format(PyExc_ValueError, "recv: size must be 1..%d, not %zd", MAX_SIZE,
-                            size);
     }
     ssize_t got;
     do {
@@ -477,12 +478,8 @@ stream_recv(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 stream_recv_into(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "recv_into(fd, buffer) takes 2 arguments");
-        return NULL;
-    }
     int fd;
-    if (as_fd(args[0], &fd) < 0) {
+    if (fd_args(args, nargs, 2, "recv_into(fd, buffer)", &fd) < 0) {
         return NULL;
     }
     Py_buffer view;
@@ -506,12 +503,8 @@ stream_recv_into(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 static PyObject *
 stream_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 2) {
-        PyErr_SetString(PyExc_TypeError, "send(fd, data) takes 2 arguments");
-        return NULL;
-    }
     int fd;
-    if (as_fd(args[0], &fd) < 0) {
+    if (fd_args(args, nargs, 2, "send(fd, data)", &fd) < 0) {
         return NULL;
     }
     if (!PyBytes_Check(args[1])) {
@@ -655,21 +648,13 @@ serve_fast(int fd, PyObject *spec)
 static PyObject *
 poll_fast(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (nargs != 3) {
-        PyErr_SetString(PyExc_TypeError, "poll_fast(epfd, maxevents, fast) takes 3 arguments");
-        return NULL;
-    }
     int epfd;
-    if (as_fd(args[0], &epfd) < 0) {
+    if (fd_args(args, nargs, 3, "poll_fast(epfd, maxevents, fast)", &epfd) < 0) {
         return NULL;
     }
-    long maxevents = PyLong_AsLong(args[1]);
-    if (maxevents == -1 && PyErr_Occurred()) {
+    Py_ssize_t maxevents;
+    if (int_in(args[1], 1, MAX_EVENTS, "poll_fast: maxevents", &maxevents) < 0) {
         return NULL;
-    }
-    if (maxevents < 1 || maxevents > MAX_EVENTS) {
-        return PyErr_Format(PyExc_ValueError, "poll_fast: maxevents must be 1..%d, not %ld",
-                            MAX_EVENTS, maxevents);
     }
     PyObject *fast = args[2];
     if (!PyDict_Check(fast)) {
