@@ -204,18 +204,24 @@ def cpu_busy() -> float:
     Interrupt and softirq time is left out: loopback networking does its work
     there on behalf of the server and the generator, not of anyone else.
     """
-    f = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    f = _stat_fields("cpu")
     return (f[0] + f[1] + f[2] + f[7]) / _HZ  # user, nice, system, steal
 
 
 def core_busy(core: int) -> float:
     """CPU seconds one core spent on anything but idling: user, system, interrupts,
     softirq and steal (/proc/stat ``cpuN``)."""
+    f = _stat_fields(f"cpu{core}")
+    return (sum(f) - f[3] - f[4]) / _HZ if f else 0.0  # all but idle and iowait
+
+
+def _stat_fields(name: str) -> list[int]:
+    """The tick counters of one ``cpu``/``cpuN`` line of /proc/stat (empty if absent)."""
     for line in Path("/proc/stat").read_text().splitlines():
-        if line.startswith(f"cpu{core} "):
-            f = [int(x) for x in line.split()[1:]]
-            return (sum(f) - f[3] - f[4]) / _HZ  # all but idle and iowait
-    return 0.0
+        fields = line.split()
+        if fields and fields[0] == name:
+            return [int(x) for x in fields[1:]]
+    return []
 
 
 def proc_cpu(pid: int | None) -> float:

@@ -73,20 +73,27 @@ def send_loop(sock: socket.socket, items: Batch) -> list[tuple[int, int]] | None
     return failed
 
 
-def _load() -> ModuleType | None:
-    if os.environ.get("SOCKSERVE_PURE_PYTHON"):
-        return None
+def _load() -> tuple[ModuleType | None, str]:
     try:
         from . import _speedups
     except ImportError:
-        return None
-    return _speedups
+        return None, "not built"
+    if os.environ.get("SOCKSERVE_PURE_PYTHON"):
+        return None, "off, SOCKSERVE_PURE_PYTHON is set"
+    return _speedups, "on"
 
 
-_speedups = _load()
+_speedups, SPEEDUPS_STATE = _load()
+"""``SPEEDUPS_STATE`` says why the helper is or is not in use (``sockserve --version``)."""
 
-#: Whether the C helper is in use (``sockserve --version`` says).
+#: Whether the C helper is in use.
 HAVE_SPEEDUPS = _speedups is not None
+
+
+def readv_into(fd: int, buffer: bytearray) -> int:
+    """``recv_into`` without the helper: readv(2) is recv(2) without flags on a socket."""
+    return os.readv(fd, [buffer])
+
 
 stream_recv: Callable[[int, int], bytes]
 stream_recv_into: Callable[[int, bytearray], int]
@@ -105,9 +112,7 @@ else:
     # read(2)/write(2) on a connected stream socket are recv/send without flags.
     stream_recv = os.read
     stream_send = os.write
-
-    def stream_recv_into(fd: int, buffer: bytearray) -> int:
-        return os.readv(fd, [buffer])
+    stream_recv_into = readv_into
 
 
 def batch_io(sock: socket.socket) -> tuple[Any, RecvBatch, SendBatch]:

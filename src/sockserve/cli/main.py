@@ -62,18 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _version() -> str:
-    """The version, and whether the server's C speedups are in use (as sockserve.fastio decides)."""
-    import os
-
+    """The version, and whether the C speedups are in use."""
     from .. import __version__
+    from ..fastio import SPEEDUPS_STATE
 
-    try:
-        from .. import _speedups  # noqa: F401
-    except ImportError:
-        return f"{__version__} (C speedups: not built)"
-    if os.environ.get("SOCKSERVE_PURE_PYTHON"):
-        return f"{__version__} (C speedups: off, SOCKSERVE_PURE_PYTHON is set)"
-    return f"{__version__} (C speedups: on)"
+    return f"{__version__} (C speedups: {SPEEDUPS_STATE})"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
