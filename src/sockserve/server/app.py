@@ -179,7 +179,7 @@ class App:
     # -- running -------------------------------------------------------------------------
 
     def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; 0 after a graceful drain, 1 if forced."""
+        """Serve until SIGTERM/SIGINT; 0 after a graceful drain, 1 if forced or an endpoint lost."""
         loop = new_event_loop(self.spec.loop)
         asyncio.set_event_loop(loop)
         loop.set_exception_handler(_log_loop_exception)
@@ -190,7 +190,7 @@ class App:
                 loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
             asyncio.set_event_loop(None)
-        return 1 if self.server.forced else 0
+        return 1 if self.server.forced or self.server.lost else 0
 
     async def _main(self, loop: asyncio.AbstractEventLoop) -> None:
         server = self.server

@@ -10,7 +10,9 @@ instead of spinning or dying (trio's ``_highlevel_serve_listeners.py`` reasoning
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
+import functools
 import os
 import select
 import socket
@@ -47,6 +49,18 @@ REPLY_HOLD_MAX = 0.0002
 #: Async datagram requests running at once; past this, new ones are dropped (UDP may
 #: drop), so a flood to a slow async handler cannot grow the task set without bound.
 MAX_DATAGRAM_INFLIGHT = 1024
+#: Of those, what one source may hold: a 16th of the cap, so a source whose requests never
+#: finish leaves room for 15 more like it before anyone else is refused.
+MAX_INFLIGHT_PER_SOURCE = 64
+#: Ports of the classic small services (echo, discard, daytime, qotd, chargen, time): a
+#: datagram from one is a service's reply, never a client's request (inetd drops them too).
+CLASSIC_SERVICE_PORTS = frozenset({7, 9, 13, 17, 19, 37})
+#: Where the rate limit is off (loopback), replies per second to one source on a fixed port,
+#: in bursts of LOOP_BURST: a client keeps its pace, a loop of two services dies out.
+LOOP_RATE = 100.0
+LOOP_BURST = 100.0
+#: recv errors that mean the socket itself is gone, not one datagram's trouble.
+_SOCKET_LOST_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL, errno.EFAULT})
 #: Pause after an accept error such as EMFILE before trying again.
 ACCEPT_RETRY_DELAY = 0.1
 #: While accept keeps failing, log it at most this often (not ten lines a second for as
@@ -344,7 +358,36 @@ class StreamRuntime:
 
 
 class DatagramRuntime:
-    """Serves one datagram socket: read in batches, guard, answer inline or via a task."""
+    """Serves one datagram socket: read in batches, guard, answer inline or via a task.
+
+    Error handling: whatever goes wrong with one datagram (the handler raises, even
+    ``SystemExit`` or another ``BaseException``; the reply is not bytes; it cannot be
+    sent; the sender has no address to reply to) drops that datagram only, logged, and
+    the rest of its batch is still served. ``KeyboardInterrupt`` is re-raised (it may be
+    a real SIGINT), after the batch's replies so far are sent and its unread rest kept
+    for the next turn. An error about the socket itself (EBADF...) or a bug here loses
+    the endpoint: that is logged at error and the server stops with a failure status
+    (``Server.lost``), never left running without it.
+
+    Guards (inet endpoints), checked before the handler runs:
+
+    - source ports below ``udp_min_source_port`` (1024), and port 0, are dropped;
+    - loops (CVE-1999-0103: two services answering each other forever): a datagram
+      from a port this server serves on UDP, or from a classic small service's port
+      (:data:`CLASSIC_SERVICE_PORTS`), is dropped, as inetd does; and where the rate
+      limit is off by default (loopback binds), a source on a fixed port (outside this
+      host's ephemeral range, so a service rather than a client) gets a budget of
+      :data:`LOOP_BURST` replies refilled at :data:`LOOP_RATE`/s, so a loop between
+      two services on other ports dies within about 2 x LOOP_BURST hops. An explicit
+      ``udp_rate=0`` turns that budget off too; any other rate bounds loops itself;
+    - ``--allow``/``--deny``, the per-host rate limit, the amplification cap.
+
+    Resource handling: at most :data:`MAX_DATAGRAM_INFLIGHT` async requests run at
+    once, and at most :data:`MAX_INFLIGHT_PER_SOURCE` of them from one source (its
+    address; every unbound Unix client counts as one source), so a source whose
+    requests never finish cannot leave the others unanswered; past either, new
+    datagrams are dropped (UDP may drop) and counted in ``dropped``.
+    """
 
     def __init__(
         self, server: Server, listener: Listener, service: Service, config: ServerConfig
@@ -362,17 +405,27 @@ class DatagramRuntime:
         self.is_async = is_async_handler(handler)
         self.access = AccessControl(config.allow, config.deny)
         inet = self.endpoint.is_inet
+        self.inet = inet
         # Port 0 is always dropped (no reply can reach it), whatever the configured minimum.
         self.min_port = max(1, config.udp_min_source_port) if inet else 0
         rate = config.udp_rate
         if rate is None:
             rate = 0.0 if (not inet or _is_loopback_bind(self.endpoint.host)) else DEFAULT_UDP_RATE
         self.rate = rate
+        # The loop budget covers what the rate limit leaves open: loopback's default "off".
+        self.loop_guard = inet and rate == 0 and config.udp_rate is None
         self.guard_amplify = inet and service.replies_larger and not config.udp_amplify
-        self._buckets: dict[str, list[float]] = {}
+        self._buckets: dict[Any, list[float]] = {}
+        self._loop_buckets: dict[Any, list[float]] = {}
+        self._own_ports: frozenset[int] = CLASSIC_SERVICE_PORTS
         self.inflight: set[asyncio.Task[None]] = set()
+        #: Async requests running, by source (only sources with some running).
+        self.inflight_by_source: dict[Any, int] = {}
         self._hub: Hub | None = None
         self._reading = False
+        self._lost = False
+        #: The unserved rest of a batch that KeyboardInterrupt stopped (served next turn).
+        self._rest: list[tuple[bytes, Any]] = []
         self.dropped = 0
         self._io = batch_io(listener.sock)
         self._guarded = inet and (
@@ -385,62 +438,124 @@ class DatagramRuntime:
             self._hub = hub
             hub.add(self.listener.sock.fileno(), self, _EPOLLIN)
         else:
-            self.loop.add_reader(self.listener.sock.fileno(), self._readable)
+            self.loop.add_reader(self.listener.sock.fileno(), self.on_readable)
         self._reading = True
 
     def on_event(self, events: int) -> None:
-        self._readable()
+        self.on_readable()
+
+    def abort(self) -> None:
+        """The hub's end for a member that failed (it logged why): the endpoint is lost."""
+        self._endpoint_lost("internal error (logged above)")
 
     def stop_accepting(self) -> None:
         if self._reading:
+            self._reading = False
             if self._hub is not None:
                 self._hub.remove(self.listener.sock.fileno())
             else:
                 self.loop.remove_reader(self.listener.sock.fileno())
-            self._reading = False
+
+    def on_readable(self) -> None:
+        """The reader callback, for both engines: nothing that escapes one datagram's
+        handling may end the endpoint quietly."""
+        if not self._reading:
+            return
+        try:
+            self._readable()
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
+            if isinstance(exc, OSError):
+                self._endpoint_lost(f"its socket failed: {_describe(exc)}")
+            else:
+                server_log.exception("%s: internal error reading datagrams", self.endpoint)
+                self._endpoint_lost(f"internal error: {_describe(exc)}")
+
+    def _endpoint_lost(self, why: str) -> None:
+        if self._lost:
+            return
+        self._lost = True
+        with contextlib.suppress(Exception):
+            self.stop_accepting()
+        server_log.error(
+            "%s: endpoint lost (%s); stopping the server with a failure status",
+            self.endpoint,
+            why,
+            extra={"event": "endpoint_lost", "endpoint": self.endpoint, "reason": why},
+        )
+        self.server.endpoint_lost(self.endpoint)
 
     def _readable(self) -> None:
-        target, recv, send = self._io
+        target, recv, _ = self._io
+        # A port this server serves on UDP is never a client's (see the class docstring).
+        server_ports = [d.endpoint.port for d in self.server.datagrams if d.inet]
+        if self.inet:
+            self._own_ports = CLASSIC_SERVICE_PORTS.union(server_ports)
+        for _ in range(RECV_BATCH // DATAGRAM_BATCH):
+            if self._rest:
+                batch, self._rest = self._rest, []
+            else:
+                try:
+                    batch = recv(target, DATAGRAM_BATCH, MAX_DATAGRAM)
+                except (BlockingIOError, InterruptedError):
+                    return
+                except OSError as exc:
+                    if exc.errno in _SOCKET_LOST_ERRNOS:
+                        raise
+                    # e.g. ECONNREFUSED from an earlier ICMP error: about one datagram.
+                    server_log.debug("%s: recvfrom: %s", self.endpoint, exc)
+                    continue
+            self._serve_batch(batch)
+            if len(batch) < DATAGRAM_BATCH:
+                return  # the socket was drained: wait for the next wakeup
+
+    def _serve_batch(self, batch: list[tuple[bytes, Any]]) -> None:
+        target, _, send = self._io
         handler = self.handler
         is_async = self.is_async
-        # Hot loop: the common guard (source port) is checked inline; rate, access and
-        # amplification checks go through methods only when configured. Plain bytes
-        # replies are sent together after the batch (one sendmmsg with the helper).
+        # Hot loop: the common guards (source port) are checked inline; rate, access,
+        # loop budget and amplification go through methods only when configured. Plain
+        # bytes replies are sent together after the batch (one sendmmsg with the helper).
+        inet = self.inet
         min_port = self.min_port
+        own = self._own_ports
+        loop_guard = self.loop_guard
+        eph_lo, eph_hi = _ephemeral_ports()
         slow_guard = self._guarded and (self.access.active or self.rate > 0)
         plain_send = not self.guard_amplify
         local = self.endpoint
         clock = time.perf_counter
-        for _ in range(RECV_BATCH // DATAGRAM_BATCH):
-            try:
-                batch = recv(target, DATAGRAM_BATCH, MAX_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:  # e.g. ECONNREFUSED from an earlier ICMP error: keep going
-                server_log.debug("%s: recvfrom: %s", local, exc)
-                continue
-            replies: list[tuple[bytes, Any]] = []
-            held_since = clock()
-            for data, addr in batch:
-                if ((min_port and addr[1] < min_port) or slow_guard) and not self._admit(addr):
-                    continue
+        replies: list[tuple[bytes, Any]] = []
+        held_since = clock()
+        index = 0
+        try:
+            for index, (data, addr) in enumerate(batch):  # noqa: B007 - read when interrupted
+                if inet:
+                    port = addr[1]
+                    if (
+                        port < min_port
+                        or port in own
+                        or slow_guard
+                        or (loop_guard and not eph_lo <= port <= eph_hi)
+                    ) and not self._admit(addr):
+                        continue
                 ctx = Context(addr, local)
                 if is_async:
-                    if len(self.inflight) >= MAX_DATAGRAM_INFLIGHT:
-                        self.dropped += 1
-                        continue
-                    task = self.loop.create_task(self._answer_async(data, ctx))
-                    self.inflight.add(task)
-                    task.add_done_callback(self.inflight.discard)
+                    self._start_async(data, ctx)
                     continue
                 try:
                     reply = handler(data, ctx)
-                except Exception:
+                except KeyboardInterrupt:
+                    raise
+                except BaseException:  # SystemExit too: this datagram's failure only
                     self._handler_failed(addr)
                     continue
                 if reply is None:
                     continue
-                if plain_send and type(reply) is bytes:
+                if not addr:
+                    self._no_return_address(addr)
+                elif plain_send and type(reply) is bytes:
                     replies.append((reply, addr))
                     # A slow handler must not hold earlier replies for the whole batch:
                     # every 4th reply, send what waited longer than REPLY_HOLD_MAX.
@@ -449,14 +564,49 @@ class DatagramRuntime:
                         replies = []
                         held_since = clock()
                 else:
-                    self._send(self.listener.sock.sendto, data, reply, addr)
+                    self._send(data, reply, addr)
+        except KeyboardInterrupt:
+            self._keep_rest(batch[index + 1 :])
+            raise
+        finally:
             if replies:
                 self._send_replies(target, send, replies)
-            if len(batch) < DATAGRAM_BATCH:
-                return  # the socket was drained: wait for the next wakeup
+
+    def _keep_rest(self, rest: list[tuple[bytes, Any]]) -> None:
+        """Datagrams read but not served when KeyboardInterrupt stopped their batch: served
+        on the next turn if the server goes on (they are no longer in the socket to wake it)."""
+        if rest:
+            self._rest = rest
+            self.loop.call_soon(self.on_readable)
+
+    def _start_async(self, data: bytes, ctx: Context) -> None:
+        source = ctx.peer
+        by_source = self.inflight_by_source
+        held = by_source.get(source, 0)
+        if held >= MAX_INFLIGHT_PER_SOURCE or len(self.inflight) >= MAX_DATAGRAM_INFLIGHT:
+            self.dropped += 1
+            return
+        task = self.loop.create_task(self._answer_async(data, ctx))
+        by_source[source] = held + 1
+        self.inflight.add(task)
+        task.add_done_callback(functools.partial(self._async_done, source))
+
+    def _async_done(self, source: Any, task: asyncio.Task[None]) -> None:
+        self.inflight.discard(task)
+        left = self.inflight_by_source.get(source, 1) - 1
+        if left > 0:
+            self.inflight_by_source[source] = left
+        else:
+            self.inflight_by_source.pop(source, None)
 
     def _send_replies(self, target: Any, send: SendBatch, replies: list[tuple[bytes, Any]]) -> None:
-        failed = send(target, replies)
+        try:
+            failed = send(target, replies)
+        except (TypeError, ValueError, OverflowError):
+            # An address the batch call refused: send one by one, so only that one fails.
+            for reply, addr in replies:
+                self._send(b"", reply, addr, capped=False)
+            return
         if failed is None:
             return
         for index, err in failed:
@@ -470,33 +620,50 @@ class DatagramRuntime:
                     os.strerror(err),
                 )
 
-    def _send(self, sendto: Callable[..., int], request: bytes, reply: Any, addr: Any) -> None:
-        if self.guard_amplify and len(reply) > len(request) and not _is_loopback_peer(addr):
-            reply = reply[: len(request)]
-            if not reply:
-                return
+    def _send(self, request: bytes, reply: Any, addr: Any, capped: bool = True) -> None:
         try:
-            sendto(reply, addr)
+            if not addr:
+                self._no_return_address(addr)
+                return
+            if (
+                capped
+                and self.guard_amplify
+                and len(reply) > len(request)
+                and not _is_loopback_peer(addr)
+            ):
+                reply = reply[: len(request)]
+                if not reply:
+                    return
+            self.listener.sock.sendto(reply, addr)
         except (BlockingIOError, InterruptedError):
             self.dropped += 1  # the socket buffer is full: UDP drops, so do we
-        except TypeError:
+        except OSError as exc:
+            conn_log.info("%s: sendto %s failed: %s", self.endpoint, fmt_peer(addr), exc)
+        except (TypeError, ValueError, OverflowError):
             service_log.error(
                 "handler %s returned %s, not bytes; datagram from %s dropped",
                 self.service.name,
                 type(reply).__name__,
                 fmt_peer(addr),
             )
-        except OSError as exc:
-            conn_log.info("%s: sendto %s failed: %s", self.endpoint, fmt_peer(addr), exc)
+
+    def _no_return_address(self, addr: Any) -> None:
+        conn_log.debug(
+            "%s: served a datagram from an unbound socket (no return address); no reply sent",
+            self.endpoint,
+            extra={"event": "no_return_address", "endpoint": self.endpoint},
+        )
 
     async def _answer_async(self, data: bytes, ctx: Context) -> None:
         try:
             reply = await cast(Awaitable[Any], self.handler(data, ctx))
-        except Exception:
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            raise
+        except BaseException:  # SystemExit too: this datagram's failure only
             self._handler_failed(ctx.peer)
             return
         if reply is not None:
-            self._send(self.listener.sock.sendto, data, reply, ctx.peer)
+            self._send(data, reply, ctx.peer)
 
     def _admit(self, addr: Any) -> bool:
         if not isinstance(addr, tuple):
@@ -508,22 +675,44 @@ class DatagramRuntime:
                 "%s: dropped datagram from privileged port %s", self.endpoint, fmt_peer(addr)
             )
             return False
+        if port in self._own_ports:
+            self.dropped += 1
+            conn_log.debug(
+                "%s: dropped datagram from %s: a service's port (a reply could start a loop)",
+                self.endpoint,
+                fmt_peer(addr),
+            )
+            return False
         if self.access.active and not self.access.permits(host):
             self.dropped += 1
             return False
         if self.rate > 0:
-            return self._take_token(host)
+            return self._take_token(self._buckets, host, self.rate)
+        if self.loop_guard:
+            lo, hi = _ephemeral_ports()
+            if not lo <= port <= hi and not self._take_token(
+                self._loop_buckets, (host, port), LOOP_RATE, LOOP_BURST
+            ):
+                conn_log.debug(
+                    "%s: dropped datagram from %s: over the loop budget of a fixed source port",
+                    self.endpoint,
+                    fmt_peer(addr),
+                )
+                return False
         return True
 
-    def _take_token(self, host: str) -> bool:
-        """Token bucket per source address: ``rate`` replies/s, bursts of ``rate``."""
+    def _take_token(
+        self, buckets: dict[Any, list[float]], key: Any, rate: float, burst: float | None = None
+    ) -> bool:
+        """Token bucket per ``key``: ``rate`` replies/s, bursts of ``burst`` (default ``rate``)."""
         now = self.loop.time()
-        bucket = self._buckets.get(host)
+        cap = rate if burst is None else burst
+        bucket = buckets.get(key)
         if bucket is None:
-            if len(self._buckets) >= 65536:  # bound the table under a spoofed-source flood
-                self._buckets.clear()
-            bucket = self._buckets[host] = [self.rate, now]
-        tokens = min(self.rate, bucket[0] + (now - bucket[1]) * self.rate)
+            if len(buckets) >= 65536:  # bound the table under a spoofed-source flood
+                buckets.clear()
+            bucket = buckets[key] = [cap, now]
+        tokens = min(cap, bucket[0] + (now - bucket[1]) * rate)
         bucket[1] = now
         if tokens < 1.0:
             bucket[0] = tokens
@@ -540,6 +729,17 @@ class DatagramRuntime:
             fmt_peer(addr),
             extra={"event": "handler_error", "endpoint": self.endpoint, "peer": fmt_peer(addr)},
         )
+
+
+@functools.cache
+def _ephemeral_ports() -> tuple[int, int]:
+    """This host's range for ports the kernel picks (clients'); a port outside it was chosen."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            lo, hi = (int(x) for x in f.read().split())
+        return lo, hi
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
 
 
 def _is_loopback_bind(host: str) -> bool:

@@ -93,6 +93,9 @@ class Server:
         self.endpoints: list[Endpoint] = []
         self.conn_count = 0
         self.forced = False
+        #: Endpoints lost while serving (their socket failed): the server then stops, and
+        #: ``run`` returns 1, rather than running on without them.
+        self.lost: list[Endpoint] = []
         self._tasks: set[asyncio.Future[Any]] = set()
         self._stop_requested: asyncio.Event | None = None
         self._sweeper: asyncio.TimerHandle | None = None
@@ -117,6 +120,11 @@ class Server:
     def conn_closed(self) -> None:
         if self._all_closed is not None and self.conn_count <= 0:
             self._all_closed.set()
+
+    def endpoint_lost(self, endpoint: Endpoint) -> None:
+        """A runtime could not go on serving ``endpoint`` (it logged why): stop, failing."""
+        self.lost.append(endpoint)
+        self.request_stop()
 
     def track(self, fut: asyncio.Future[Any]) -> None:
         self._tasks.add(fut)
@@ -377,7 +385,7 @@ class Server:
     # -- running in the foreground with signals ------------------------------------------
 
     def run(self, loop_kind: str = "auto", *, handle_signals: bool = True) -> int:
-        """Run until SIGTERM/SIGINT; return an exit status (0 graceful, 1 forced)."""
+        """Run until SIGTERM/SIGINT; exit status 0 graceful, 1 forced or an endpoint lost."""
         loop = new_event_loop(loop_kind)
         asyncio.set_event_loop(loop)
         loop.set_exception_handler(_log_loop_exception)
@@ -391,7 +399,7 @@ class Server:
                 loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
             asyncio.set_event_loop(None)
-        return 1 if self.forced else 0
+        return 1 if self.forced or self.lost else 0
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
         def on_signal(name: str) -> None:
