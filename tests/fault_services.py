@@ -49,3 +49,29 @@ def every_outcome(request: bytes, ctx: Context) -> bytes | str | None:
     if request == b"big":
         return b"x" * (4 << 20)  # more than the socket buffer takes at once
     return b"ok " + request
+
+
+# A2 -- datagram handlers that end a request with a BaseException (issue 10, item 1).
+
+
+def exits(request: bytes, ctx: Context) -> bytes:
+    """``exit`` raises SystemExit, as argparse inside a handler does on bad input."""
+    if request.startswith(b"exit"):
+        raise SystemExit(2)
+    if request.startswith(b"base"):
+        raise GeneratorExit("a BaseException that is not an Exception")
+    return b"ok " + request
+
+
+async def aexits(request: bytes, ctx: Context) -> bytes:
+    """The async twin of :func:`exits`."""
+    await asyncio.sleep(0)
+    return exits(request, ctx)
+
+
+def interrupts(request: bytes, ctx: Context) -> bytes:
+    """``kbd`` raises KeyboardInterrupt from handler code (what happens next is the
+    signal handling's business); anything else is answered."""
+    if request.startswith(b"kbd"):
+        raise KeyboardInterrupt
+    return b"ok " + request
