@@ -20,7 +20,7 @@ def serve(
     """Serve ``handler`` on ``urls`` (default: TCP and UDP 127.0.0.1:21567) until SIGTERM/SIGINT.
 
     ``options`` are :class:`ServerConfig` fields (``framing="line"``, ``idle_timeout=60``...).
-    Returns the exit status: 0 after a graceful drain, 1 if forced.
+    Returns the exit status: 0 after a graceful drain, 1 if forced or an endpoint was lost.
     """
     cfg = (config or ServerConfig()).replace(**options) if options else (config or ServerConfig())
     binding = make_binding(handler, urls or DEFAULT_URLS, cfg)

@@ -127,7 +127,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         type=float,
         default=None,
         metavar="N",
-        help="replies/s per source; 0 = off (default: 100 on non-loopback binds, off on loopback)",
+        help="replies/s per source; 0 = off, the UDP loop budget too "
+        "(default: 100 on non-loopback binds, off on loopback)",
     )
     u.add_argument(
         "--udp-min-source-port",
