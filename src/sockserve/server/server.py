@@ -22,7 +22,7 @@ from ..service import Handler, Service
 from ..services import as_service, load_service
 from .config import ServerConfig
 from .epoll import HAVE_EPOLL, Hub
-from .listeners import Listener, close_listener, open_listener
+from .listeners import Listener, check_unix_mode, close_listener, open_listener
 from .logs import server_log
 from .loop import new_event_loop
 from .runtime import DatagramRuntime, StreamRuntime
@@ -62,6 +62,8 @@ def make_binding(
     if not eps:
         raise ConfigError("no endpoints to listen on")
     cfg = config or ServerConfig()
+    for ep in eps:
+        check_unix_mode(ep, cfg.unix_mode)
     if cfg.service_options:
         if svc.configure is None:
             names = ", ".join(sorted(cfg.service_options))
