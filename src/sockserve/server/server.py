@@ -25,6 +25,7 @@ from .epoll import HAVE_EPOLL, Hub
 from .listeners import Listener, check_unix_mode, close_listener, open_listener
 from .logs import server_log
 from .loop import new_event_loop
+from .proxywrap import warn_settings
 from .runtime import DatagramRuntime, StreamRuntime
 from .tls import server_context
 
@@ -189,6 +190,7 @@ class Server:
                     "framing": mode,
                 },
             )
+            warn_settings(lst.endpoint, cfg)
 
     def _start_recorded(self, binding: Binding) -> None:
         n_streams, n_datagrams = len(self.streams), len(self.datagrams)
