@@ -56,7 +56,9 @@ class ProxyHeader:
 
     ``command`` is ``LOCAL`` for v2 health checks and v1 ``UNKNOWN``: the receiver
     then uses the connection's own addresses, and ``source``/``destination`` are
-    ``None``. Otherwise they are ``(host, port)`` tuples, or paths for Unix families.
+    ``None``. Otherwise they are ``(host, port)`` tuples, or paths for Unix families
+    (printable ASCII, other bytes written ``\\xNN``: they come from the peer and
+    end up in logs), or ``None`` for v2 ``UNSPEC``.
     """
 
     version: int
@@ -65,6 +67,22 @@ class ProxyHeader:
     source: Any = None
     destination: Any = None
     tlvs: tuple[tuple[int, bytes], ...] = ()
+
+    @property
+    def relayed(self) -> bool:
+        """Whether the header speaks for a relayed client.
+
+        False only for v2 ``LOCAL``: the proxy's own connection (a health check). v1
+        ``UNKNOWN`` is relayed: HAProxy sends it for a client it cannot name (one on a
+        Unix socket); its v1 health checks carry the check's own TCP4 addresses.
+        """
+        return not (self.version == 2 and self.command == "LOCAL")
+
+    @property
+    def client_ip(self) -> str | None:
+        """The relayed client's IP address, or ``None`` when the header names none."""
+        src = self.source
+        return src[0] if isinstance(src, tuple) else None
 
 
 class ProxyHeaderReader:
@@ -145,6 +163,9 @@ def _parse_v1(buf: bytes | bytearray) -> tuple[ProxyHeader, int] | None:
 
 def _v1_address(text: str, version: int) -> str:
     try:
+        # The spec's grammar has no IPv6 zone ("%eth0"), which ip_address would accept.
+        if "%" in text:
+            raise ValueError(text)
         addr = ipaddress.ip_address(text)
     except ValueError:
         raise RemoteProtocolError(f"PROXY v1 header has a bad address {text[:48]!r}") from None
@@ -217,7 +238,9 @@ def _u16(block: bytes, at: int) -> int:
 
 
 def _unix_path(raw: bytes) -> str:
-    return raw.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+    """The path up to its NUL, printable ASCII kept and other bytes escaped (no log injection)."""
+    path = raw.split(b"\0", 1)[0]
+    return "".join(chr(b) if 0x20 <= b <= 0x7E and b != 0x5C else f"\\x{b:02x}" for b in path)
 
 
 def _v2_tlvs(data: bytes) -> tuple[tuple[int, bytes], ...]:

@@ -6,6 +6,7 @@ Defaults are the documented ones; every number carries the reason it is that num
 from __future__ import annotations
 
 import ipaddress
+import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -98,6 +99,12 @@ class ServerConfig:
             raise ConfigError(f"UDP rate must be >= 0 (0 = off), got {self.udp_rate}")
         if not 0 <= self.udp_min_source_port <= 65535:
             raise ConfigError("UDP minimum source port must be within 0-65535")
+        # NaN or inf would leave a client that stalls inside its PROXY header held for good.
+        if not 0 < self.proxy_header_timeout < math.inf:
+            raise ConfigError(
+                f"PROXY header timeout must be a positive number of seconds, "
+                f"got {self.proxy_header_timeout}"
+            )
         if self.tls_key is not None and self.tls_cert is None:
             raise ConfigError("--tls-key given without --tls-cert")
 

@@ -16,7 +16,7 @@ import stat
 from dataclasses import dataclass
 
 from ..endpoints import Endpoint
-from ..errors import EndpointError
+from ..errors import ConfigError, EndpointError
 
 
 @dataclass
@@ -39,6 +39,19 @@ def open_listener(
     if endpoint.is_unix:
         return _open_unix(endpoint, backlog, unix_mode)
     return _open_inet(endpoint, backlog, reuse_port)
+
+
+def check_unix_mode(endpoint: Endpoint, unix_mode: int | None) -> None:
+    """Refuse ``unix_mode`` on an abstract socket: it has no file, so no mode to set.
+
+    Refused rather than ignored, so nobody believes a mode protects an abstract name
+    (any process in the network namespace can connect to one).
+    """
+    if unix_mode is not None and endpoint.is_unix and endpoint.path.startswith("@"):
+        raise ConfigError(
+            f"{endpoint}: --unix-mode cannot apply to an abstract socket (it has no file "
+            "and no permissions); use a path, or drop --unix-mode"
+        )
 
 
 def _resolve(endpoint: Endpoint) -> tuple[int, tuple[str, int]]:
@@ -84,6 +97,7 @@ def _open_inet(endpoint: Endpoint, backlog: int, reuse_port: bool) -> Listener:
 
 
 def _open_unix(endpoint: Endpoint, backlog: int, unix_mode: int | None) -> Listener:
+    check_unix_mode(endpoint, unix_mode)
     socktype = socket.SOCK_STREAM if endpoint.is_stream else socket.SOCK_DGRAM
     path = endpoint.path
     abstract = path.startswith("@")
@@ -114,36 +128,54 @@ def _open_unix(endpoint: Endpoint, backlog: int, unix_mode: int | None) -> Liste
 
 
 def _remove_stale(endpoint: Endpoint) -> None:
-    """Remove a leftover socket file nobody listens on; refuse to steal a live one."""
+    """Remove a leftover socket file nobody serves; refuse anything else, naming the path.
+
+    A path is stale only when it is a socket (not a regular file, not a symlink: those
+    are never removed) and refuses connections of both types with ECONNREFUSED. A
+    socket of the other type answers the probe of its own type (and fails the other
+    with EPROTOTYPE), so a live ``unix://`` server is never taken for a stale
+    ``unixgram://`` file, or the other way round.
+    """
     path = endpoint.path
     try:
-        st = os.stat(path)
+        st = os.lstat(path)
     except FileNotFoundError:
         return
     if not stat.S_ISSOCK(st.st_mode):
+        what = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a socket"
         raise EndpointError(
-            f"{endpoint}: {path} exists and is not a socket; remove it or pick another path"
+            f"{endpoint}: {path} exists and is {what}; remove it or pick another path"
         )
-    probe = socket.socket(
-        socket.AF_UNIX, socket.SOCK_STREAM if endpoint.is_stream else socket.SOCK_DGRAM
-    )
+    for socktype in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+        answer = _probe(path, socktype)
+        if answer is not None:
+            raise EndpointError(f"{endpoint}: {answer}; stop that server or pick another path")
+    # Both refused: nobody holds the socket. Remove it only if it is still the file probed.
+    with contextlib.suppress(FileNotFoundError):
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+            os.unlink(path)
+
+
+def _probe(path: str, socktype: int) -> str | None:
+    """Connect to ``path`` as ``socktype``: ``None`` if refused (nobody there), else what answered."""
+    kind = "stream" if socktype == socket.SOCK_STREAM else "datagram"
+    probe = socket.socket(socket.AF_UNIX, socktype)
     try:
         probe.settimeout(1.0)
         probe.connect(path)
     except (ConnectionRefusedError, FileNotFoundError):
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        return
+        return None
     except OSError as exc:
-        if exc.errno == errno.EPROTOTYPE:  # a socket of the other type: nobody of ours listens
-            os.unlink(path)
-            return
-        raise EndpointError(
-            f"{endpoint}: cannot check existing socket file: {exc.strerror}"
-        ) from None
+        if exc.errno == errno.EPROTOTYPE:
+            other = "datagram" if kind == "stream" else "stream"
+            return f"another server is listening on {path} (a {other} socket is bound to it)"
+        if exc.errno in (errno.EAGAIN, errno.EWOULDBLOCK) or isinstance(exc, TimeoutError):
+            return f"another server is listening on {path} (stream, its backlog full)"
+        return f"cannot check existing socket file {path} as {kind}: {exc.strerror or exc}"
     finally:
         probe.close()
-    raise EndpointError(f"{endpoint}: another server is listening on {path}")
+    return f"another server is listening on {path} (a {kind} socket answered)"
 
 
 def close_listener(listener: Listener) -> None:

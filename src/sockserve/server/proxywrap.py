@@ -21,17 +21,51 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ..endpoints import Endpoint
 from ..errors import RemoteProtocolError
-from ..framing.proxy import ProxyHeaderReader
+from ..framing.proxy import ProxyHeader, ProxyHeaderReader
 from ..service import Context
 from .access import AccessControl
-from .logs import conn_log, fmt_peer
+from .logs import conn_log, fmt_peer, server_log
 
 if TYPE_CHECKING:
+    from .config import ServerConfig
     from .runtime import StreamRuntime
     from .stream import AnyConn
 
 #: Prefix of close reasons for connections refused for their PROXY header (metrics count them).
 REASON_PREFIX = "PROXY header"
+
+
+def warn_settings(endpoint: Endpoint, config: ServerConfig) -> None:
+    """Log at start what ``--proxy-protocol`` leaves open on this endpoint, so nobody relies on it.
+
+    Without ``--proxy-from`` any client that reaches an IP endpoint can send a header
+    naming any address, and so pass ``--allow``/``--deny``. ``--proxy-from`` cannot apply
+    to a Unix listener (its peers have no address; the file mode decides), and datagram
+    endpoints take no header at all.
+    """
+    if not config.proxy_protocol:
+        return
+    why = None
+    if not endpoint.is_stream:
+        why = (
+            "--proxy-protocol applies to stream endpoints only: datagrams here are judged "
+            "by their own source address (--allow/--deny), --proxy-from does not apply"
+        )
+    elif endpoint.is_unix and config.proxy_from:
+        why = (
+            "--proxy-from cannot apply to a Unix socket (its peers have no address): "
+            "the socket file's mode (--unix-mode) decides who may send PROXY headers"
+        )
+    elif not endpoint.is_unix and not config.proxy_from:
+        why = (
+            "--proxy-protocol without --proxy-from: any client that can connect can claim "
+            "any address in its PROXY header, and so pass --allow/--deny; list your "
+            "proxies with --proxy-from CIDR"
+        )
+    if why is not None:
+        server_log.warning(
+            "%s: %s", endpoint, why, extra={"event": "proxy_warning", "endpoint": endpoint}
+        )
 
 
 def wrap_factory(
@@ -48,6 +82,7 @@ class ProxyHeaderProtocol(asyncio.Protocol):
     __slots__ = (
         "_access",
         "_inner",
+        "_proxy_gate",
         "_reader",
         "_timer",
         "_transport",
@@ -69,6 +104,8 @@ class ProxyHeaderProtocol(asyncio.Protocol):
         self.ctx = Context(peer, rt.endpoint)
         self._inner = inner
         self._access = access
+        #: The accept gate was an explicit --proxy-from list (an IP listener checked it).
+        self._proxy_gate = bool(rt.config.proxy_from)
         self._reader = ProxyHeaderReader()
         self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
@@ -99,18 +136,44 @@ class ProxyHeaderProtocol(asyncio.Protocol):
             return
         self._cancel_timer()
         peer = header.source if header.source is not None else self.ctx.peer
-        if self._access.active and isinstance(peer, tuple) and not self._access.permits(peer[0]):
+        refusal = self._judge(header, peer)
+        if refusal is not None:
             conn_log.info(
-                "%s: denied %s (via proxy %s)",
+                "%s: denied %s (via proxy %s)%s",
                 self.rt.endpoint,
                 fmt_peer(peer),
                 fmt_peer(self.ctx.peer),
+                refusal,
                 extra={"event": "denied", "endpoint": self.rt.endpoint, "peer": fmt_peer(peer)},
             )
             self.rt.note_close_reason(self, "denied")  # type: ignore[arg-type]
             self.abort()
             return
         self._hand_over(peer, header.destination)
+
+    def _judge(self, header: ProxyHeader, peer: Any) -> str | None:
+        """``None`` to admit, else why not (appended to the log line).
+
+        - A relayed client named by IP address: ``--allow``/``--deny`` judge that address.
+        - A relayed client the header does not name by IP (v1 ``UNKNOWN``, v2 ``UNSPEC``,
+          a Unix path): no rule can match it, so it is refused while any rule exists.
+        - v2 ``LOCAL`` (the proxy's own health check): judged as the same connection
+          without a header would be. A proxy let in by ``--proxy-from`` is trusted for it
+          (it could name any allowed client anyway); without ``--proxy-from`` the rules
+          judge its own address; on a Unix listener the socket file's mode governs.
+        """
+        access = self._access
+        if not access.active:
+            return None
+        if header.relayed:
+            ip = header.client_ip
+            if ip is None:
+                return f": the PROXY header names no IP address ({header.family}) to check"
+            return None if access.permits(ip) else ""
+        real = self.ctx.peer
+        if not isinstance(real, tuple) or self._proxy_gate:
+            return None
+        return None if access.permits(real[0]) else ""
 
     def eof_received(self) -> bool:
         self._refuse("connection closed before a whole header arrived")

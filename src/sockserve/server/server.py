@@ -22,9 +22,10 @@ from ..service import Handler, Service
 from ..services import as_service, load_service
 from .config import ServerConfig
 from .epoll import HAVE_EPOLL, Hub
-from .listeners import Listener, close_listener, open_listener
+from .listeners import Listener, check_unix_mode, close_listener, open_listener
 from .logs import server_log
 from .loop import new_event_loop
+from .proxywrap import warn_settings
 from .runtime import DatagramRuntime, StreamRuntime
 from .tls import server_context
 
@@ -62,6 +63,8 @@ def make_binding(
     if not eps:
         raise ConfigError("no endpoints to listen on")
     cfg = config or ServerConfig()
+    for ep in eps:
+        check_unix_mode(ep, cfg.unix_mode)
     if cfg.service_options:
         if svc.configure is None:
             names = ", ".join(sorted(cfg.service_options))
@@ -195,6 +198,7 @@ class Server:
                     "framing": mode,
                 },
             )
+            warn_settings(lst.endpoint, cfg)
 
     def _start_recorded(self, binding: Binding) -> None:
         n_streams, n_datagrams = len(self.streams), len(self.datagrams)
