@@ -49,3 +49,18 @@ def every_outcome(request: bytes, ctx: Context) -> bytes | str | None:
     if request == b"big":
         return b"x" * (4 << 20)  # more than the socket buffer takes at once
     return b"ok " + request
+
+
+# C: client-side faults (issue 10 items 18, 21): handlers the client tests call.
+
+
+def million(request: bytes, ctx: Context) -> bytes:
+    """A 1,000,000-byte reply: more than one recv, more than the default --max-message."""
+    return b"m" * 999_999 + b"\n"
+
+
+def sized(request: bytes, ctx: Context) -> bytes:
+    """``N``: reply N bytes of ``s`` (for replies of chosen sizes); anything else: ``ok REQ``."""
+    if request.strip().isdigit():
+        return b"s" * int(request.strip())
+    return b"ok " + request
