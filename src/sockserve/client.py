@@ -266,9 +266,14 @@ class Client:
         size = 0
         try:
             self._left(sock, deadline)
-            sock.sendall(data)
-            # The socket method itself: SSLSocket.shutdown would drop the TLS layer first.
-            socket.socket.shutdown(sock, socket.SHUT_WR)
+            try:
+                sock.sendall(data)
+                # The socket method itself: SSLSocket.shutdown would drop the TLS layer first.
+                socket.socket.shutdown(sock, socket.SHUT_WR)
+            except OSError as exc:
+                # A server that replies and closes at once (time, daytime): read its reply.
+                if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+                    raise
             while True:
                 self._left(sock, deadline)
                 chunk = sock.recv(RAW_READ)

@@ -114,13 +114,21 @@ def run(args: argparse.Namespace | Args) -> int:
         except OSError:
             silence_stdout()
         return fail("call", str(exc), exit_code(exc))
-    except BrokenPipeError:
-        silence_stdout()  # the reader went away (`| head`): nothing left to say
-        return EXIT_OK
-    except OSError as exc:
+    except (OSError, OutputError) as exc:
+        err = exc.error if isinstance(exc, OutputError) else exc
         silence_stdout()
-        return fail("call", f"cannot write the reply: {exc.strerror or exc}", EXIT_FAIL)
+        if isinstance(err, BrokenPipeError):
+            return EXIT_OK  # the reader went away (`| head`): nothing left to say
+        return fail("call", f"cannot write the reply: {err.strerror or err}", EXIT_FAIL)
     return EXIT_OK
+
+
+class OutputError(Exception):
+    """Writing a reply to stdout failed while the client was reading it (wraps the OSError)."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
 
 
 if TYPE_CHECKING:
@@ -148,11 +156,14 @@ def _answerer(client: Client, out: BinaryIO, args: object) -> Callable[[bytes], 
         return hex_answer
 
     def answer(request: bytes) -> None:
-        last = b"\n"
+        last = b""  # the last byte printed: a reply gets a newline unless it ends with one
 
         def sink(chunk: bytes) -> None:
             nonlocal last
-            out.write(chunk)
+            try:
+                out.write(chunk)
+            except OSError as exc:  # not the connection's error: keep it apart from those
+                raise OutputError(exc) from None
             last = chunk[-1:]
 
         reply = client.request(request, sink)
