@@ -506,8 +506,8 @@ def test_help_ends_with_examples_and_exit_codes(cmd: str) -> None:
 
 
 def test_call_hex_dumps_binary_replies(serve: Serve) -> None:
-    st = serve("time", "tcp://127.0.0.1:0")
-    proc = run_cli("call", "--hex", st.url("tcp"), "x")
+    st = serve("time", "udp://127.0.0.1:0")
+    proc = run_cli("call", "--hex", st.url("udp"), "x")
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.decode()
     assert line.startswith("00000000: ") and line.count("\n") == 1
