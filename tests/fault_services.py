@@ -75,3 +75,18 @@ def interrupts(request: bytes, ctx: Context) -> bytes:
     if request.startswith(b"kbd"):
         raise KeyboardInterrupt
     return b"ok " + request
+
+
+# C: client-side faults (issue 10 items 18, 21): handlers the client tests call.
+
+
+def million(request: bytes, ctx: Context) -> bytes:
+    """A 1,000,000-byte reply: more than one recv, more than the default --max-message."""
+    return b"m" * 999_999 + b"\n"
+
+
+def sized(request: bytes, ctx: Context) -> bytes:
+    """``N``: reply N bytes of ``s`` (for replies of chosen sizes); anything else: ``ok REQ``."""
+    if request.strip().isdigit():
+        return b"s" * int(request.strip())
+    return b"ok " + request

@@ -236,8 +236,10 @@ def test_connection_limit_leaves_clients_in_the_backlog_until_a_slot_frees(
 ) -> None:
     st = serve("timestamp", "tcp://127.0.0.1:0", max_conns=2)
     url = st.url("tcp")
-    c1 = sockserve.connect(url, timeout=5)
-    c2 = sockserve.connect(url, timeout=5)
+    # reply_size keeps each raw connection open after its reply (a "[ctime] one" stamp is 30
+    # bytes); without it a raw request has a connection of its own (issue 10, item 18).
+    c1 = sockserve.connect(url, timeout=5, reply_size=30)
+    c2 = sockserve.connect(url, timeout=5, reply_size=30)
     assert c1.request(b"one").endswith(b"one")
     assert c2.request(b"two").endswith(b"two")
     server_logs.wait_for("at the connection limit (2)")
@@ -261,9 +263,10 @@ def test_connection_limit_is_shared_and_freed_across_listeners(serve: Serve, soc
     """A slot freed on one listener resumes accepting on another paused at the limit."""
     path = f"{sock_dir}/limit.sock"
     st = serve("timestamp", "tcp://127.0.0.1:0", f"unix://{path}", max_conns=2)
-    tcp_a = sockserve.connect(st.url("tcp"), timeout=5)
+    # reply_size (a "[ctime] a" stamp is 28 bytes) keeps the raw connections open after the reply.
+    tcp_a = sockserve.connect(st.url("tcp"), timeout=5, reply_size=28)
     assert tcp_a.request(b"a").endswith(b"a")
-    unix_b = sockserve.connect(st.url("unix"), timeout=5)
+    unix_b = sockserve.connect(st.url("unix"), timeout=5, reply_size=28)
     assert unix_b.request(b"b").endswith(b"b")  # the unix listener pauses at the limit
     tcp_a.close()
     wait_for(lambda: st.server.conn_count == 1, what="the TCP connection to close")

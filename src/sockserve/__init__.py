@@ -25,9 +25,12 @@ if TYPE_CHECKING:
         MessageTooLarge,
         ProtocolError,
         RemoteProtocolError,
+        ReplyTooLarge,
         RequestTimeout,
+        RequestTooLarge,
         ServiceError,
         SockserveError,
+        TLSFileError,
     )
     from .server import Server, ServerConfig, ServerThread
     from .service import Context, Service, StreamSession
@@ -42,9 +45,12 @@ _ERRORS = [
     "MessageTooLarge",
     "ProtocolError",
     "RemoteProtocolError",
+    "ReplyTooLarge",
     "RequestTimeout",
+    "RequestTooLarge",
     "ServiceError",
     "SockserveError",
+    "TLSFileError",
 ]
 _LAZY: dict[str, str] = {
     **dict.fromkeys(_ERRORS, "sockserve.errors"),
@@ -93,7 +99,9 @@ __all__ = [
     "MessageTooLarge",
     "ProtocolError",
     "RemoteProtocolError",
+    "ReplyTooLarge",
     "RequestTimeout",
+    "RequestTooLarge",
     "Server",
     "ServerConfig",
     "ServerThread",
@@ -101,6 +109,7 @@ __all__ = [
     "ServiceError",
     "SockserveError",
     "StreamSession",
+    "TLSFileError",
     "aconnect",
     "connect",
     "parse_endpoint",

@@ -59,3 +59,25 @@ class RequestTimeout(ClientError):
 
 class ConnectionClosed(ClientError):
     """The server closed the connection before the reply was complete."""
+
+
+class ReplyTooLarge(ClientError):
+    """A reply is longer than the client's ``max_message``, or could not be delimited.
+
+    Raised instead of handing back a cut reply: raising ``max_message`` or choosing a
+    framing (or ``reply_size``) that marks where replies end is the fix.
+    """
+
+
+class RequestTooLarge(ClientError):
+    """A request cannot be sent at all, e.g. a datagram over the transport's size limit."""
+
+
+class TLSFileError(ConfigError):
+    """A ``tls_ca``/``tls_cert``/``tls_key`` file is missing or unreadable; ``path`` names it."""
+
+    def __init__(self, option: str, path: str, reason: str) -> None:
+        super().__init__(f"{option} {path}: {reason}")
+        self.option = option
+        self.path = path
+        self.reason = reason

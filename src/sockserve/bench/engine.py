@@ -27,7 +27,9 @@ connection the server closes or resets counts an error for each request it had
 in flight and is reopened; a request unanswered after ``timeout`` counts as a
 timeout (a stream connection is then reopened, since a late reply could no
 longer be matched; a datagram request is simply sent again). If no connection
-can be reopened, the run ends early with ``aborted`` set.
+can be reopened, the run ends early with ``aborted`` set. Ctrl-C (KeyboardInterrupt)
+ends the measured phase early too, with ``interrupted`` set: what was measured
+so far is the result, and the CLI reports it.
 
 Resource handling: every socket is closed when :meth:`LoadEngine.run` returns,
 whatever happens.
@@ -47,7 +49,7 @@ from dataclasses import dataclass, field
 
 from ..client import Client
 from ..endpoints import Endpoint
-from ..errors import ClientError
+from ..errors import ClientError, ConnectionClosed
 from ..fastio import stream_recv_into, stream_send
 from ..framing import DEFAULT_MAX_MESSAGE, LengthCodec, make_codec
 from .histogram import HALF, MAX_VALUE, SUB_BITS, Histogram
@@ -111,6 +113,7 @@ class LoadResult:
     reconnects: int = 0
     error_reasons: dict[str, int] = field(default_factory=dict)
     aborted: str | None = None
+    interrupted: bool = False  #: stopped early by Ctrl-C: a partial, but true, measurement
 
     @property
     def requests(self) -> int:
@@ -134,6 +137,7 @@ class LoadResult:
         for k, v in other.error_reasons.items():
             self.error_reasons[k] = self.error_reasons.get(k, 0) + v
         self.aborted = self.aborted or other.aborted
+        self.interrupted = self.interrupted or other.interrupted
 
     def to_dict(self) -> dict[str, object]:
         return {
@@ -145,6 +149,7 @@ class LoadResult:
             "reconnects": self.reconnects,
             "error_reasons": self.error_reasons,
             "aborted": self.aborted,
+            "interrupted": self.interrupted,
         }
 
     @classmethod
@@ -163,6 +168,7 @@ class LoadResult:
             reconnects=int(d["reconnects"]),  # type: ignore[call-overload]
             error_reasons={str(k): int(v) for k, v in reasons.items()},
             aborted=str(aborted) if aborted else None,
+            interrupted=bool(d.get("interrupted")),
         )
 
 
@@ -252,6 +258,7 @@ class LoadEngine:
             tls_key=t.key,
             tls_verify=t.verify,
             server_hostname=t.server_hostname,
+            reply_size=spec.reply_size,
         )
 
     def _open(self) -> _Conn:
@@ -363,8 +370,17 @@ class LoadEngine:
             self.order.append(self._open())
 
     def _probe(self) -> None:
+        spec = self.spec
         with self._client() as client:
-            client.request(self.spec.payload)
+            if spec.endpoint.is_stream and spec.framing == "raw" and spec.reply_size is None:
+                # Any first bytes answer it: a raw request() would wait for the server's close.
+                client.send(spec.payload)
+                if not client.recv_stream():
+                    raise ConnectionClosed(
+                        spec.endpoint.url(), "server closed the connection before replying"
+                    )
+            else:
+                client.request(spec.payload)
 
     def drive(self) -> LoadResult:
         """Warm up, then measure; the connections stay open for :meth:`close`."""
@@ -387,7 +403,12 @@ class LoadEngine:
         else:
             self.next_due = start
         if spec.warmup > 0:
-            self._loop(start + int(spec.warmup * 1e9), start, warm=True)
+            try:
+                self._loop(start + int(spec.warmup * 1e9), start, warm=True)
+            except KeyboardInterrupt:
+                hist.clear()  # nothing measured yet
+                res.interrupted = True
+                return
             hist.clear()
             res.errors = res.timeouts = res.reconnects = 0
             res.error_reasons.clear()
@@ -399,7 +420,12 @@ class LoadEngine:
             end = 1 << 62
         else:
             end = begin + int((spec.duration or 0) * 1e9)
-        last = self._loop(end, begin, warm=False)
+        try:
+            last = self._loop(end, begin, warm=False)
+        except KeyboardInterrupt:
+            # Ctrl-C: stop here; what was measured up to now is the result.
+            last = time.perf_counter_ns()
+            res.interrupted = True
         res.elapsed = max(0, min(last, end) - begin) / 1e9
 
     def _done(self) -> bool:
@@ -408,6 +434,8 @@ class LoadEngine:
     def _loop(self, end: int, begin: int, *, warm: bool) -> int:
         """Run until ``end`` (ns) or the ``-n`` budget is spent; return the time it stopped."""
         poll = self.ep.poll
+        epfd = [self.ep.fileno()]
+        sleep_until_ready = select.select
         perf = time.perf_counter_ns
         by_fd = self.by_fd
         buf = self.buf
@@ -442,6 +470,11 @@ class LoadEngine:
             while True:
                 if open_loop:
                     timeout = self._schedule(now, end)
+                    if timeout > 0:
+                        # select() sleeps to the microsecond (epoll only to the millisecond)
+                        # and wakes when the epoll fd has events: no spinning between sends.
+                        sleep_until_ready(epfd, (), (), timeout)
+                        timeout = 0.0
                 events = poll(timeout)
                 now = perf()
                 for fd, ev in events:
@@ -594,9 +627,9 @@ class LoadEngine:
             else:
                 conn.queued.append(due)
         wait = self.next_due - time.perf_counter_ns()
-        if wait > 1_500_000:
-            return (wait - 1_000_000) / 1e9  # epoll sleeps in whole ms, rounded up
-        return 0.0  # less than 1.5 ms to go: spin, so requests leave on time
+        # Seconds to sleep until the next request is due (the caller sleeps to the µs);
+        # no longer than a tick, so housekeeping still runs at a low rate.
+        return min(max(wait, 0), TICK_NS) / 1e9
 
     def _housekeeping(self, now: int, begin: int, warm: bool) -> None:
         res = self.result

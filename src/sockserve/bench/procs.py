@@ -15,6 +15,10 @@ Error handling: a worker that cannot connect reports the ConnectError, which the
 parent raises after stopping the others; a worker that dies without a result
 raises :class:`~sockserve.errors.ClientError`.
 
+Ctrl-C: workers ignore SIGINT (the terminal sends it to the whole group); the
+parent asks each to stop with SIGUSR1, which ends its measured phase as Ctrl-C
+ends a single engine's, then merges the partial results it sends back.
+
 Resource handling: the parent always reaps every child (SIGTERM to the ones
 left if it is interrupted).
 """
@@ -79,7 +83,16 @@ def run_procs(spec: LoadSpec, procs: int, progress: Progress | None = None) -> L
             children.append((pid, r))
         os.close(go_r)
         go_r = -1
-        return _collect(children, shm, go_w, progress)
+        state = _Collect(children)
+        try:
+            return _collect(state, shm, go_w, progress)
+        except KeyboardInterrupt:
+            for pid, _ in children:
+                with contextlib.suppress(OSError):
+                    os.kill(pid, signal.SIGUSR1)
+            merged = _collect(state, shm, go_w, None, deadline=time.monotonic() + STOP_GRACE)
+            merged.interrupted = True
+            return merged
     finally:
         for pid, r in children:
             with contextlib.suppress(OSError):
@@ -99,6 +112,12 @@ def _child(
     code = 0
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides when to stop
+
+        def stop(signum: int, frame: object) -> None:
+            signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # once: let the result go out
+            raise KeyboardInterrupt
+
+        signal.signal(signal.SIGUSR1, stop)
 
         def report(elapsed: float, done: int, errors: int, timeouts: int) -> None:
             _SLOT.pack_into(shm, slot * _SLOT.size, done, errors, timeouts, elapsed)
@@ -130,17 +149,37 @@ def _send(fd: int, msg: dict[str, object]) -> None:
         data = data[os.write(fd, data) :]
 
 
+class _Collect:
+    """What the parent has gathered so far, kept across a Ctrl-C so collecting can resume."""
+
+    def __init__(self, children: list[tuple[int, int]]) -> None:
+        self.children = children
+        self.bufs = {r: b"" for _, r in children}
+        self.ready = 0
+        self.released = False
+        self.merged = LoadResult(conns=0)
+        self.results = 0
+        self.open_fds = set(self.bufs)
+
+
+#: After Ctrl-C, how long workers get to send what they measured.
+STOP_GRACE = 5.0
+
+
 def _collect(
-    children: list[tuple[int, int]], shm: mmap.mmap, go_w: int, progress: Progress | None
+    state: _Collect,
+    shm: mmap.mmap,
+    go_w: int,
+    progress: Progress | None,
+    deadline: float | None = None,
 ) -> LoadResult:
-    bufs = {r: b"" for _, r in children}
-    msgs: dict[int, list[dict[str, object]]] = {r: [] for _, r in children}
-    ready = 0
-    released = False
-    merged = LoadResult(conns=0)
-    results = 0
-    open_fds = set(bufs)
+    children = state.children
+    bufs = state.bufs
+    open_fds = state.open_fds
+    merged = state.merged
     while open_fds:
+        if deadline is not None and time.monotonic() > deadline:
+            break
         rlist, _, _ = select.select(list(open_fds), [], [], PROGRESS_EVERY)
         for r in rlist:
             chunk = os.read(r, 65536)
@@ -151,23 +190,26 @@ def _collect(
             *lines, bufs[r] = bufs[r].split(b"\n")
             for line in lines:
                 msg = json.loads(line)
-                msgs[r].append(msg)
+                if deadline is not None and "result" not in msg:
+                    continue  # stopping: a worker interrupted before it measured
                 if "connect_error" in msg:
                     endpoint, reason = msg["connect_error"]
                     raise ConnectError(endpoint, reason)
                 if "failed" in msg:
                     raise ClientError("load worker", str(msg["failed"]))
                 if "ready" in msg:
-                    ready += 1
+                    state.ready += 1
                 if "result" in msg:
                     merged.merge(LoadResult.from_dict(msg["result"]))
-                    results += 1
-        if not released and ready == len(children):
+                    state.results += 1
+        if not state.released and state.ready == len(children) and deadline is None:
             os.write(go_w, b"g" * len(children))
-            released = True
-        if progress is not None and released:
+            state.released = True
+        if progress is not None and state.released:
             _progress(shm, len(children), progress)
-    if results != len(children):
+    if deadline is not None:
+        return merged  # after Ctrl-C: whatever came back in time
+    if state.results != len(children):
         raise ClientError("load worker", "a load process exited without a result")
     return merged
 

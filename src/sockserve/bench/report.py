@@ -44,6 +44,7 @@ def summary(result: LoadResult, spec: LoadSpec, procs: int = 1) -> dict[str, obj
     out["error_reasons"] = dict(result.error_reasons)
     out["reconnects"] = result.reconnects
     out["aborted"] = result.aborted
+    out["interrupted"] = result.interrupted
     out["url"] = spec.endpoint.url()
     out["conns"] = result.conns or spec.conns
     out["procs"] = procs
@@ -96,6 +97,8 @@ def render(result: LoadResult, spec: LoadSpec, procs: int = 1, *, unicode: bool 
         lines.append(f"  reconnects  {result.reconnects:>12,}")
     if result.aborted:
         lines.append(f"  aborted: {result.aborted}")
+    if result.interrupted:
+        lines.append("  interrupted (Ctrl-C): the figures cover the time measured so far")
     lines.append("")
     heads = [f"p{p:g}" for p, _ in PERCENTILES] + ["max", "mean"]
     values = [h.percentile(p) for p, _ in PERCENTILES] + [h.max, int(h.mean)]

@@ -4,19 +4,38 @@ Only parses options into a :class:`~sockserve.bench.LoadSpec` and hands it to
 the engine; the engine raises typed errors and this module turns them into one
 line on stderr and an exit code: 2 bad URL or options, 3 cannot connect,
 4/5 the probe request timed out / was cut off (as ``call``), 1 the run was cut
-short (no connection could be reopened). Errors during a run are data, not
-failures: they are counted in the report and the exit code stays 0.
+short (no connection could be reopened), 130 Ctrl-C (after the report of what
+was measured so far). Errors during a run are data, not failures: they are
+counted in the report and the exit code stays 0.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 
 from ..errors import ClientError, ConnectError, EndpointError, SockserveError
-from .common import add_client_arguments, exit_code, fail
+from .common import add_client_arguments, exit_code, fail, help_epilog, silence_stdout
 from .main import EXIT_CONNECT, EXIT_FAIL, EXIT_OK, EXIT_USAGE
+
+#: Exit status after Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
+
+EXAMPLES = """\
+  sockserve bench tcp://127.0.0.1:21567 -c 50 -d 10               # throughput, closed loop
+  sockserve bench tcp://127.0.0.1:21567 -c 50 --rate 20000 -d 30  # latency at a fixed load
+  sockserve bench udp://127.0.0.1:21567 -n 100000 --json          # for scripts"""
+
+EXIT_CODES = """exit codes:
+  0  the run completed (errors during it are counted in the report)
+  1  the run was cut short (no connection could be reopened), or output not writable
+  2  usage error: bad URL or option, missing TLS file
+  3  cannot connect
+  4  the probe request timed out (no reply within --timeout)
+  5  the probe request was cut off (the server closed the connection)
+  130  interrupted (Ctrl-C): the report covers what was measured until then"""
 
 #: Default request: 64 bytes, the size the issue's workloads use.
 DEFAULT_SIZE = 64
@@ -125,14 +144,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "--json", action="store_true", help="print one JSON object instead of the report"
     )
     p.add_argument("-q", "--quiet", action="store_true", help="no live progress line")
+    help_epilog(p, EXAMPLES, EXIT_CODES)
 
 
 def _spec(args: argparse.Namespace) -> object:
     from ..bench import LoadSpec, TlsOptions
+    from ..client import check_tls_files
     from ..endpoints import parse_endpoint
     from ..framing import DEFAULT_MAX_MESSAGE
 
     endpoint = parse_endpoint(args.url)
+    check_tls_files(args.tls_ca, args.tls_cert, args.tls_key)  # TLSFileError: a ValueError
     if args.message is not None:
         payload = args.message.encode()
         if not payload:
@@ -188,7 +210,7 @@ def run(args: argparse.Namespace) -> int:
     except (EndpointError, ValueError) as exc:
         return fail("bench", str(exc), EXIT_USAGE)
     assert isinstance(spec, LoadSpec)
-    progress = None if args.quiet else ProgressLine()
+    progress = None if args.quiet or sys.stderr is None else ProgressLine()
     try:
         if args.procs == 1:
             result = run_load(spec, progress)
@@ -204,10 +226,21 @@ def run(args: argparse.Namespace) -> int:
         return fail("bench", f"{spec.endpoint}: {exc.strerror or exc}", EXIT_FAIL)
     finally:
         if progress is not None:
-            progress.finish()
+            with contextlib.suppress(OSError):  # stderr gone: the report still goes to stdout
+                progress.finish()
     if args.json:
-        print(json.dumps(summary(result, spec, args.procs)))
+        report = json.dumps(summary(result, spec, args.procs))
     else:
         enc = (getattr(sys.stdout, "encoding", None) or "").lower()
-        print(render(result, spec, args.procs, unicode=enc.startswith("utf")))
-    return EXIT_FAIL if result.aborted else EXIT_OK
+        report = render(result, spec, args.procs, unicode=enc.startswith("utf"))
+    code = EXIT_INTERRUPTED if result.interrupted else EXIT_FAIL if result.aborted else EXIT_OK
+    if sys.stdout is None:
+        return fail("bench", "standard output is closed: no report", EXIT_FAIL)
+    try:
+        print(report, flush=True)
+    except BrokenPipeError:
+        silence_stdout()  # `| head`, `| true`: the reader left; the report was not wanted
+    except OSError as exc:
+        silence_stdout()
+        return fail("bench", f"cannot write the report: {exc.strerror or exc}", EXIT_FAIL)
+    return code

@@ -1,18 +1,48 @@
-"""``sockserve chat URL``: the textbook interactive client. Prompt ``> ``; empty line or EOF quits."""
+"""``sockserve chat URL``: the textbook interactive client; an empty line or EOF quits.
+
+On a terminal it prompts ``> `` and edits lines with readline (arrows, history
+for the session, Ctrl-R), as Python's own REPL does. From a pipe it prints only
+the replies: a prompt in a pipe is noise for whoever reads it. Ctrl-C exits 130,
+like any shell command interrupted.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
 from ..client import Client
 from ..errors import SockserveError
-from .common import add_client_arguments, client_options, exit_code, fail
-from .main import EXIT_OK, EXIT_USAGE
+from .common import (
+    EXIT_CODES_HELP,
+    add_client_arguments,
+    client_options,
+    exit_code,
+    fail,
+    help_epilog,
+    silence_stdout,
+)
+from .main import EXIT_FAIL, EXIT_OK, EXIT_USAGE
+
+#: Exit status of a command ended by Ctrl-C (128 + SIGINT), as shells report it.
+EXIT_INTERRUPTED = 130
+
+EXAMPLES = """\
+  sockserve chat tcp://127.0.0.1:21567                 # type requests, read replies
+  sockserve chat --framing line unix:///run/app.sock
+  printf 'one\\ntwo\\n' | sockserve chat udp://127.0.0.1:21567   # no prompt in a pipe"""
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_client_arguments(p)
+    help_epilog(p, EXAMPLES, EXIT_CODES_HELP)
+
+
+def _enable_line_editing() -> None:
+    """Load readline, which gives input() line editing and history; absent on some builds."""
+    with contextlib.suppress(ImportError):
+        import readline  # noqa: F401 - imported for its effect on input()
 
 
 def run(args: argparse.Namespace) -> int:
@@ -20,7 +50,12 @@ def run(args: argparse.Namespace) -> int:
         client = Client(args.url, **client_options(args))  # type: ignore[arg-type]
     except SockserveError as exc:
         return fail("chat", str(exc), EXIT_USAGE)
-    interactive = sys.stdin.isatty()
+    if sys.stdin is None or sys.stdout is None:
+        return fail("chat", "standard input or output is closed", EXIT_USAGE)
+    interactive = sys.stdin.isatty() and sys.stdout.isatty()
+    if interactive:
+        _enable_line_editing()
+    out = sys.stdout.buffer
     try:
         with client:
             while True:
@@ -30,22 +65,26 @@ def run(args: argparse.Namespace) -> int:
                     except EOFError:
                         print()
                         break
-                    data = line.encode()
+                    data = line.encode(errors="surrogateescape")
                 else:
-                    sys.stdout.write("> ")
-                    sys.stdout.flush()
                     raw = sys.stdin.buffer.readline()
                     if not raw:
-                        sys.stdout.write("\n")
                         break
                     data = raw.rstrip(b"\r\n")
                 if not data:
                     break
                 reply = client.request(data)
-                sys.stdout.buffer.write(reply.rstrip(b"\n") + b"\n")
-                sys.stdout.flush()
+                out.write(reply.rstrip(b"\n") + b"\n")
+                out.flush()
     except SockserveError as exc:
         return fail("chat", str(exc), exit_code(exc))
     except KeyboardInterrupt:
-        print()
+        if interactive:
+            print()
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        silence_stdout()
+    except OSError as exc:
+        silence_stdout()
+        return fail("chat", f"cannot write the reply: {exc.strerror or exc}", EXIT_FAIL)
     return EXIT_OK

@@ -4,21 +4,66 @@ from __future__ import annotations
 
 import sys
 
-from ..errors import ClientError, ConnectError, ConnectionClosed, RequestTimeout, SockserveError
+from ..errors import (
+    ClientError,
+    ConnectError,
+    ConnectionClosed,
+    RequestTimeout,
+    RequestTooLarge,
+    SockserveError,
+)
 from .main import EXIT_CLOSED, EXIT_CONNECT, EXIT_FAIL, EXIT_TIMEOUT, EXIT_USAGE
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
     import argparse
+    from collections.abc import Callable
     from typing import Any
 
 
 def fail(prog: str, message: str, code: int) -> int:
-    print(f"sockserve {prog}: {message}", file=sys.stderr)
+    """One line on stderr (if there is a stderr to write to) and the exit code."""
+    err = sys.stderr
+    if err is not None:
+        try:  # noqa: SIM105 - contextlib would cost the one-shot call its import
+            print(f"sockserve {prog}: {message}", file=err, flush=True)
+        except (OSError, ValueError):
+            pass  # stderr closed or full: the exit code still says it
     return code
 
 
+def silence_stdout() -> None:
+    """Point fd 1 at /dev/null after a write to it failed (closed pipe, full disk).
+
+    Without this the interpreter's final flush of sys.stdout fails again and
+    prints "Exception ignored ... BrokenPipeError" on the way out.
+    """
+    import os
+
+    try:
+        fd = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(fd, 1)
+        os.close(fd)
+    except OSError:
+        pass
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        import argparse
+
+        raise argparse.ArgumentTypeError(f"expected a whole number of at least 1, not {text!r}")
+    return value
+
+
 def exit_code(exc: SockserveError) -> int:
+    if isinstance(exc, RequestTooLarge):
+        return EXIT_USAGE
     if isinstance(exc, ConnectError):
         return EXIT_CONNECT
     if isinstance(exc, RequestTimeout):
@@ -33,10 +78,23 @@ def exit_code(exc: SockserveError) -> int:
 #: The client options, written once: argparse is built from this table, and so is the
 #: argparse-free fast path of ``sockserve call``. (flag, dest, type, default, help);
 #: type None marks a flag without a value.
-CLIENT_OPTIONS: tuple[tuple[str, str, type | None, object, str], ...] = (
+CLIENT_OPTIONS: tuple[tuple[str, str, Callable[[str], object] | None, object, str], ...] = (
     ("--framing", "framing", str, "raw", "stream framing: raw, line or length (default raw)"),
-    ("--timeout", "timeout", float, 5.0, "seconds to wait for each reply (default 5; 0 = forever)"),
-    ("--max-message", "max_message", int, 64 * 1024, "largest reply accepted (bytes)"),
+    (
+        "--timeout",
+        "timeout",
+        float,
+        5.0,
+        "deadline in seconds for each request: connect, send and the whole reply "
+        "(default 5; 0 = none)",
+    ),
+    (
+        "--max-message",
+        "max_message",
+        int,
+        64 * 1024,
+        "largest reply accepted, datagrams included (bytes, default 65536)",
+    ),
     ("--tls-ca", "tls_ca", str, None, "CA file to verify a tls:// server (default: system CAs)"),
     ("--tls-cert", "tls_cert", str, None, "client certificate for mutual TLS"),
     ("--tls-key", "tls_key", str, None, "key of the client certificate"),
@@ -52,11 +110,33 @@ CLIENT_OPTIONS: tuple[tuple[str, str, type | None, object, str], ...] = (
 _FRAMINGS = ("raw", "line", "length")
 
 
-def add_client_arguments(p: argparse.ArgumentParser) -> None:
+#: Exit codes of the client commands, for their --help.
+EXIT_CODES_HELP = """exit codes:
+  0  every request answered
+  1  runtime failure (a reply longer than --max-message, output not writable)
+  2  usage error: bad URL or option, missing TLS file, a request too large to send
+  3  cannot connect (refused, unreachable, no such socket file, TLS handshake)
+  4  timed out (no complete reply within --timeout)
+  5  the server closed the connection before the reply was complete
+  130  interrupted (Ctrl-C)"""
+
+
+def help_epilog(p: argparse.ArgumentParser, examples: str, codes: str = EXIT_CODES_HELP) -> None:
+    """End ``--help`` with examples and exit codes, laid out as written."""
+    import argparse
+
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
+    p.epilog = f"examples:\n{examples}\n\n{codes}"
+
+
+def add_client_arguments(
+    p: argparse.ArgumentParser,
+    extra: tuple[tuple[str, str, Callable[[str], object] | None, object, str], ...] = (),
+) -> None:
     p.add_argument(
         "url", metavar="URL", help="endpoint, e.g. tcp://127.0.0.1:21567, udp://..., unix:///path"
     )
-    for flag, dest, typ, default, help_text in CLIENT_OPTIONS:
+    for flag, dest, typ, default, help_text in CLIENT_OPTIONS + extra:
         if typ is None:
             p.add_argument(flag, dest=dest, action="store_true", help=help_text)
         elif dest == "framing":
@@ -76,14 +156,19 @@ class Args:
         def __getattr__(self, name: str) -> Any: ...
 
 
-def fast_parse_client(argv: list[str], positional: str | None) -> Args | None:
-    """Parse ``URL [options] [POSITIONAL...]`` from CLIENT_OPTIONS without argparse.
+def fast_parse_client(
+    argv: list[str],
+    positional: str | None,
+    extra: tuple[tuple[str, str, Callable[[str], object] | None, object, str], ...] = (),
+) -> Args | None:
+    """Parse ``URL [options] [POSITIONAL...]`` from CLIENT_OPTIONS (+ ``extra``) without argparse.
 
     Returns None for anything it does not handle plainly (help, unknown or bad
     options, ``--``, a missing URL): argparse then parses it and words the error.
     """
-    values: dict[str, object] = {dest: default for _, dest, _, default, _ in CLIENT_OPTIONS}
-    by_flag = {flag: (dest, typ) for flag, dest, typ, _, _ in CLIENT_OPTIONS}
+    table = CLIENT_OPTIONS + extra
+    values: dict[str, object] = {dest: default for _, dest, _, default, _ in table}
+    by_flag = {flag: (dest, typ) for flag, dest, typ, _, _ in table}
     words: list[str] = []
     i = 0
     while i < len(argv):
@@ -108,7 +193,7 @@ def fast_parse_client(argv: list[str], positional: str | None) -> Args | None:
             i += 1
         try:
             values[dest] = typ(inline)
-        except ValueError:
+        except Exception:  # ValueError, argparse.ArgumentTypeError: argparse words it
             return None
     if not words or values["framing"] not in _FRAMINGS:
         return None
@@ -131,6 +216,7 @@ def client_options(args: object) -> dict[str, object]:
         "tls_key": args.tls_key,  # type: ignore[attr-defined]
         "tls_verify": not args.tls_insecure,  # type: ignore[attr-defined]
         "server_hostname": args.server_name,  # type: ignore[attr-defined]
+        "reply_size": getattr(args, "reply_size", None),
     }
 
 
@@ -143,4 +229,7 @@ __all__ = [
     "exit_code",
     "fail",
     "fast_parse_client",
+    "help_epilog",
+    "positive_int",
+    "silence_stdout",
 ]

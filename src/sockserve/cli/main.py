@@ -118,8 +118,8 @@ def exit_with(code: int) -> None:
         try:
             sys.stdout.flush()
             sys.stderr.flush()
-        except (BrokenPipeError, ValueError):
-            pass  # a closed pipe or stream: nothing more can be written anyway
+        except (AttributeError, OSError, ValueError):
+            pass  # a closed pipe, stream or fd (sys.stdout None), a full disk: nothing to add
         else:
             os._exit(code)
     raise SystemExit(code)
