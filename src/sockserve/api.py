@@ -20,8 +20,12 @@ def serve(
     """Serve ``handler`` on ``urls`` (default: TCP and UDP 127.0.0.1:21567) until SIGTERM/SIGINT.
 
     ``options`` are :class:`ServerConfig` fields (``framing="line"``, ``idle_timeout=60``...).
-    Returns the exit status: 0 after a graceful drain, 1 if forced.
+    Returns the exit status: 0 after a graceful drain, 1 if forced. Logs its "listening
+    on" lines to stderr as the CLI does, unless the program has configured logging itself.
     """
+    from .server.logs import ensure_logging
+
+    ensure_logging()
     cfg = (config or ServerConfig()).replace(**options) if options else (config or ServerConfig())
     binding = make_binding(handler, urls or DEFAULT_URLS, cfg)
     return Server(binding).run(loop)

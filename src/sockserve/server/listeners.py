@@ -56,7 +56,18 @@ def _resolve(endpoint: Endpoint) -> tuple[int, tuple[str, int]]:
 
 
 def _open_inet(endpoint: Endpoint, backlog: int, reuse_port: bool) -> Listener:
-    family, addr = _resolve(endpoint)
+    dualstack = endpoint.is_dualstack
+    family: int
+    addr: tuple[str, int]
+    if dualstack:
+        # One [::] socket that takes IPv4 too (as ::ffff:a.b.c.d); 0.0.0.0 without IPv6.
+        family, addr = (
+            (socket.AF_INET6, ("::", endpoint.port))
+            if socket.has_ipv6
+            else (socket.AF_INET, ("0.0.0.0", endpoint.port))
+        )
+    else:
+        family, addr = _resolve(endpoint)
     socktype = socket.SOCK_STREAM if endpoint.is_stream else socket.SOCK_DGRAM
     sock = socket.socket(family, socktype)
     try:
@@ -67,8 +78,9 @@ def _open_inet(endpoint: Endpoint, backlog: int, reuse_port: bool) -> Listener:
                 raise EndpointError(f"{endpoint}: SO_REUSEPORT is not available on this system")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
-            # Bind [::] to IPv6 only, so a separate 0.0.0.0 listener can coexist.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # Bind [::] to IPv6 only, so a separate 0.0.0.0 listener can coexist; the
+            # dual-stack form tcp://*:PORT asks for both on one socket.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dualstack else 1)
         try:
             sock.bind(addr)
         except OSError as exc:
@@ -80,7 +92,7 @@ def _open_inet(endpoint: Endpoint, backlog: int, reuse_port: bool) -> Listener:
         sock.close()
         raise
     host, port = sock.getsockname()[:2]
-    return Listener(sock, Endpoint(endpoint.scheme, host=host, port=port))
+    return Listener(sock, Endpoint(endpoint.scheme, host="*" if dualstack else host, port=port))
 
 
 def _open_unix(endpoint: Endpoint, backlog: int, unix_mode: int | None) -> Listener:
