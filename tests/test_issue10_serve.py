@@ -323,7 +323,7 @@ def test_completion_scripts(shell: str) -> None:
     r = run_cli("completion", shell)
     out = r.stdout.decode()
     assert r.returncode == 0, r.stderr
-    for word in ("serve", "call", "bench", "--listen", "--framing", "--no-access-log"):
+    for word in ("serve", "call", "bench", "listen", "framing", "no-access-log", "app-dir"):
         assert word in out, (shell, word)
 
 

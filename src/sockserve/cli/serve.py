@@ -13,6 +13,20 @@ import sys
 from ..errors import ConfigError, EndpointError, ServiceError, SockserveError
 from .main import EXIT_FAIL, EXIT_USAGE
 
+EPILOG = """\
+examples:
+  sockserve serve                                   # timestamp, TCP+UDP 127.0.0.1:21567
+  sockserve serve upper:upper -l tcp://127.0.0.1:9000 --framing line   # upper.py in .
+  sockserve serve echo -l tcp://*:2007 -l udp://*:2007    # IPv4 and IPv6 (dual stack)
+  sockserve serve -l unix:///tmp/ts.sock --trace    # hex dump of every request/reply
+  sockserve serve --config services.toml --workers 4 --metrics 127.0.0.1:9100
+
+exit codes:
+  0  stopped by SIGTERM/SIGINT after draining
+  1  forced exit (a second SIGINT, drain timeout) or a runtime failure
+  2  usage error: bad option, URL, service, handler signature or config file
+"""
+
 
 def _size(text: str) -> int:
     """Bytes with an optional K/M/G suffix (binary): 64K, 1M."""
