@@ -584,16 +584,13 @@ def test_section(doc: str, section: str, env: Env) -> None:
         assert not unknown, f"{b.where}: ports {unknown} are not in test_docs.PORTS"
     default = None
     if (doc, section) in DEFAULT_SERVER_SECTIONS:
-        import sockserve
-
         port = env.ports[21567]
+        default_urls = ["-l", f"tcp://127.0.0.1:{port}", "-l", f"udp://127.0.0.1:{port}"]
         default = subprocess.Popen(
-            [str(BIN / "python"), "-m", "sockserve", "serve", "-q"]
-            + ["-l", f"tcp://127.0.0.1:{port}", "-l", f"udp://127.0.0.1:{port}"],
+            [str(BIN / "python"), "-m", "sockserve", "serve", "-q", *default_urls],
             stderr=subprocess.DEVNULL,
         )
         wait_urls([f"tcp://127.0.0.1:{port}", f"udp://127.0.0.1:{port}"], default.pid)
-        assert sockserve  # the clients below are the blocks themselves
     try:
         bash: list[str] = []
         consoles: list[ConsoleCommand] = []
