@@ -500,3 +500,24 @@ def test_dualstack_from_cli() -> None:
         port = url.rsplit(":", 1)[1]
         assert request(f"tcp://127.0.0.1:{port}", b"a").endswith(b"a")
         assert request(f"tcp://[::1]:{port}", b"b").endswith(b"b")
+
+
+def test_dualstack_with_workers() -> None:
+    """The supervisor reserves a dual-stack port 0 and every worker serves both families."""
+    argv = [*sockserve_script(), "serve", "-l", "tcp://*:0", "--workers", "2", "--no-access-log"]
+    with Proc(argv) as p:
+        port = p.url("tcp").rsplit(":", 1)[1]
+        assert request(f"tcp://127.0.0.1:{port}", b"a").endswith(b"a")
+        assert request(f"tcp://[::1]:{port}", b"b").endswith(b"b")
+        rc, out = p.stop()
+    assert rc == 0, out
+
+
+def test_trace_key_in_config_file(tmp_path: Path) -> None:
+    (tmp_path / "s.toml").write_text(
+        '[[service]]\nname = "timestamp"\nlisten = ["tcp://127.0.0.1:0"]\ntrace = true\n'
+    )
+    with Proc([*sockserve_script(), "serve", "--config", "s.toml"], tmp_path) as p:
+        request(p.url("tcp"), b"zz")
+        line = p.wait_line("request from")
+        assert "(2 bytes)" in line

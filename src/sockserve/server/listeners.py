@@ -42,6 +42,11 @@ def open_listener(
 
 
 def _resolve(endpoint: Endpoint) -> tuple[int, tuple[str, int]]:
+    if endpoint.is_dualstack:
+        # One [::] socket that takes IPv4 too (as ::ffff:a.b.c.d); 0.0.0.0 without IPv6.
+        if socket.has_ipv6:
+            return socket.AF_INET6, ("::", endpoint.port)
+        return socket.AF_INET, ("0.0.0.0", endpoint.port)
     socktype = socket.SOCK_STREAM if endpoint.is_stream else socket.SOCK_DGRAM
     try:
         infos = socket.getaddrinfo(
@@ -57,17 +62,7 @@ def _resolve(endpoint: Endpoint) -> tuple[int, tuple[str, int]]:
 
 def _open_inet(endpoint: Endpoint, backlog: int, reuse_port: bool) -> Listener:
     dualstack = endpoint.is_dualstack
-    family: int
-    addr: tuple[str, int]
-    if dualstack:
-        # One [::] socket that takes IPv4 too (as ::ffff:a.b.c.d); 0.0.0.0 without IPv6.
-        family, addr = (
-            (socket.AF_INET6, ("::", endpoint.port))
-            if socket.has_ipv6
-            else (socket.AF_INET, ("0.0.0.0", endpoint.port))
-        )
-    else:
-        family, addr = _resolve(endpoint)
+    family, addr = _resolve(endpoint)
     socktype = socket.SOCK_STREAM if endpoint.is_stream else socket.SOCK_DGRAM
     sock = socket.socket(family, socktype)
     try:
