@@ -617,7 +617,7 @@ def write_report(
             "request on each once connected and reads the reply, keeping all open; the server's",
             "RSS is read before and with all 10,000 open.",
             "",
-            "```",
+            "```text",
             *[f"{k:>18}: {v}" for k, v in c10k.items()],
             "```",
             "",

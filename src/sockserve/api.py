@@ -21,7 +21,12 @@ def serve(
 
     ``options`` are :class:`ServerConfig` fields (``framing="line"``, ``idle_timeout=60``...).
     Returns the exit status: 0 after a graceful drain, 1 if forced or an endpoint was lost.
+    Logs its "listening on" lines to stderr as the CLI does, unless the program has
+    configured logging itself.
     """
+    from .server.logs import ensure_logging
+
+    ensure_logging()
     cfg = (config or ServerConfig()).replace(**options) if options else (config or ServerConfig())
     binding = make_binding(handler, urls or DEFAULT_URLS, cfg)
     return Server(binding).run(loop)

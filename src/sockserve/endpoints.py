@@ -5,6 +5,10 @@ Forms::
     tcp://HOST:PORT    udp://HOST:PORT    tls://HOST:PORT    tcp://[::1]:PORT
     unix:///abs/path   unixgram:///abs/path   unix://@abstract-name (Linux)
 
+``tcp://[::]:PORT`` listens on IPv6 only (IPV6_V6ONLY, so a separate ``0.0.0.0``
+listener can share the port); ``tcp://*:PORT`` (and ``udp://*``, ``tls://*``) is the
+dual-stack form: one socket for every IPv4 and IPv6 address, for servers only.
+
 This module imports nothing but the errors module (not even ``typing`` or
 ``dataclasses``, 14 ms together) so that a one-shot ``sockserve call`` starts fast.
 """
@@ -22,6 +26,8 @@ if TYPE_CHECKING:
 SCHEMES: tuple[Scheme, ...] = ("tcp", "udp", "tls", "unix", "unixgram")
 _INET: frozenset[str] = frozenset({"tcp", "udp", "tls"})
 _STREAM: frozenset[str] = frozenset({"tcp", "tls", "unix"})
+#: The host of the dual-stack form ``tcp://*:PORT`` (``[::]`` with IPV6_V6ONLY off).
+DUALSTACK_HOST = "*"
 
 
 class Endpoint:
@@ -81,6 +87,11 @@ class Endpoint:
     @property
     def is_ipv6(self) -> bool:
         return ":" in self.host
+
+    @property
+    def is_dualstack(self) -> bool:
+        """``tcp://*:PORT``: a server socket for every IPv4 and IPv6 address at once."""
+        return self.host == DUALSTACK_HOST
 
     @property
     def transport(self) -> str:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from .endpoints import Endpoint
+from .errors import ServiceError
 
 Address = Any  # (host, port) tuples for inet, a path string for Unix peers
 
@@ -114,6 +115,10 @@ class Service:
     #: raises ConfigError for an option it cannot use. None: the service takes no options.
     configure: Callable[[dict[str, Any]], Service] | None = None
 
+    def __post_init__(self) -> None:
+        check_handler(self.handler, self.name)
+        check_handler(self.datagram, self.name)
+
     def datagram_handler(self) -> Handler | None:
         return self.datagram if self.datagram is not None else self.handler
 
@@ -124,3 +129,121 @@ def is_async_handler(handler: object) -> bool:
         return True
     call = getattr(handler, "__call__", None)  # noqa: B004 - we want the method itself
     return inspect.iscoroutinefunction(call)
+
+
+def check_handler(handler: object, name: str) -> None:
+    """Refuse at start a handler that cannot be called as ``handler(request, ctx)``.
+
+    Otherwise it would start fine and then fail every request. Callables whose
+    signature cannot be read (some builtins, C extensions) are taken on trust.
+    Raises :class:`ServiceError` naming the handler.
+    """
+    if handler is None:
+        return
+    if not callable(handler):
+        raise ServiceError(f"handler {name} is {type(handler).__name__}, not a callable")
+    try:
+        sig = inspect.signature(handler)
+    except (TypeError, ValueError):  # no signature to check: builtins, some C callables
+        return
+    try:
+        sig.bind(b"", None)
+    except TypeError:
+        params = [
+            p
+            for p in sig.parameters.values()
+            if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD) and p.default is p.empty
+        ]
+        kw_only = [
+            p.name
+            for p in sig.parameters.values()
+            if p.kind is p.KEYWORD_ONLY and p.default is p.empty
+        ]
+        if kw_only:
+            what = f"needs keyword argument {kw_only[0]!r}"
+        else:
+            n = len(params)
+            what = f"takes {n} argument{'' if n == 1 else 's'}"
+        raise ServiceError(
+            f"handler {name} {what}; a handler is called as handler(request, ctx)"
+        ) from None
+
+
+def traced(service: Service) -> Service:
+    """``service`` with every request and reply logged as a hex dump (``serve --trace``).
+
+    The wrapper keeps the handler's kind (a ``def`` stays a ``def``, so the engine
+    still runs it inline; an ``async def`` stays one), and a stream session sees a
+    connection whose writes are traced, so every transport and service is covered.
+    """
+    from dataclasses import replace
+
+    return replace(
+        service,
+        handler=_traced_handler(service.handler),
+        datagram=_traced_handler(service.datagram),
+        stream=_traced_session(service.stream),
+    )
+
+
+def _traced_handler(handler: Handler | None) -> Handler | None:
+    if handler is None:
+        return None
+    from .server.logs import trace
+
+    if is_async_handler(handler):
+        ahandler: AsyncHandler = handler  # type: ignore[assignment]
+
+        async def traced_async(request: bytes, ctx: Context) -> bytes | None:
+            trace(ctx.local, ctx.peer, "request from", request)
+            reply = await ahandler(request, ctx)
+            trace(ctx.local, ctx.peer, "reply to", reply)
+            return reply
+
+        return traced_async
+    shandler: SyncHandler = handler  # type: ignore[assignment]
+
+    def traced_sync(request: bytes, ctx: Context) -> bytes | None:
+        trace(ctx.local, ctx.peer, "request from", request)
+        reply = shandler(request, ctx)
+        trace(ctx.local, ctx.peer, "reply to", reply)
+        return reply
+
+    return traced_sync
+
+
+class _TracedConnection:
+    """A :class:`StreamConnection` whose writes are traced; everything else is the real one."""
+
+    def __init__(self, conn: StreamConnection) -> None:
+        object.__setattr__(self, "_conn", conn)
+
+    def write(self, data: bytes) -> None:
+        from .server.logs import trace
+
+        conn: StreamConnection = object.__getattribute__(self, "_conn")
+        trace(conn.ctx.local, conn.ctx.peer, "sent to", bytes(data))
+        conn.write(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(object.__getattribute__(self, "_conn"), name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        setattr(object.__getattribute__(self, "_conn"), name, value)
+
+
+def _traced_session(cls: type[StreamSession] | None) -> type[StreamSession] | None:
+    if cls is None:
+        return None
+    from .server.logs import trace
+
+    class Traced(cls):  # type: ignore[valid-type,misc]
+        def __init__(self, conn: StreamConnection) -> None:
+            super().__init__(_TracedConnection(conn))
+
+        def on_data(self, data: bytes) -> None:
+            trace(self.conn.ctx.local, self.conn.ctx.peer, "received from", bytes(data))
+            super().on_data(data)
+
+    Traced.__name__ = Traced.__qualname__ = f"Traced{cls.__name__}"
+    return Traced

@@ -17,6 +17,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Sequence
+    from typing import Any
 
 EXIT_OK = 0
 EXIT_FAIL = 1
@@ -34,7 +35,24 @@ COMMANDS = {
     "chat": ("sockserve.cli.chat", "interactive client: each line you type is a request"),
     "services": ("sockserve.cli.services", "list the built-in services"),
     "bench": ("sockserve.cli.bench", "load-test an endpoint"),
+    "completion": (
+        "sockserve.cli.completion",
+        "print a shell completion script (bash, zsh or fish)",
+    ),
 }
+
+#: The end of ``sockserve --help``. Each command module may have its own ``EPILOG``.
+EPILOG = """\
+examples:
+  sockserve serve                                  # timestamp on TCP+UDP 127.0.0.1:21567
+  sockserve call tcp://127.0.0.1:21567 hello       # one request, print the reply
+  sockserve services                               # the built-in services
+  sockserve COMMAND --help                         # a command's options
+
+exit codes:
+  0 ok, 1 runtime failure, 2 usage error; call, chat and bench add 3 cannot connect,
+  4 timed out, 5 closed early
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Serve, call and load-test request/response services over TCP, UDP and Unix sockets."
         ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"sockserve {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -55,10 +75,21 @@ def build_parser() -> argparse.ArgumentParser:
             mod = importlib.import_module(module)
         except ImportError:
             continue
-        p = sub.add_parser(name, help=help_text, description=help_text)
+        p = sub.add_parser(name, help=help_text, **_parser_options(mod, help_text))
         mod.add_arguments(p)
         p.set_defaults(_module=mod)
     return parser
+
+
+def _parser_options(mod: object, help_text: str) -> dict[str, Any]:
+    """A command's parser settings: its description and, kept as written, its ``EPILOG``."""
+    import argparse
+
+    return {
+        "description": help_text,
+        "epilog": getattr(mod, "EPILOG", None),
+        "formatter_class": argparse.RawDescriptionHelpFormatter,
+    }
 
 
 def _version() -> str:
@@ -96,7 +127,7 @@ def _run_command(name: str, argv: list[str]) -> int:
     if args is None:
         import argparse
 
-        p = argparse.ArgumentParser(prog=f"sockserve {name}", description=help_text)
+        p = argparse.ArgumentParser(prog=f"sockserve {name}", **_parser_options(mod, help_text))
         mod.add_arguments(p)
         args = p.parse_intermixed_args(argv)
     try:

@@ -7,10 +7,25 @@ turns library errors into one-line messages and exit codes.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from ..errors import ConfigError, EndpointError, ServiceError, SockserveError
 from .main import EXIT_FAIL, EXIT_USAGE
+
+EPILOG = """\
+examples:
+  sockserve serve                                   # timestamp, TCP+UDP 127.0.0.1:21567
+  sockserve serve upper:upper -l tcp://127.0.0.1:9000 --framing line   # upper.py in .
+  sockserve serve echo -l tcp://*:2007 -l udp://*:2007    # IPv4 and IPv6 (dual stack)
+  sockserve serve -l unix:///tmp/ts.sock --trace    # hex dump of every request/reply
+  sockserve serve --config services.toml --workers 4 --metrics 127.0.0.1:9100
+
+exit codes:
+  0  stopped by SIGTERM/SIGINT after draining
+  1  forced exit (a second SIGINT, drain timeout) or a runtime failure
+  2  usage error: bad option, URL, service, handler signature or config file
+"""
 
 
 def _size(text: str) -> int:
@@ -49,8 +64,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "service",
         nargs="?",
-        default="timestamp",
-        help="built-in name (see `sockserve services`) or module:function (default: timestamp)",
+        default=None,
+        help="built-in name (see `sockserve services`) or module:function, imported from "
+        "--app-dir (default: timestamp)",
     )
     p.add_argument(
         "-l",
@@ -148,6 +164,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="qotd: quotations to serve, separated by blank lines or '%%' lines (default: built-in)",
     )
+    c.add_argument(
+        "--app-dir",
+        default=".",
+        metavar="DIR",
+        help="import module:function services (here and in --config) from DIR first "
+        "(default: the current directory, as uvicorn does)",
+    )
     dep = p.add_argument_group("deployment")
     dep.add_argument(
         "--config",
@@ -190,7 +213,39 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     o = p.add_argument_group("logging and runtime")
     o.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
-    o.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
+    o.add_argument(
+        "--log-level",
+        choices=("debug", "info", "warning", "error"),
+        default="info",
+        help="default info",
+    )
+    o.add_argument(
+        "-v",
+        "--verbose",
+        dest="log_level",
+        action="store_const",
+        const="debug",
+        help="same as --log-level debug",
+    )
+    o.add_argument(
+        "-q",
+        "--quiet",
+        dest="log_level",
+        action="store_const",
+        const="warning",
+        help="same as --log-level warning",
+    )
+    o.add_argument(
+        "--no-access-log",
+        dest="access_log",
+        action="store_false",
+        help="no per-connection open/close lines (warnings and errors are still logged)",
+    )
+    o.add_argument(
+        "--trace",
+        action="store_true",
+        help="log every request and reply as a hex dump (like socat -v), on every transport",
+    )
     o.add_argument(
         "--loop",
         choices=("auto", "uvloop", "asyncio"),
@@ -239,6 +294,7 @@ def build_config(args: argparse.Namespace) -> object:
         service_options=_service_options(args),
         engine=args.engine,
         busy_poll_us=args.busy_poll,
+        trace=args.trace,
     )
 
 
@@ -255,10 +311,21 @@ def run(args: argparse.Namespace) -> int:
     from ..server.app import AppSpec, make_runner
     from ..server.logs import configure_logging
 
-    configure_logging(args.log_format, args.log_level)
+    if args.config and (args.service is not None or args.listen):
+        given = " and ".join(
+            w for w, on in (("SERVICE", args.service is not None), ("--listen", args.listen)) if on
+        )
+        print(
+            f"sockserve serve: {given} cannot be combined with --config {args.config}: "
+            "the file names the services and their endpoints",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    _add_app_dir(args.app_dir)
+    configure_logging(args.log_format, args.log_level, args.access_log)
     try:
         spec = AppSpec(
-            service=args.service,
+            service=args.service or "timestamp",
             urls=tuple(args.listen or ()),
             config=build_config(args),  # type: ignore[arg-type]
             config_file=args.config,
@@ -267,6 +334,7 @@ def run(args: argparse.Namespace) -> int:
             loop=args.loop,
             log_format=args.log_format,
             log_level=args.log_level,
+            access_log=args.access_log,
         )
         runner = make_runner(spec, listen_fds())
     except (ConfigError, EndpointError, ServiceError) as exc:
@@ -281,3 +349,15 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"sockserve serve: {exc}", file=sys.stderr)
         return EXIT_FAIL
+
+
+def _add_app_dir(app_dir: str) -> None:
+    """Put ``app_dir`` first on the import path, as uvicorn's ``--app-dir`` does.
+
+    The ``sockserve`` script's own directory is what Python puts there, not the
+    current one, so without this ``sockserve serve upper:upper`` could not import
+    the upper.py beside the user. Absolute, so workers (which copy sys.path) agree.
+    """
+    path = os.path.abspath(app_dir)
+    if path not in sys.path:
+        sys.path.insert(0, path)

@@ -6,6 +6,18 @@ import argparse
 
 from ..services import BUILTINS, DEFAULT_SERVICE
 
+EPILOG = """\
+The port column is the service's usual (well-known, IANA) port, for reference: every
+service listens where --listen says, by default tcp:// and udp://127.0.0.1:21567.
+
+examples:
+  sockserve services
+  sockserve serve daytime -l tcp://127.0.0.1:1313   # the usual port 13 needs root
+
+exit codes:
+  0  listed
+"""
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     pass
@@ -13,9 +25,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     width = max(len(n) for n in BUILTINS)
+    print(
+        f"{'SERVICE':<{width}}  {'USUAL PORT':>10}  DESCRIPTION (every service serves on --listen)"
+    )
     for name in sorted(BUILTINS):
         info = BUILTINS[name]
         port = str(info.port) if info.port is not None else "-"
-        mark = " (default)" if name == DEFAULT_SERVICE else ""
-        print(f"{name:<{width}}  {port:>5}  {info.description}{mark}")
+        mark = " (the default service)" if name == DEFAULT_SERVICE else ""
+        print(f"{name:<{width}}  {port:>10}  {info.description}{mark}")
     return 0

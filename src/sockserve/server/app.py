@@ -54,6 +54,7 @@ class AppSpec:
     loop: str = "auto"
     log_format: str = "text"
     log_level: str = "info"
+    access_log: bool = True
 
 
 @dataclass

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import ipaddress
 import math
+import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -62,18 +63,21 @@ class ServerConfig:
     proxy_from: tuple[Network, ...] = ()
     proxy_header_timeout: float = 5.0
     service_options: dict[str, Any] = field(default_factory=dict)
+    #: Log every request and reply as a hex dump (``serve --trace``), on logger sockserve.trace.
+    trace: bool = False
 
     def __post_init__(self) -> None:
-        # The Python API takes what the CLI takes: CIDR strings and an octal mode string.
-        for name in ("allow", "deny"):
-            nets = getattr(self, name)
-            if isinstance(nets, str):
-                nets = (nets,)
-            object.__setattr__(
-                self, name, tuple(parse_network(n) if isinstance(n, str) else n for n in nets)
-            )
+        # The Python API takes what the CLI takes: CIDR strings, an octal mode string, a
+        # size such as "64K". Converted here, once, so no connection meets a str later.
+        for name in ("allow", "deny", "proxy_from"):
+            object.__setattr__(self, name, _networks(name, getattr(self, name)))
         if isinstance(self.unix_mode, str):
-            object.__setattr__(self, "unix_mode", parse_mode(self.unix_mode))
+            object.__setattr__(self, "unix_mode", _field(parse_mode, "unix_mode", self.unix_mode))
+        if isinstance(self.max_message, str):
+            object.__setattr__(
+                self, "max_message", _field(parse_size, "max_message", self.max_message)
+            )
+        _check_types(self)
         # Raises ConfigError for an unknown name, and imports the codec now: not at the
         # first request, when descriptors may be exhausted (EMFILE) and an import would fail.
         codec_factory(self.framing)
@@ -110,6 +114,83 @@ class ServerConfig:
 
     def replace(self, **changes: Any) -> ServerConfig:
         return replace(self, **changes)
+
+
+#: Fields that must hold numbers (ints or floats; bool is refused: True is not a size).
+_NUMBER_FIELDS = (
+    "max_message",
+    "idle_timeout",
+    "max_conns",
+    "backlog",
+    "drain_timeout",
+    "write_high_water",
+    "write_low_water",
+    "unix_mode",
+    "tls_handshake_timeout",
+    "udp_min_source_port",
+    "udp_rate",
+    "busy_poll_us",
+    "proxy_header_timeout",
+)
+_INT_FIELDS = frozenset(
+    {"max_message", "max_conns", "backlog", "write_high_water", "write_low_water", "unix_mode"}
+    | {"udp_min_source_port", "busy_poll_us"}
+)
+
+
+def _field(parse: Any, name: str, value: str) -> Any:
+    """``parse(value)``, with the field's name in the error: ``ServerConfig(...)`` has many."""
+    try:
+        return parse(value)
+    except ValueError as exc:
+        raise ConfigError(f"ServerConfig {name}: {exc}") from None
+
+
+def _networks(name: str, value: Any) -> tuple[Network, ...]:
+    """A tuple of networks from networks, CIDR strings, or one CIDR string."""
+    if isinstance(value, (str, ipaddress.IPv4Network, ipaddress.IPv6Network)):
+        value = (value,)
+    try:
+        items = tuple(value)
+    except TypeError:
+        raise ConfigError(
+            f"ServerConfig {name}: expected a list of CIDR strings, got {type(value).__name__}"
+        ) from None
+    out: list[Network] = []
+    for item in items:
+        if isinstance(item, (ipaddress.IPv4Network, ipaddress.IPv6Network)):
+            out.append(item)
+        elif isinstance(item, str):
+            out.append(_field(parse_network, name, item))
+        else:
+            raise ConfigError(
+                f"ServerConfig {name}: expected CIDR strings such as '10.0.0.0/8', "
+                f"got {type(item).__name__} {item!r}"
+            )
+    return tuple(out)
+
+
+def _check_types(cfg: ServerConfig) -> None:
+    """Refuse a wrong type now, naming the field, rather than a TypeError per connection."""
+    for name in _NUMBER_FIELDS:
+        value = getattr(cfg, name)
+        if value is None and name in ("idle_timeout", "max_conns", "unix_mode", "udp_rate"):
+            continue
+        ok = isinstance(value, int) if name in _INT_FIELDS else isinstance(value, (int, float))
+        if not ok or isinstance(value, bool):
+            kind = "an integer" if name in _INT_FIELDS else "a number"
+            raise ConfigError(f"ServerConfig {name}: expected {kind}, got {value!r}")
+    for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        value = getattr(cfg, name)
+        if isinstance(value, os.PathLike):  # a pathlib.Path is a file name too
+            value = os.fspath(value)
+            object.__setattr__(cfg, name, value)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"ServerConfig {name}: expected a file name, got {value!r}")
+    if not isinstance(cfg.framing, str):
+        raise ConfigError(
+            f"ServerConfig framing: expected raw, line or length, got {cfg.framing!r}"
+        )
 
 
 def parse_size(text: str) -> int:

@@ -125,6 +125,7 @@ OPTION_KEYS: dict[str, Callable[[Any], Any]] = {
     "proxy_protocol": _bool,
     "proxy_from": _networks,
     "proxy_header_timeout": _number,
+    "trace": _bool,
     "options": _options,
 }
 _OWN_KEYS = ("name", "listen", "socket")

@@ -55,6 +55,11 @@ def check_unix_mode(endpoint: Endpoint, unix_mode: int | None) -> None:
 
 
 def _resolve(endpoint: Endpoint) -> tuple[int, tuple[str, int]]:
+    if endpoint.is_dualstack:
+        # One [::] socket that takes IPv4 too (as ::ffff:a.b.c.d); 0.0.0.0 without IPv6.
+        if socket.has_ipv6:
+            return socket.AF_INET6, ("::", endpoint.port)
+        return socket.AF_INET, ("0.0.0.0", endpoint.port)
     socktype = socket.SOCK_STREAM if endpoint.is_stream else socket.SOCK_DGRAM
     try:
         infos = socket.getaddrinfo(
@@ -69,6 +74,7 @@ def _resolve(endpoint: Endpoint) -> tuple[int, tuple[str, int]]:
 
 
 def _open_inet(endpoint: Endpoint, backlog: int, reuse_port: bool) -> Listener:
+    dualstack = endpoint.is_dualstack
     family, addr = _resolve(endpoint)
     socktype = socket.SOCK_STREAM if endpoint.is_stream else socket.SOCK_DGRAM
     sock = socket.socket(family, socktype)
@@ -80,8 +86,9 @@ def _open_inet(endpoint: Endpoint, backlog: int, reuse_port: bool) -> Listener:
                 raise EndpointError(f"{endpoint}: SO_REUSEPORT is not available on this system")
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         if family == socket.AF_INET6:
-            # Bind [::] to IPv6 only, so a separate 0.0.0.0 listener can coexist.
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            # Bind [::] to IPv6 only, so a separate 0.0.0.0 listener can coexist; the
+            # dual-stack form tcp://*:PORT asks for both on one socket.
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if dualstack else 1)
         try:
             sock.bind(addr)
         except OSError as exc:
@@ -93,7 +100,7 @@ def _open_inet(endpoint: Endpoint, backlog: int, reuse_port: bool) -> Listener:
         sock.close()
         raise
     host, port = sock.getsockname()[:2]
-    return Listener(sock, Endpoint(endpoint.scheme, host=host, port=port))
+    return Listener(sock, Endpoint(endpoint.scheme, host="*" if dualstack else host, port=port))
 
 
 def _open_unix(endpoint: Endpoint, backlog: int, unix_mode: int | None) -> Listener:

@@ -18,7 +18,7 @@ from typing import Any
 
 from ..endpoints import Endpoint, parse_endpoint
 from ..errors import ConfigError, SockserveError
-from ..service import Handler, Service
+from ..service import Handler, Service, traced
 from ..services import as_service, load_service
 from .config import ServerConfig
 from .epoll import HAVE_EPOLL, Hub
@@ -70,6 +70,8 @@ def make_binding(
             names = ", ".join(sorted(cfg.service_options))
             raise ConfigError(f"service {svc.name} takes no options (got {names})")
         svc = svc.configure(dict(cfg.service_options))
+    if cfg.trace:
+        svc = traced(svc)
     return Binding(svc, eps, cfg)
 
 
@@ -199,6 +201,14 @@ class Server:
                 },
             )
             warn_settings(lst.endpoint, cfg)
+            if ep.is_stream and svc.stream is not None and cfg.framing != "raw":
+                server_log.warning(
+                    "%s: %s is a byte stream and ignores framing %r; remove the setting",
+                    lst.endpoint,
+                    svc.name,
+                    cfg.framing,
+                    extra={"event": "framing_ignored", "endpoint": lst.endpoint},
+                )
 
     def _start_recorded(self, binding: Binding) -> None:
         n_streams, n_datagrams = len(self.streams), len(self.datagrams)

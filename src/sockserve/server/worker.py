@@ -38,7 +38,7 @@ def main() -> int:
     _die_with_parent(payload["parent"])
     sys.path[:] = payload["sys_path"]
     spec = payload["spec"]
-    configure_logging(spec.log_format, spec.log_level)
+    configure_logging(spec.log_format, spec.log_level, spec.access_log)
     try:
         channel = socket.socket(fileno=payload["channel"])
         inherited = [
