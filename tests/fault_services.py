@@ -37,7 +37,7 @@ def raising(request: bytes, ctx: Context) -> bytes:
     return b"ok " + request
 
 
-def every_outcome(request: bytes, ctx: Context) -> bytes | str | None:
+def every_outcome(request: bytes, ctx: Context) -> bytes | str | BaseException | None:
     """One request per way a raw handler can end (see test_fastio): each is a separate
     exit of the C fast path."""
     if request == b"boom":
@@ -46,6 +46,8 @@ def every_outcome(request: bytes, ctx: Context) -> bytes | str | None:
         return None
     if request == b"str":
         return "not bytes"
+    if request == b"exception":
+        return KeyboardInterrupt()  # returned, not raised: a reply that is not bytes
     if request == b"big":
         return b"x" * (4 << 20)  # more than the socket buffer takes at once
     return b"ok " + request
