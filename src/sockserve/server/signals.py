@@ -37,6 +37,8 @@ EXIT_GRACE = 1.0
 #: After a second SIGINT: the loop's forced stop takes milliseconds when it is free; a
 #: blocked loop is left behind after this (the item asks for an exit under 1 s).
 FORCE_GRACE = 0.3
+#: When the loop has not taken a signal up after this, the watchdog says why (it is blocked).
+NOTICE_AFTER = 0.5
 #: How often the watchdog looks at its deadline (no locks are shared with the handler).
 _WATCH_POLL = 0.02
 #: The exit status of a process the watchdog ends: 1, as for a forced stop.
@@ -84,6 +86,8 @@ class StopSignals:
         self._previous: dict[int, Any] = {}
         self._deadline: float | None = None
         self._reason = ""
+        self._signalled = ""  # the name of the last signal, until the loop takes it up
+        self._signalled_at = 0.0
         self._done = False
         self._watchdog: threading.Thread | None = None
 
@@ -117,8 +121,15 @@ class StopSignals:
             self._arm(now + FORCE_GRACE, "second SIGINT")
         elif self._deadline is None:
             self._arm(now + self._drain_timeout() + EXIT_GRACE, f"{name}: drain timeout passed")
+        if not self._signalled:
+            self._signalled, self._signalled_at = name, now
         with contextlib.suppress(RuntimeError):  # a closed loop: nothing left to stop
-            self._call_soon_threadsafe(self._on_loop, name)
+            self._call_soon_threadsafe(self._heard, name)
+
+    def _heard(self, name: str) -> None:
+        """On the loop: the signal got through; stop as usual."""
+        self._signalled = ""
+        self._on_loop(name)
 
     def _arm(self, deadline: float, reason: str) -> None:
         if self._deadline is None or deadline < self._deadline:
@@ -130,35 +141,56 @@ class StopSignals:
             self._watchdog.start()
 
     def _watch(self) -> None:
+        noticed = ""
         while not self._done:
+            now = time.monotonic()
             deadline = self._deadline
-            if deadline is not None and time.monotonic() >= deadline:
+            if deadline is not None and now >= deadline:
                 self._hard_exit()
+            name = self._signalled
+            if name and name != noticed and now - self._signalled_at >= NOTICE_AFTER:
+                noticed = name
+                _log_aside(
+                    "%s received, but a handler blocks the event loop; exiting in %.1fs "
+                    "unless it returns",
+                    name,
+                    max(0.0, (deadline or now) - now),
+                )
             time.sleep(_WATCH_POLL)
 
     def _hard_exit(self) -> None:
         """The loop is still blocked past the deadline: log, flush, and end the process."""
         reason = self._reason
 
-        def last_words() -> None:
-            server_log.error(
-                "%s while a handler blocks the event loop; exiting now (status %d)",
-                reason,
-                EXIT_FORCED,
-                extra={"event": "force"},
-            )
-            self._cleanup()
-            logger: logging.Logger | None = server_log
-            while logger is not None:
-                for handler in logger.handlers:
-                    handler.flush()
-                logger = logger.parent if logger.propagate else None
-            sys.stderr.flush()
-
-        # In a thread of its own: a log handler stuck on a full pipe must not keep the
-        # process alive, which is the one thing this watchdog is for.
-        writer = threading.Thread(target=last_words, daemon=True)
-        writer.start()
+        writer = _log_aside(
+            "%s while a handler blocks the event loop; exiting now (status %d)",
+            reason,
+            EXIT_FORCED,
+            level=logging.ERROR,
+            then=self._cleanup,
+        )
         writer.join(_LOG_WAIT)
         if not self._done:
             os._exit(EXIT_FORCED)
+
+
+def _log_aside(
+    msg: str, *args: object, level: int = logging.WARNING, then: Callable[[], None] | None = None
+) -> threading.Thread:
+    """Log (and flush) from a thread of its own: a log handler stuck on a full pipe must
+    not hold up the watchdog, whose one job is to end the process."""
+
+    def write() -> None:
+        server_log.log(level, msg, *args, extra={"event": "force"})
+        if then is not None:
+            then()
+        logger: logging.Logger | None = server_log
+        while logger is not None:
+            for handler in logger.handlers:
+                handler.flush()
+            logger = logger.parent if logger.propagate else None
+        sys.stderr.flush()
+
+    writer = threading.Thread(target=write, name="sockserve-stop-log", daemon=True)
+    writer.start()
+    return writer
