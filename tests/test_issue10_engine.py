@@ -147,16 +147,18 @@ def test_sigterm_drain_timeout_holds_while_a_sync_handler_blocks(block: str) -> 
     from sockserve.server.signals import EXIT_GRACE
 
     drain = 1.0
-    with LoggedServer(
-        "fault_services:exits", "--listen", "tcp://127.0.0.1:0", "--drain-timeout", str(drain)
-    ) as srv:
-        with socket.create_connection(addr_of(srv.endpoints[0]), timeout=5) as s:
-            s.sendall(block.encode())
-            srv.wait_line(f"blocking {block}")
-            sent = time.monotonic()
-            srv.signal(signal.SIGTERM)
-            rc, log = srv.wait(20)
-            took = time.monotonic() - sent
+    with (
+        LoggedServer(
+            "fault_services:exits", "--listen", "tcp://127.0.0.1:0", "--drain-timeout", str(drain)
+        ) as srv,
+        socket.create_connection(addr_of(srv.endpoints[0]), timeout=5) as s,
+    ):
+        s.sendall(block.encode())
+        srv.wait_line(f"blocking {block}")
+        sent = time.monotonic()
+        srv.signal(signal.SIGTERM)
+        rc, log = srv.wait(20)
+        took = time.monotonic() - sent
     assert rc == 1, log
     assert "SIGTERM received, but a handler blocks the event loop" in log
     assert "drain timeout passed while a handler blocks the event loop" in log
@@ -168,18 +170,20 @@ def test_sigterm_drain_timeout_holds_while_a_sync_handler_blocks(block: str) -> 
 def test_a_second_sigint_exits_at_once_while_a_sync_handler_blocks(block: str) -> None:
     """Two SIGINTs used to be ignored while the handler blocked; the second now ends the
     process in under a second although the drain timeout is 120 s."""
-    with LoggedServer(
-        "fault_services:exits", "--listen", "tcp://127.0.0.1:0", "--drain-timeout", "120"
-    ) as srv:
-        with socket.create_connection(addr_of(srv.endpoints[0]), timeout=5) as s:
-            s.sendall(block.encode())
-            srv.wait_line(f"blocking {block}")
-            srv.signal(signal.SIGINT)
-            srv.wait_line("SIGINT received, but a handler blocks the event loop")
-            sent = time.monotonic()
-            srv.signal(signal.SIGINT)
-            rc, log = srv.wait(20)
-            took = time.monotonic() - sent
+    with (
+        LoggedServer(
+            "fault_services:exits", "--listen", "tcp://127.0.0.1:0", "--drain-timeout", "120"
+        ) as srv,
+        socket.create_connection(addr_of(srv.endpoints[0]), timeout=5) as s,
+    ):
+        s.sendall(block.encode())
+        srv.wait_line(f"blocking {block}")
+        srv.signal(signal.SIGINT)
+        srv.wait_line("SIGINT received, but a handler blocks the event loop")
+        sent = time.monotonic()
+        srv.signal(signal.SIGINT)
+        rc, log = srv.wait(20)
+        took = time.monotonic() - sent
     assert rc == 1, log
     assert "second SIGINT while a handler blocks the event loop; exiting now" in log
     assert took < 1.0, (took, log)
@@ -192,23 +196,25 @@ def test_a_blocked_worker_obeys_the_supervisors_sigterm_by_the_drain_timeout() -
     from sockserve.server.supervisor import KILL_GRACE
 
     drain = 1.0
-    with LoggedServer(
-        "fault_services:exits",
-        "--listen",
-        "tcp://127.0.0.1:0",
-        "--workers",
-        "2",
-        "--drain-timeout",
-        str(drain),
-        ready=1,
-    ) as srv:
-        with socket.create_connection(addr_of(srv.endpoints[0]), timeout=5) as s:
-            s.sendall(b"block")
-            srv.wait_line("blocking block")
-            sent = time.monotonic()
-            srv.signal(signal.SIGTERM)
-            rc, log = srv.wait(30)
-            took = time.monotonic() - sent
+    with (
+        LoggedServer(
+            "fault_services:exits",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--workers",
+            "2",
+            "--drain-timeout",
+            str(drain),
+            ready=1,
+        ) as srv,
+        socket.create_connection(addr_of(srv.endpoints[0]), timeout=5) as s,
+    ):
+        s.sendall(b"block")
+        srv.wait_line("blocking block")
+        sent = time.monotonic()
+        srv.signal(signal.SIGTERM)
+        _rc, log = srv.wait(30)
+        took = time.monotonic() - sent
     assert "drain timeout passed while a handler blocks the event loop" in log, log
     assert "killing them" not in log, log
     assert took < drain + min(KILL_GRACE, EXIT_GRACE + 2.0), (took, log)
