@@ -10,6 +10,7 @@ end (``exit``, ``argparse``, ``kbi``, ``base``, ``nap``, ``block``, ``block spin
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import ssl
@@ -21,6 +22,7 @@ from typing import Any
 import fault_services
 import pytest
 from faultkit import Certs, LoggedServer, LogTap, addr_of, closed_by_peer
+from support import wait_for
 
 import sockserve
 from sockserve.server import ServerThread
@@ -218,3 +220,112 @@ def test_a_blocked_worker_obeys_the_supervisors_sigterm_by_the_drain_timeout() -
     assert "drain timeout passed while a handler blocks the event loop" in log, log
     assert "killing them" not in log, log
     assert took < drain + min(KILL_GRACE, EXIT_GRACE + 2.0), (took, log)
+
+
+# -- item 9: silent TLS clients ---------------------------------------------------------
+
+
+def _rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+def _fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def _accept_queue(port: int) -> int:
+    """Connections waiting in the kernel's accept queue of the listener on ``port``."""
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if int(fields[1].split(":")[1], 16) == port and fields[3] == "0A":  # LISTEN
+                return int(fields[4].split(":")[1], 16)
+    raise AssertionError(f"no listener on port {port}")
+
+
+def _silent_wave(addr: tuple[str, int], count: int) -> list[socket.socket]:
+    """``count`` TCP connections to a TLS port that never send a ClientHello."""
+    socks = []
+    for _ in range(count):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(addr)
+        socks.append(s)
+    return socks
+
+
+def test_waves_of_silent_tls_clients_leave_memory_flat(certs: Certs) -> None:
+    """Clients that connect to tls:// and never handshake cost 50-300 KB each, and glibc
+    kept that memory after they closed: RSS 26 MB -> 234 MB after 8 waves of 1000 (uvloop).
+    Now at most --max-handshakes (256) are held at once, and memory is trimmed after a
+    wave: 6 waves of 600 leave the server within 30 MB of where it started."""
+    waves, per_wave, slack_mb = 6, 600, 30.0
+    with LoggedServer(
+        "echo",
+        "--listen",
+        "tls://127.0.0.1:0",
+        "--tls-cert",
+        certs.server_cert,
+        "--tls-key",
+        certs.server_key,
+    ) as srv:
+        pid = srv.proc.pid
+        addr = srv.addr("tls")
+        port = addr[1]
+        assert _ask(f"tls://127.0.0.1:{port}", b"warm up", certs) == b"warm up"
+        base_fds = _fds(pid)
+        start = _rss_mb(pid)
+        bound = start + slack_mb
+        for wave in range(waves):
+            socks = _silent_wave(addr, per_wave)
+            try:
+                wait_for(lambda: _accept_queue(port) == 0, what=f"wave {wave} accepted")
+                wait_for(lambda: _fds(pid) >= base_fds + 200, what=f"wave {wave} held")
+            finally:
+                for s in socks:
+                    s.close()
+            wait_for(lambda: _fds(pid) <= base_fds, what=f"wave {wave} closed")
+            try:
+                wait_for(lambda: _rss_mb(pid) <= bound, timeout=5, what="memory given back")
+            except AssertionError:
+                raise AssertionError(
+                    f"after wave {wave + 1}: RSS {_rss_mb(pid):.0f} MB, started at "
+                    f"{start:.0f} MB (bound {bound:.0f} MB)"
+                ) from None
+        assert _ask(f"tls://127.0.0.1:{port}", b"still here", certs) == b"still here"
+
+
+def test_a_real_tls_client_is_served_while_silent_clients_fill_the_handshake_cap(
+    certs: Certs, serve: Serve
+) -> None:
+    """At the cap the oldest handshake is dropped, not the listener paused: 300 silent
+    clients (cap 100) do not keep a real client out, and the drops are counted."""
+    st = serve(
+        "echo",
+        "tls://127.0.0.1:0",
+        tls_cert=certs.server_cert,
+        tls_key=certs.server_key,
+        max_handshakes=100,
+    )
+    url = st.url("tls")
+    socks = _silent_wave(addr_of(url), 300)
+    try:
+        [rt] = st.server.streams
+        wait_for(lambda: rt.errors.get("handshake_evicted", 0) >= 200, what="the oldest dropped")
+        assert len(rt._handshakes) <= 100
+        assert _ask(url, b"real client", certs) == b"real client"
+    finally:
+        for s in socks:
+            s.close()
+
+
+def test_max_handshakes_must_not_be_negative() -> None:
+    from sockserve.errors import ConfigError
+    from sockserve.server import ServerConfig
+
+    with pytest.raises(ConfigError, match="max handshakes"):
+        ServerConfig(max_handshakes=-1)
