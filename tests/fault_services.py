@@ -37,7 +37,7 @@ def raising(request: bytes, ctx: Context) -> bytes:
     return b"ok " + request
 
 
-def every_outcome(request: bytes, ctx: Context) -> bytes | str | None:
+def every_outcome(request: bytes, ctx: Context) -> bytes | str | BaseException | None:
     """One request per way a raw handler can end (see test_fastio): each is a separate
     exit of the C fast path."""
     if request == b"boom":
@@ -46,21 +46,15 @@ def every_outcome(request: bytes, ctx: Context) -> bytes | str | None:
         return None
     if request == b"str":
         return "not bytes"
+    if request == b"exception":
+        return KeyboardInterrupt()  # returned, not raised: a reply that is not bytes
     if request == b"big":
         return b"x" * (4 << 20)  # more than the socket buffer takes at once
     return b"ok " + request
 
 
-# A2 -- datagram handlers that end a request with a BaseException (issue 10, item 1).
-
-
-def exits(request: bytes, ctx: Context) -> bytes:
-    """``exit`` raises SystemExit, as argparse inside a handler does on bad input."""
-    if request.startswith(b"exit"):
-        raise SystemExit(2)
-    if request.startswith(b"base"):
-        raise GeneratorExit("a BaseException that is not an Exception")
-    return b"ok " + request
+# A2 -- datagram handlers that end a request with a BaseException (issue 10, item 1);
+# ``exits`` itself is defined below (shared with the stream tests).
 
 
 async def aexits(request: bytes, ctx: Context) -> bytes:
@@ -90,3 +84,44 @@ def sized(request: bytes, ctx: Context) -> bytes:
     if request.strip().isdigit():
         return b"s" * int(request.strip())
     return b"ok " + request
+
+
+def _exit_by_request(request: bytes) -> bytes:
+    """What ``exits``/``exits_async`` do for each request (see test_issue10_engine)."""
+    import argparse
+    import sys
+    import time
+
+    if request.startswith(b"exit"):
+        sys.exit(2)
+    if request.startswith(b"argparse"):  # a CLI parser inside a handler exits on bad input
+        argparse.ArgumentParser(prog="handler-cli").parse_args(["--no-such-option"])
+    if request.startswith(b"kbi"):
+        raise KeyboardInterrupt  # the handler's own, not a signal's
+    if request.startswith(b"base"):
+        raise HandlerBaseError("a BaseException from the handler")
+    if request.startswith(b"nap"):  # long enough for a signal to arrive while it runs
+        log.info("napping %s", request.decode(errors="replace"))
+        time.sleep(0.5)
+    if request.startswith(b"block"):  # stuck in blocking code: time.sleep or a busy loop
+        log.info("blocking %s", request.decode(errors="replace"))
+        end = time.monotonic() + 60
+        if request.startswith(b"block spin"):
+            while time.monotonic() < end:
+                pass
+        else:
+            time.sleep(60)
+    return b"ok " + request
+
+
+class HandlerBaseError(BaseException):
+    """Neither an Exception nor a signal: what a handler may raise by mistake."""
+
+
+def exits(request: bytes, ctx: Context) -> bytes:
+    return _exit_by_request(request)
+
+
+async def exits_async(request: bytes, ctx: Context) -> bytes:
+    await asyncio.sleep(0)
+    return _exit_by_request(request)

@@ -298,9 +298,9 @@ def test_server_answers_with_and_without_the_helper(pure: str) -> None:
 @pytest.mark.parametrize("pure", ["0", "1"])
 def test_every_exit_of_the_raw_fast_path(pure: str) -> None:
     """Raw framing and a sync handler: answered inside the C helper's poll, except where
-    the handler raises, returns nothing or not bytes, the reply does not fit the socket
-    buffer, or the chunk is longer than one request may be. Each case must end as the
-    pure-Python path ends it, and the server must go on serving."""
+    the handler raises, returns nothing or not bytes (an exception object included), the
+    reply does not fit the socket buffer, or the chunk is longer than one request may be.
+    Each case must end as the pure-Python path ends it, and the server must go on serving."""
     env = {"SOCKSERVE_PURE_PYTHON": "1" if pure == "1" else ""}
     with LoggedServer(
         "fault_services:every_outcome",
@@ -338,6 +338,10 @@ def test_every_exit_of_the_raw_fast_path(pure: str) -> None:
             s.sendall(b"str")  # not bytes: logged, that connection closed
             assert closed_by_peer(s)
         srv.wait_line("not bytes")
+        with socket.create_connection(addr, timeout=5) as s:
+            s.sendall(b"exception")  # an exception object returned: not bytes either
+            assert closed_by_peer(s), "a returned exception object left the connection open"
+        srv.wait_line("returned KeyboardInterrupt, not bytes")
         with socket.create_connection(addr, timeout=5) as s:
             s.sendall(b"y" * 5000)  # longer than --max-message: raw splits it into 5 requests
             want = (b"ok " + b"y" * 1000) * 5
@@ -417,7 +421,7 @@ class _Member:
 def test_poll_fast_serves_and_hands_back() -> None:
     """poll_fast on real sockets: a plain request is answered in C; a reply whose
     connection was closed meanwhile is dropped, not sent to whoever has the fd now;
-    an exception that is not the handler's failure comes back after the batch."""
+    what the handler raised or returned comes back tagged for its connection."""
     import select
 
     assert _speedups is not None
@@ -430,11 +434,13 @@ def test_poll_fast_serves_and_hands_back() -> None:
         (a0, b0), (_a1, b1), (a2, b2) = pairs
         m0, m1, m2 = (_Member(a.fileno()) for a, _ in pairs)
 
-        def handler(request: bytes, ctx: Any) -> bytes:
-            if request == b"close me":
+        def handler(request: bytes, ctx: Any) -> bytes | BaseException:
+            if request.startswith(b"close me"):
                 m1.fd = -1  # what FastStream._finish does
-            if request == b"interrupt":
+            if request.endswith(b"interrupt"):
                 raise KeyboardInterrupt
+            if request == b"return one":
+                return KeyboardInterrupt()
             return b"re:" + request
 
         fast = {m.fd: (m, handler, None, 100) for m in (m0, m1, m2)}
@@ -450,8 +456,27 @@ def test_poll_fast_serves_and_hands_back() -> None:
         with pytest.raises(BlockingIOError):
             b1.recv(100)  # its connection was closed by the handler: nothing sent
 
+        # Whatever the handler raises, KeyboardInterrupt too, comes back for its connection
+        # (the hub tells a real Ctrl-C from the handler's own); the batch goes on.
         b0.sendall(b"interrupt")
         _wait_readable(a0)
+        n, rest, error = _speedups.poll_fast(ep.fileno(), 64, fast)
+        assert n == 1 and error is None
+        [(fd, events, raised)] = rest
+        assert (fd, events) == (a0.fileno(), select.EPOLLIN)
+        assert isinstance(raised, KeyboardInterrupt) and raised.__traceback__ is not None
+        # An exception object returned is a reply that is not bytes, not a failure.
+        b0.sendall(b"return one")
+        _wait_readable(a0)
+        n, rest, error = _speedups.poll_fast(ep.fileno(), 64, fast)
+        assert n == 1 and error is None
+        [(fd, _, (reply, sent))] = rest
+        assert fd == a0.fileno() and type(reply) is KeyboardInterrupt and sent == 0
+        # A KeyboardInterrupt whose connection the handler's code closed has nobody to go
+        # to: it stops the batch, so a real Ctrl-C is never lost.
+        b1.sendall(b"close me then interrupt")
+        _wait_readable(pairs[1][0])
+        m1.fd = pairs[1][0].fileno()
         n, rest, error = _speedups.poll_fast(ep.fileno(), 64, fast)
         assert n == 1 and rest == [] and isinstance(error, KeyboardInterrupt)
     finally:

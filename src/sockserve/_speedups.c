@@ -588,19 +588,27 @@ serve_fast(int fd, PyObject *spec)
     PyObject *reply = PyObject_Vectorcall(handler, call_args, 2, NULL);
     Py_DECREF(handler);
     Py_DECREF(data);
+    int raised = 0;
     if (reply == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
-            return NULL; /* KeyboardInterrupt, SystemExit: not the handler's failure */
-        }
+        /* Whatever the handler raised, SystemExit and KeyboardInterrupt included, goes
+         * back for its connection: the hub logs it as the handler's failure, or raises
+         * it again if it is a real Ctrl-C (sockserve.server.signals). */
         PyObject *type, *value, *tb;
         PyErr_Fetch(&type, &value, &tb);
         PyErr_NormalizeException(&type, &value, &tb);
+        if (value == NULL) {
+            Py_XDECREF(type);
+            Py_XDECREF(tb);
+            PyErr_SetString(PyExc_SystemError, "poll_fast: a handler failed without an exception");
+            return NULL;
+        }
         if (tb != NULL) {
             PyException_SetTraceback(value, tb);
         }
         Py_XDECREF(type);
         Py_XDECREF(tb);
-        reply = value; /* the hub logs it as the handler's failure */
+        reply = value;
+        raised = 1;
     }
     else if (reply == Py_None) {
         Py_DECREF(reply);
@@ -610,12 +618,21 @@ serve_fast(int fd, PyObject *spec)
      * belongs to nobody now (the Python path's send to fd -1 fails the same way). */
     int owns = still_owns(member, fd);
     if (owns != 1) {
+        if (owns == 0 && raised && PyErr_GivenExceptionMatches(reply, PyExc_KeyboardInterrupt)) {
+            /* No connection to hand it to, but a Ctrl-C must not be lost: it stops the
+             * batch, and the hub decides whether it was a signal's. */
+            PyErr_Restore(Py_NewRef((PyObject *)Py_TYPE(reply)), reply,
+                          PyException_GetTraceback(reply));
+            return NULL;
+        }
         Py_DECREF(reply);
         return NULL; /* with the exception of still_owns set, if it failed */
     }
-    if (PyExceptionInstance_Check(reply)) {
-        return reply;
+    if (raised) {
+        return reply; /* an exception instance: raised, never returned (see below) */
     }
+    /* Anything else, an exception object returned rather than raised too, is a reply:
+     * (reply, 0) for the hub, which sends bytes-like ones and reports the rest. */
     Py_ssize_t sent = 0;
     if (PyBytes_CheckExact(reply)) {
         Py_ssize_t len = PyBytes_GET_SIZE(reply);
@@ -641,10 +658,11 @@ serve_fast(int fd, PyObject *spec)
  * back in ``rest`` as (fd, events, extra) for the hub to finish in Python:
  * extra is None (not touched: call on_event), bytes (received but not answered:
  * end of stream or an oversized request), an int (recv's errno), an exception
- * (the handler raised it), or (reply, sent) (a reply that is not bytes, or was not
- * sent whole; sent < 0 is -errno). ``error`` is None, or an exception that stopped
- * the batch (KeyboardInterrupt in a handler, MemoryError): the caller finishes
- * ``rest`` first, then raises it. */
+ * instance (the handler raised it: any BaseException), or (reply, sent) (a reply
+ * that is not bytes, an exception object returned included, or was not sent whole;
+ * sent < 0 is -errno). ``error`` is None, or an exception that stopped the batch
+ * (MemoryError, or a handler's KeyboardInterrupt after its code closed its own
+ * connection): the caller finishes ``rest`` first, then raises it. */
 static PyObject *
 poll_fast(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
 {

@@ -104,6 +104,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="stop accepting at N open connections, resume when one closes (default: no limit)",
     )
     g.add_argument(
+        "--max-handshakes",
+        type=int,
+        default=d.max_handshakes,
+        metavar="N",
+        help="TLS handshakes in progress per listener; past it the oldest is dropped "
+        "(default 256; 0 = no cap)",
+    )
+    g.add_argument(
         "--backlog", type=int, default=d.backlog, metavar="N", help="listen backlog (default 65535)"
     )
     g.add_argument(
@@ -278,6 +286,7 @@ def build_config(args: argparse.Namespace) -> object:
         idle_timeout=args.idle_timeout,
         max_conns=args.max_conns,
         backlog=args.backlog,
+        max_handshakes=args.max_handshakes,
         drain_timeout=args.drain_timeout,
         allow=tuple(parse_network(c) for c in args.allow),
         deny=tuple(parse_network(c) for c in args.deny),

@@ -46,6 +46,10 @@ class ServerConfig:
     tls_key: str | None = None
     tls_client_ca: str | None = None
     tls_handshake_timeout: float = 10.0
+    #: TLS handshakes in progress per listener; past it the oldest is dropped (0 = no cap).
+    #: Each costs 50-300 KB until it ends, so silent clients cannot run memory up; 256 at
+    #: once finish ~2,500 handshakes/s at 100 ms RTT, more than one core computes.
+    max_handshakes: int = 256
     #: Datagrams from source ports below this are dropped (reflection guard); port 0 always is.
     udp_min_source_port: int = 1024
     #: Replies/s per UDP source; None = DEFAULT_UDP_RATE on non-loopback binds, off on loopback.
@@ -87,6 +91,10 @@ class ServerConfig:
             raise ConfigError(f"idle timeout must be positive, got {self.idle_timeout}")
         if self.max_conns is not None and self.max_conns < 1:
             raise ConfigError(f"max conns must be at least 1, got {self.max_conns}")
+        if self.max_handshakes < 0:
+            raise ConfigError(
+                f"max handshakes must be >= 0 (0 = no cap), got {self.max_handshakes}"
+            )
         if self.backlog < 1:
             raise ConfigError(f"backlog must be at least 1, got {self.backlog}")
         if self.drain_timeout < 0:

@@ -119,6 +119,7 @@ OPTION_KEYS: dict[str, Callable[[Any], Any]] = {
     "tls_key": _str,
     "tls_client_ca": _str,
     "tls_handshake_timeout": _number,
+    "max_handshakes": _int,
     "udp_rate": _number,
     "udp_min_source_port": _int,
     "udp_amplify": _bool,

@@ -40,6 +40,7 @@ from ..framing import Codec, make_codec
 from ..service import Context
 from .logs import server_log
 from .requests import PAUSE_WRITE, RequestQueue
+from .signals import is_signal_interrupt
 
 if TYPE_CHECKING:
     from .runtime import StreamRuntime
@@ -137,6 +138,21 @@ class Hub:
         else:
             self.remove(fd)
 
+    def _stopped_by(self, error: BaseException) -> None:
+        """Raise what stopped a batch, unless it is a handler's own KeyboardInterrupt.
+
+        The C helper stops a batch with a handler's KeyboardInterrupt only when that
+        handler's code closed its own connection (there is none left to hand it to).
+        """
+        if isinstance(error, KeyboardInterrupt) and not is_signal_interrupt(error):
+            server_log.error(
+                "a handler raised KeyboardInterrupt after closing its connection",
+                exc_info=error,
+                extra={"event": "handler_error"},
+            )
+            return
+        raise error
+
     def _poll_c(self) -> PollResult:
         assert poll_fast is not None
         return poll_fast(self._ep.fileno(), MAX_EVENTS, self.fast)
@@ -166,8 +182,12 @@ class Hub:
                                 member.on_fast_result(extra)  # type: ignore[attr-defined]
                         except Exception:
                             self._member_failed(fd, member)
+                        except BaseException as exc:  # a real Ctrl-C: after the batch
+                            error = exc if error is None else error
                 if error is not None:
-                    raise error  # what stopped the C batch, once its results are handled
+                    self._stopped_by(
+                        error
+                    )  # what stopped the C batch, once its results are handled
                 # Poll again straight away rather than through the loop: while batches keep
                 # coming that saves the loop's own epoll_wait and dispatch per batch. Spin
                 # (keep polling through empty polls) only with few clients (see SPIN_BATCH).
@@ -263,10 +283,12 @@ class FastStream(RequestQueue):
                 self._finish(OSError(-sent, os.strerror(-sent)))
             else:
                 self._hold(reply[max(sent, 0) :])
-        elif isinstance(extra, Exception):
+        elif isinstance(extra, BaseException):  # the handler raised it (SystemExit too)
+            if is_signal_interrupt(extra):
+                raise extra
             try:
                 raise extra
-            except Exception:
+            except BaseException:
                 self._handler_failed()
 
     def on_event(self, events: int) -> None:
@@ -283,7 +305,9 @@ class FastStream(RequestQueue):
                 self.active = True  # a whole request (framed input counts only when complete)
                 try:
                     reply = self._handler(data, self.ctx)
-                except Exception:
+                except BaseException as exc:  # SystemExit too: it ends this connection only
+                    if is_signal_interrupt(exc):
+                        raise
                     self._handler_failed()
                     return
                 if type(reply) is not bytes:
@@ -332,7 +356,9 @@ class FastStream(RequestQueue):
             self.active = True  # a whole request (framed input counts only when complete)
             try:
                 reply = self._handler(data, self.ctx)
-            except Exception:
+            except BaseException as exc:  # SystemExit too: it ends this connection only
+                if is_signal_interrupt(exc):
+                    raise
                 self._handler_failed()
                 return
             if type(reply) is bytes:

@@ -2,7 +2,10 @@
 
 An async handler's requests on one connection are answered in order by one task
 per connection; reading pauses while too many wait, so pipelining is bounded.
-Handler failures are logged here, once, with the service, endpoint and peer.
+Handler failures are logged here, once, with the service, endpoint and peer. Any
+exception a handler raises is its failure, ``SystemExit`` (argparse in a handler) and
+``BaseException`` included: it ends that request and connection, never the server.
+Only a real Ctrl-C passes through (see :func:`.signals.is_signal_interrupt`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 from ..errors import ProtocolError
 from ..service import Context
 from .logs import fmt_peer, service_log
+from .signals import is_signal_interrupt
 
 if TYPE_CHECKING:
     from ..framing import Codec
@@ -72,7 +76,9 @@ class RequestQueue:
             return
         try:
             reply = self._handler(msg, self.ctx)
-        except Exception:
+        except BaseException as exc:  # SystemExit too: it ends this request, not the server
+            if is_signal_interrupt(exc):
+                raise
             self._handler_failed()
             return
         self._send(reply)
@@ -147,7 +153,9 @@ class RequestQueue:
                     reply = await cast(Awaitable[Any], self._handler(msg, self.ctx))
                 except asyncio.CancelledError:
                     raise
-                except Exception:
+                except BaseException as exc:  # SystemExit too: it ends this request only
+                    if is_signal_interrupt(exc):
+                        raise
                     self._handler_failed()
                     return
                 self.active = True

@@ -68,6 +68,12 @@ ACCEPT_RETRY_DELAY = 0.1
 ACCEPT_ERROR_LOG_EVERY = 5.0
 #: Accept errors about one doomed connection: skip it.
 _SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET})
+#: Give freed memory back to the OS (malloc_trim) once a listener's connections fall to
+#: a quarter of their peak, when that peak was at least this many: a wave of connections
+#: that all closed (glibc keeps what they freed, 50-300 KB each for TLS, for good).
+TRIM_PEAK = 256
+#: ...at most this often per process (a trim walks the whole heap: milliseconds).
+TRIM_EVERY = 1.0
 _LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
@@ -110,6 +116,11 @@ class StreamRuntime:
         self._accept_errors_unlogged = 0
         self._stopped = False
         self._close_reasons: dict[int, str] = {}
+        #: TLS handshakes in progress, oldest first (a dict keeps insertion order).
+        self._handshakes: dict[asyncio.Task[None], None] = {}
+        self._evicted_unlogged = 0
+        self._evict_logged_at = -ACCEPT_ERROR_LOG_EVERY
+        self._peak = 0  # most connections open at once since memory was last trimmed
         self._factory: Callable[[Any], AnyConn]
         if service.stream is not None:
             self._factory = lambda peer: SessionProtocol(self, peer)
@@ -212,6 +223,9 @@ class StreamRuntime:
         if self.endpoint.is_inet:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.server.conn_count += 1
+        opened = len(self.conns) + self.pending + 1
+        if opened > self._peak:
+            self._peak = opened
         if self.hub is not None:
             try:
                 FastStream(self, self.hub, sock, addr)
@@ -226,8 +240,42 @@ class StreamRuntime:
                 )
             return
         self.pending += 1
+        if self.ssl_context is not None and self.config.max_handshakes:
+            self._bound_handshakes()
         task = self.loop.create_task(self._connect(sock, addr))
         self.server.track(task)
+        if self.ssl_context is not None:
+            self._handshakes[task] = None
+            task.add_done_callback(self._handshake_ended)
+
+    def _bound_handshakes(self) -> None:
+        """At --max-handshakes, drop the oldest handshake to make room for the new one.
+
+        Why the oldest rather than pausing accept: a real client finishes its handshake in
+        a round trip, so the oldest is the likeliest silent one; pausing would let a few
+        hundred silent clients shut every TLS client out for the handshake timeout.
+        """
+        while len(self._handshakes) >= self.config.max_handshakes:
+            oldest = next(iter(self._handshakes))
+            del self._handshakes[oldest]
+            oldest.cancel()
+            self.errors["handshake_evicted"] = self.errors.get("handshake_evicted", 0) + 1
+            now = self.loop.time()
+            if now - self._evict_logged_at < ACCEPT_ERROR_LOG_EVERY:
+                self._evicted_unlogged += 1
+                continue
+            repeats, self._evicted_unlogged = self._evicted_unlogged, 0
+            self._evict_logged_at = now
+            server_log.warning(
+                "%s: %d TLS handshakes in progress (--max-handshakes); dropping the oldest%s",
+                self.endpoint,
+                self.config.max_handshakes,
+                f" ({repeats} more since the last report)" if repeats else "",
+                extra={"event": "handshake_evicted", "endpoint": self.endpoint},
+            )
+
+    def _handshake_ended(self, task: asyncio.Task[None]) -> None:
+        self._handshakes.pop(task, None)
 
     async def _connect(self, sock: socket.socket, addr: Any) -> None:
         proto: AnyConn | None = None
@@ -247,8 +295,12 @@ class StreamRuntime:
                 )
             else:
                 await self.loop.connect_accepted_socket(factory, sock)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # dropped at --max-handshakes, or shutting down
             sock.close()
+            if proto is None or proto not in self.conns:
+                self.server.conn_count -= 1
+                self._slot_freed()
+                self._maybe_trim()
             raise
         except Exception as exc:  # TLS handshake failure, peer reset before setup...
             conn_log.info(
@@ -263,6 +315,7 @@ class StreamRuntime:
             if proto is None or proto not in self.conns:
                 self.server.conn_count -= 1
                 self._slot_freed()
+                self._maybe_trim()
         finally:
             self.pending -= 1
 
@@ -308,7 +361,15 @@ class StreamRuntime:
             },
         )
         self._slot_freed()
+        self._maybe_trim()
         self.server.conn_closed()
+
+    def _maybe_trim(self) -> None:
+        """After a wave of connections (a quarter of TRIM_PEAK's peak left), trim memory."""
+        peak = self._peak
+        if peak >= TRIM_PEAK and (len(self.conns) + self.pending) * 4 <= peak:
+            self._peak = 0
+            release_memory(self.loop)
 
     def _slot_freed(self) -> None:
         server = self.server
@@ -740,6 +801,46 @@ def _ephemeral_ports() -> tuple[int, int]:
         return lo, hi
     except (OSError, ValueError):
         return 32768, 60999  # Linux's default
+
+
+_trim: Callable[[int], int] | None = None
+_last_trim = -TRIM_EVERY
+_trim_scheduled_for = -TRIM_EVERY  # a loop that closes first just never runs it
+
+
+def _load_trim() -> Callable[[int], int] | None:
+    """glibc's ``malloc_trim``, or None where there is none (musl, other systems)."""
+    try:
+        import ctypes
+
+        return cast(Callable[[int], int], ctypes.CDLL(None).malloc_trim)
+    except (OSError, AttributeError, ImportError):
+        return None
+
+
+def release_memory(loop: asyncio.AbstractEventLoop) -> None:
+    """Give the heap's free memory back to the OS, at most once per TRIM_EVERY.
+
+    Why: glibc keeps memory that many connections freed at once (TLS buffers, socket
+    reads) in its arenas, and RSS stays at the peak of the largest wave for good;
+    ``malloc_trim(0)`` returns it. Delayed a little, so a wave that is still closing
+    costs one trim, not one per connection.
+    """
+    global _trim, _trim_scheduled_for
+    if _trim is None:
+        _trim = _load_trim() or (lambda pad: 0)
+    now = time.monotonic()
+    if now < _trim_scheduled_for:
+        return  # one is due already
+    _trim_scheduled_for = max(now + 0.05, _last_trim + TRIM_EVERY)
+    loop.call_later(_trim_scheduled_for - now, _run_trim)
+
+
+def _run_trim() -> None:
+    global _last_trim
+    _last_trim = time.monotonic()
+    if _trim is not None:
+        _trim(0)
 
 
 def _is_loopback_bind(host: str) -> bool:

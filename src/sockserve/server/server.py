@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
+import os
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -27,6 +27,7 @@ from .logs import server_log
 from .loop import new_event_loop
 from .proxywrap import warn_settings
 from .runtime import DatagramRuntime, StreamRuntime
+from .signals import StopSignals
 from .tls import server_context
 
 DEFAULT_URLS = ("tcp://127.0.0.1:21567", "udp://127.0.0.1:21567")
@@ -110,6 +111,8 @@ class Server:
         self.hub: Hub | None = None
         #: (endpoint as configured, runtime) per binding, by id(binding): for add/remove_binding.
         self._bound: dict[int, list[tuple[Endpoint, Runtime]]] = {}
+        #: SIGTERM/SIGINT handlers with their watchdog, while installed (see _install_signals).
+        self._signals: StopSignals | None = None
 
     # -- limits and bookkeeping used by the runtimes ------------------------------------
 
@@ -385,6 +388,8 @@ class Server:
         await asyncio.sleep(0)
         if self.hub is not None:
             self.hub.close()
+        if self._signals is not None:
+            self._signals.disarm()  # stopped in time: the watchdog must not end the process
         server_log.info("stopped", extra={"event": "stopped"})
 
     async def serve(self) -> None:
@@ -409,6 +414,9 @@ class Server:
         try:
             loop.run_until_complete(main)
         finally:
+            if self._signals is not None:
+                self._signals.uninstall()
+                self._signals = None
             with contextlib.suppress(Exception):
                 loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
@@ -416,6 +424,14 @@ class Server:
         return 1 if self.forced or self.lost else 0
 
     def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        """SIGTERM/SIGINT: a graceful stop on the loop; a second SIGINT forces it.
+
+        The handlers are Python-level (``signal.signal``), not ``loop.add_signal_handler``:
+        they also run while a sync handler blocks the loop, and arm a watchdog that ends
+        the process by the drain timeout (or at once after a second SIGINT) if the loop
+        cannot get there itself (see :mod:`.signals`).
+        """
+
         def on_signal(name: str) -> None:
             already = self._stop_requested is not None and self._stop_requested.is_set()
             if already and name == "SIGINT":
@@ -425,8 +441,29 @@ class Server:
             server_log.info("%s received: shutting down", name, extra={"event": "signal"})
             self.request_stop()
 
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, on_signal, sig.name)
+        def stopping() -> bool:
+            return self._stop_requested is not None and self._stop_requested.is_set()
+
+        self._signals = StopSignals(
+            loop.call_soon_threadsafe,
+            on_signal,
+            lambda: self.drain_timeout,
+            stopping,
+            self._remove_socket_files,
+        )
+        self._signals.install()
+
+    def _remove_socket_files(self) -> None:
+        """Before a hard exit: unlink our Unix socket files, as a graceful stop does."""
+        for lst in list(self.listeners):
+            if lst.unix_file is not None:
+                with contextlib.suppress(OSError):
+                    st = os.stat(lst.endpoint.path)
+                    if (
+                        st.st_dev,
+                        st.st_ino,
+                    ) == lst.unix_file:  # still ours, as close_listener checks
+                        os.unlink(lst.endpoint.path)
 
 
 def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:

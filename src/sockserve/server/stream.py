@@ -18,6 +18,7 @@ from ..service import Context, StreamSession
 from .epoll import FastStream
 from .logs import conn_log, fmt_peer, service_log
 from .requests import PAUSE_WRITE, RequestQueue
+from .signals import is_signal_interrupt
 
 if TYPE_CHECKING:
     from .runtime import StreamRuntime
@@ -74,7 +75,9 @@ class StreamProtocol(RequestQueue, asyncio.Protocol):
             self.active = True
             try:
                 reply = self._handler(data, self.ctx)
-            except Exception:
+            except BaseException as exc:  # SystemExit too: it ends this connection only
+                if is_signal_interrupt(exc):
+                    raise
                 self._handler_failed()
                 return
             if type(reply) is bytes:
@@ -272,7 +275,9 @@ class SessionProtocol(asyncio.Protocol):
     def _call(self, name: str, *args: Any) -> None:
         try:
             getattr(self.session, name)(*args)
-        except Exception:
+        except BaseException as exc:  # SystemExit too: it ends this connection only
+            if is_signal_interrupt(exc):
+                raise
             service_log.exception(
                 "stream service %s raised in %s on %s from %s; closing that connection",
                 self.rt.service.name,
