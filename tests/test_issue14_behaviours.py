@@ -165,10 +165,14 @@ def test_raw_chunk_over_max_message_is_split_into_two_requests(pure: str) -> Non
             "tcp://127.0.0.1:0",
             "--max-message",
             "1000",
-            env={"SOCKSERVE_PURE_PYTHON": pure},
+            env={"SOCKSERVE_PURE_PYTHON": "1" if pure == "1" else ""},  # "0" would turn it off too
         ) as p,
         _tcp(p.url("tcp")) as s,
     ):
+        # The first request goes through the Python path; the connection then qualifies
+        # for the C fast path (raw framing, a sync handler, nothing queued).
+        s.sendall(b"first")
+        assert _read_n(s, 27 + 5).endswith(b"] first")
         s.sendall(b"z" * 1001)
         got = _read_n(s, 2 * 27 + 1001)
     assert got.count(b"] z") == 2, got[:80]

@@ -306,6 +306,7 @@ def test_options_for_a_service_without_any_are_refused() -> None:
         ("daytime", b"x" * 26, lambda r: DAYTIME.fullmatch(r) is not None),
         ("chargen", b"x" * 20, lambda r: len(r) <= 20),
         ("time", b"abcd", lambda r: len(r) == 4),
+        ("time", b"abc", lambda r: len(r) == 3),  # one byte larger is too large
         ("echo", b"x" * 3000, lambda r: r == b"x" * 3000),
         ("timestamp", b"ping", lambda r: r.startswith(b"[") and r.endswith(b"] ping")),
     ],
