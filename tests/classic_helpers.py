@@ -7,10 +7,8 @@ services, so a test comparing the two can fail when the service is wrong.
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import re
 import socket
-import struct
 import threading
 from pathlib import Path
 from typing import Any
@@ -150,21 +148,6 @@ def session_buffers(st: ServerThread) -> list[tuple[int, bool]]:
 
     result: list[tuple[int, bool]] = on_server_loop(st, probe)
     return result
-
-
-def non_loopback_ipv4() -> str | None:
-    """A local IPv4 address outside 127/8 (to be a non-loopback UDP source), or None."""
-    siocgifaddr = 0x8915  # Linux ioctl: an interface's IPv4 address
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-        for _, name in socket.if_nameindex():
-            try:
-                raw = fcntl.ioctl(s.fileno(), siocgifaddr, struct.pack("256s", name.encode()[:15]))
-            except OSError:
-                continue
-            addr = socket.inet_ntoa(raw[20:24])
-            if not addr.startswith("127."):
-                return addr
-    return None
 
 
 def ipv6_loopback_works() -> bool:

@@ -63,3 +63,27 @@ def server_logs() -> Iterator[Any]:
     yield tap
     logger.removeHandler(tap)
     logger.setLevel(old_level)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "requires(condition, reason): skip without it, but FAIL under CI=true (tests/strict.py)",
+    )
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Check every ``strict.needs`` mark: a skip on a laptop, a failure under CI=true."""
+    from strict import require
+
+    for mark in item.iter_markers("requires"):
+        require(mark.args[0], mark.args[1])
+
+
+@pytest.fixture
+def netns() -> Iterator[str]:
+    """The test runs in a private network namespace; yields its non-loopback address."""
+    from netns import private_netns
+
+    with private_netns() as addr:
+        yield addr

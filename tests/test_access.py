@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from faultkit import LoggedServer, LogTap, addr_of, assert_alive, closed_by_peer
+from strict import needs_ipv6
 from support import run_cli
 
 import sockserve
@@ -22,18 +23,6 @@ from sockserve.server import ServerThread
 pytestmark = pytest.mark.timeout(60)
 
 Serve = Callable[..., ServerThread]
-
-
-def _have_ipv6() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True
-
-
-needs_ipv6 = pytest.mark.skipif(not _have_ipv6(), reason="no IPv6 loopback")
 
 
 def tcp_gets_nothing(url: str, source: str) -> bool:

@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 from deploy_helpers import TESTS, Proc, request
+from strict import needs
 
 from sockserve.errors import ConfigError
 from sockserve.server.activation import listen_fds
 
 ACTIVATE = shutil.which("systemd-socket-activate") or "/usr/bin/systemd-socket-activate"
-needs_tool = pytest.mark.skipif(
-    not os.path.exists(ACTIVATE), reason="systemd-socket-activate not installed (package systemd)"
+needs_tool = needs(
+    os.path.exists(ACTIVATE), "systemd-socket-activate not installed (Debian package systemd)"
 )
 
 

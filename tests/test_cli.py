@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -12,10 +11,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from strict import needs, tool
 from support import ServerProcess, run_cli
 from test_core_server import check_stamp
 
 from sockserve.server import ServerThread
+
+needs_ncat = needs(tool("ncat"), "ncat not installed (Debian package ncat)")
 
 
 def one_line_error(proc: subprocess.CompletedProcess[bytes]) -> str:
@@ -105,15 +107,9 @@ def test_serve_defaults_and_call_every_transport(sock_dir: Path) -> None:
     assert not unix.exists() and not gram.exists()
 
 
-def test_serve_default_endpoints_log_line() -> None:
-    """With no arguments: timestamp on TCP and UDP 127.0.0.1:21567 (skipped if that port is taken)."""
-    probe = socket.socket()
-    try:
-        probe.bind(("127.0.0.1", 21567))
-    except OSError:
-        pytest.skip("port 21567 is in use on this machine")
-    finally:
-        probe.close()
+def test_serve_default_endpoints_log_line(netns: str) -> None:
+    """With no arguments: timestamp on TCP and UDP 127.0.0.1:21567. It runs in a private
+    network namespace, where that fixed port is always free whatever this host runs."""
     with ServerProcess(ready=2) as srv:
         assert srv.endpoints == ["tcp://127.0.0.1:21567", "udp://127.0.0.1:21567"]
         proc = run_cli("call", "udp://127.0.0.1:21567", "default")
@@ -320,15 +316,13 @@ def test_no_command_prints_help() -> None:
 # -- netcat-style peers -----------------------------------------------------------------
 
 
-@pytest.mark.skipif(shutil.which("ncat") is None, reason="ncat (Debian package ncat) not installed")
+@needs_ncat
 @pytest.mark.parametrize("framing", ["raw", "line"])
 def test_ncat_sends_a_line_then_closes(serve: Callable[..., ServerThread], framing: str) -> None:
     st = serve("timestamp", "tcp://127.0.0.1:0", framing=framing)
     host, port = st.endpoints[0].address()  # type: ignore[misc]
     proc = subprocess.run(
-        ["ncat", "--no-shutdown", "-w", "5", host, str(port)]
-        if False
-        else ["ncat", "-w", "5", host, str(port)],
+        ["ncat", "-w", "5", host, str(port)],
         input=b"hello from ncat\n",
         capture_output=True,
         timeout=20,
@@ -338,7 +332,7 @@ def test_ncat_sends_a_line_then_closes(serve: Callable[..., ServerThread], frami
     check_stamp(proc.stdout.rstrip(b"\n") if framing == "line" else proc.stdout, expected)
 
 
-@pytest.mark.skipif(shutil.which("ncat") is None, reason="ncat (Debian package ncat) not installed")
+@needs_ncat
 def test_ncat_udp_and_unix(serve: Callable[..., ServerThread], sock_dir: Path) -> None:
     path = sock_dir / "nc.sock"
     st = serve("timestamp", "udp://127.0.0.1:0", f"unix://{path}")

@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from strict import ipv6_loopback_error, require
 from support import recv_all, wait_for
 
 from sockserve.server import ServerThread
@@ -78,12 +79,8 @@ def test_textbook_unix_datagram_client(serve: Callable[..., ServerThread], sock_
 
 
 def test_textbook_ipv6_client(serve: Callable[..., ServerThread]) -> None:
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6")
-    try:
-        st = serve("timestamp", "tcp://[::1]:0", "udp://[::1]:0")
-    except Exception as exc:
-        pytest.skip(f"cannot bind ::1: {exc}")
+    require(ipv6_loopback_error() is None, str(ipv6_loopback_error()))
+    st = serve("timestamp", "tcp://[::1]:0", "udp://[::1]:0")
     s = socket.socket(socket.AF_INET6, socket.SOCK_STREAM)
     s.settimeout(5)
     s.connect(st.endpoints[0].address())

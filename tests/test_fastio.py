@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from faultkit import LoggedServer, addr_of, closed_by_peer
+from strict import ipv6_loopback_error, needs, require
 from support import ServerProcess
 
 from sockserve import fastio
@@ -23,7 +24,9 @@ try:
 except ImportError:  # not built here (no compiler): the fallback is still tested
     _speedups = None  # type: ignore[assignment]
 
-needs_c = pytest.mark.skipif(_speedups is None, reason="sockserve._speedups is not built")
+# The C variants skip only where the helper was not built; under CI=true (CI builds it,
+# SOCKSERVE_REQUIRE_SPEEDUPS) a missing helper fails them.
+needs_c = needs(_speedups is not None, "sockserve._speedups is not built")
 
 
 class Impl:
@@ -53,8 +56,8 @@ class Impl:
 
 @pytest.fixture(params=["c", "python"])
 def impl(request: pytest.FixtureRequest) -> Impl:
-    if request.param == "c" and _speedups is None:
-        pytest.skip("sockserve._speedups is not built")
+    if request.param == "c":
+        require(_speedups is not None, "sockserve._speedups is not built")
     return Impl(request.param)
 
 
@@ -139,12 +142,8 @@ def test_long_datagram_is_cut_to_size_like_recvfrom(impl: Impl, server: socket.s
 
 
 def test_ipv6_addresses_match_the_socket_module(impl: Impl) -> None:
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6")
-    try:
-        srv = _udp("::1")
-    except OSError:
-        pytest.skip("::1 is not configured")
+    require(ipv6_loopback_error() is None, str(ipv6_loopback_error()))
+    srv = _udp("::1")
     srv.setblocking(False)
     target, recv, send = impl.batch(srv)
     with srv, _udp("::1") as c:
@@ -259,8 +258,7 @@ def test_c_helper_sends_more_than_one_kernel_batch(server: socket.socket) -> Non
 
 def test_ci_builds_the_c_helper() -> None:
     """CI sets SOCKSERVE_REQUIRE_SPEEDUPS: there the fast path must really be tested."""
-    if not os.environ.get("SOCKSERVE_REQUIRE_SPEEDUPS"):
-        pytest.skip("SOCKSERVE_REQUIRE_SPEEDUPS is not set")
+    require(os.environ.get("SOCKSERVE_REQUIRE_SPEEDUPS"), "SOCKSERVE_REQUIRE_SPEEDUPS is not set")
     assert _speedups is not None, "sockserve._speedups was not built"
     assert fastio.HAVE_SPEEDUPS
 
@@ -502,12 +500,8 @@ def test_send_batch_takes_numeric_hosts_only(server: socket.socket) -> None:
 
 @needs_c
 def test_send_batch_ignores_an_ipv6_zone_suffix() -> None:
-    if not socket.has_ipv6:
-        pytest.skip("no IPv6")
-    try:
-        srv, c = _udp("::1"), _udp("::1")
-    except OSError:
-        pytest.skip("::1 is not configured")
+    require(ipv6_loopback_error() is None, str(ipv6_loopback_error()))
+    srv, c = _udp("::1"), _udp("::1")
     assert _speedups is not None
     with srv, c:
         port = c.getsockname()[1]

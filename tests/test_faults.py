@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
 import select
 import socket
@@ -32,6 +31,7 @@ from faultkit import (
     closed_by_peer,
     reset,
 )
+from strict import needs_root
 from support import wait_for
 
 import sockserve
@@ -452,19 +452,14 @@ def test_raising_handler_drops_that_datagram(
 
 
 def _privileged_udp_socket() -> socket.socket:
-    rng = random.Random()
-    for _ in range(50):
-        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        try:
-            s.bind(("127.0.0.1", rng.randint(600, 1023)))
-            return s
-        except OSError:
-            s.close()
-    pytest.skip("no free privileged UDP port")
+    """Port 1023, the highest privileged one: free in the test's own network namespace."""
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 1023))
+    return s
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="binding a port below 1024 needs root")
-def test_udp_from_a_privileged_source_port_is_dropped(serve: Serve) -> None:
+@needs_root
+def test_udp_from_a_privileged_source_port_is_dropped(netns: str, serve: Serve) -> None:
     st = serve("timestamp", "udp://127.0.0.1:0")
     addr = addr_of(st.url("udp"))
     with _privileged_udp_socket() as s:
@@ -515,11 +510,24 @@ def test_udp_flood_from_one_source_is_rate_limited_per_source(serve: Serve) -> N
             assert again.request(b"later").endswith(b"later")
 
 
-def test_udp_rate_guard_defaults_off_on_loopback_and_on_elsewhere(serve: Serve) -> None:
+def test_udp_rate_guard_defaults_off_on_loopback_and_on_elsewhere(netns: str, serve: Serve) -> None:
+    """A non-loopback bind (192.0.2.1 in the test's own namespace) limits each source to
+    100 datagrams/s by default; loopback is never throttled."""
     lo = serve("timestamp", "udp://127.0.0.1:0")
-    wide = serve("timestamp", "udp://0.0.0.0:0")
-    assert lo.server.datagrams[0].rate == 0
-    assert wide.server.datagrams[0].rate == 100
+    wide = serve("timestamp", f"udp://{netns}:0")
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.bind((netns, 0))
+        start = time.monotonic()
+        for i in range(400):
+            s.sendto(b"%d" % i, addr_of(wide.url("udp")))
+        replies = 0
+        s.settimeout(0.3)
+        with contextlib.suppress(TimeoutError):
+            while True:
+                s.recvfrom(1024)
+                replies += 1
+        elapsed = time.monotonic() - start
+        assert 1 <= replies <= 100 + 100 * elapsed + 1, f"{replies} replies in {elapsed:.2f}s"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(5)
         for i in range(300):  # in lockstep, so no loss: loopback is never throttled

@@ -153,14 +153,25 @@ def test_raw_splits_oversized_chunks() -> None:
 @given(st.sampled_from(["raw", "line", "length"]), st.lists(st.binary(max_size=200), max_size=20))
 def test_junk_raises_only_protocol_errors(framing: str, chunks: list[bytes]) -> None:
     c = make_codec(framing, 64)
+    got: list[bytes] = []
     try:
         for chunk in chunks:
             c.feed(chunk)
             for msg in drain(c):
                 assert len(msg) <= 64
-        c.end_of_input()
-    except RemoteProtocolError:
-        pass
+                got.append(msg)
+        tail = c.end_of_input()
+        if tail is not None:
+            got.append(tail)
+    except RemoteProtocolError as exc:
+        assert framing != "raw", "raw framing has no invalid input"
+        assert str(exc), "a protocol error must say what was wrong"
+        return
+    if framing == "raw":  # every byte comes out, in order, in pieces of at most 64
+        assert b"".join(got) == b"".join(chunks)
+    elif framing == "line":  # nothing is lost but the line ends (a CR before one may go)
+        sent = b"".join(chunks).replace(b"\r", b"").replace(b"\n", b"")
+        assert b"".join(got).replace(b"\r", b"") == sent
 
 
 def test_unknown_framing() -> None:

@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
 from deploy_helpers import (
     HAProxy,
     addr_of,
@@ -25,12 +24,11 @@ from deploy_helpers import (
     wait_for,
     whoami,
 )
+from strict import needs
 
 from sockserve.server import ServerThread
 
-pytestmark = pytest.mark.skipif(
-    haproxy_path() is None, reason="haproxy not installed (Debian package haproxy)"
-)
+pytestmark = needs(haproxy_path(), "haproxy not installed (Debian package haproxy)")
 
 DEFAULTS = """
 defaults

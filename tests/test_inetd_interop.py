@@ -2,21 +2,19 @@
 
 inetd runs from the test in the foreground (``inetd -d CONFIG``) with a config of
 our own in a temp dir. Its internal services only work on their standard ports
-(7, 9, 13, 19, 37), so this needs root and those ports free on 127.0.0.1; it
-skips with the reason otherwise. openbsd-inetd has no qotd built-in, so qotd is
-not compared. sockserve runs the same services on port-0 endpoints.
+(7, 9, 13, 19, 37), so this needs root. openbsd-inetd has no qotd built-in, so qotd
+is not compared. sockserve runs the same services on port-0 endpoints.
 
-UDP: openbsd-inetd drops datagrams whose source is a loopback address (its guard
-against two services answering each other in a loop), so UDP cannot be compared
-over 127.0.0.1. When this host has a non-loopback IPv4 address, the UDP tests
-bind both servers and the client to it (the packets never leave the host);
-otherwise they skip, and only TCP is compared.
+The whole module runs in a private network namespace (tests/netns.py): there the
+standard ports are always free, and there is a non-loopback address, 192.0.2.1,
+that exists only in the namespace. UDP needs it: openbsd-inetd drops datagrams
+whose source is a loopback address (its guard against two services answering
+each other in a loop), so the UDP tests bind both servers and the client to it.
+Nothing is sent to this host's own interface addresses.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import struct
 import subprocess
@@ -31,37 +29,26 @@ from classic_helpers import (
     RFC868_OFFSET,
     TIMEOUT,
     chargen_reference,
-    non_loopback_ipv4,
     read_exactly,
     read_until_eof,
     stream_through,
 )
+from netns import NETNS_ADDR, private_netns
+from strict import IS_ROOT, needs, tool
 
 from sockserve.server import Server, ServerConfig, ServerThread, make_binding
 from sockserve.server.runtime import DatagramRuntime, StreamRuntime
 
-INETD = shutil.which("inetd") or "/usr/sbin/inetd"
+INETD = tool("inetd", "/usr/sbin/inetd")
 TCP_PORTS = {"echo": 7, "discard": 9, "daytime": 13, "chargen": 19, "time": 37}
 UDP_PORTS = {"echo": 7, "daytime": 13, "chargen": 19, "time": 37}
-REMOTE = non_loopback_ipv4()
+REMOTE = NETNS_ADDR
 Addr = tuple[str, int]
 
 pytestmark = [
-    pytest.mark.skipif(not os.path.exists(INETD), reason="inetd not installed (openbsd-inetd)"),
-    pytest.mark.skipif(
-        os.geteuid() != 0, reason="inetd's built-ins need the privileged ports 7-37 (root)"
-    ),
+    needs(INETD is not None, "inetd not installed (Debian package openbsd-inetd)"),
+    needs(IS_ROOT, "inetd's built-ins need the privileged ports 7-37 (root)"),
 ]
-
-
-def _port_free(kind: socket.SocketKind, host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, kind) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 def _wait_listening(addrs: list[Addr], proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -81,21 +68,20 @@ def _wait_listening(addrs: list[Addr], proc: subprocess.Popen[bytes], log: Path)
 
 
 @pytest.fixture(scope="module")
-def inetd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Addr]]:
-    """inetd's TCP built-ins on 127.0.0.1 (and its UDP ones on REMOTE, when there is one)."""
-    busy = [
-        f"tcp/{p}" for p in TCP_PORTS.values() if not _port_free(socket.SOCK_STREAM, "127.0.0.1", p)
-    ]
-    udp = REMOTE is not None and all(
-        _port_free(socket.SOCK_DGRAM, REMOTE, p) for p in UDP_PORTS.values()
-    )
-    if busy:
-        pytest.skip(f"ports in use on 127.0.0.1 ({', '.join(busy)}): inetd needs them")
+def namespace() -> Iterator[str]:
+    """The module's private network namespace (entered before inetd and ours start)."""
+    with private_netns() as addr:
+        yield addr
+
+
+@pytest.fixture(scope="module")
+def inetd(namespace: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Addr]]:
+    """inetd's TCP built-ins on 127.0.0.1 and its UDP ones on REMOTE, in the namespace."""
+    assert INETD is not None
     d = tmp_path_factory.mktemp("inetd")
     conf = d / "inetd.conf"
     lines = [f"127.0.0.1:{name} stream tcp nowait root internal" for name in TCP_PORTS]
-    if udp:
-        lines += [f"{REMOTE}:{name} dgram udp wait root internal" for name in UDP_PORTS]
+    lines += [f"{REMOTE}:{name} dgram udp wait root internal" for name in UDP_PORTS]
     conf.write_text("\n".join(lines) + "\n")
     log = d / "inetd.log"
     with open(log, "wb") as out:
@@ -103,9 +89,7 @@ def inetd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Addr]]
     try:
         addrs = {name: ("127.0.0.1", port) for name, port in TCP_PORTS.items()}
         _wait_listening(list(addrs.values()), proc, log)
-        if udp:
-            assert REMOTE is not None
-            addrs.update({f"udp-{n}": (REMOTE, p) for n, p in UDP_PORTS.items()})
+        addrs.update({f"udp-{n}": (REMOTE, p) for n, p in UDP_PORTS.items()})
         yield addrs
     finally:
         proc.terminate()
@@ -117,13 +101,12 @@ def inetd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Addr]]
 
 
 @pytest.fixture(scope="module")
-def ours() -> Iterator[dict[str, Addr]]:
+def ours(namespace: str) -> Iterator[dict[str, Addr]]:
     """The same services from sockserve, one server, port 0 each (UDP on REMOTE with
     --udp-amplify, since that source is non-loopback and inetd has no such guard)."""
     bindings = [make_binding(name, ["tcp://127.0.0.1:0"]) for name in TCP_PORTS]
-    if REMOTE is not None:
-        amplify = ServerConfig(udp_amplify=True)
-        bindings += [make_binding(n, [f"udp://{REMOTE}:0"], amplify) for n in UDP_PORTS]
+    amplify = ServerConfig(udp_amplify=True)
+    bindings += [make_binding(n, [f"udp://{REMOTE}:0"], amplify) for n in UDP_PORTS]
     with ServerThread(Server(*bindings)) as st:
         addrs: dict[str, Addr] = {}
         runtimes: list[StreamRuntime | DatagramRuntime] = [*st.server.streams, *st.server.datagrams]
@@ -139,10 +122,6 @@ def tcp(addr: Addr) -> socket.socket:
 
 
 def both(inetd: dict[str, Addr], ours: dict[str, Addr], key: str) -> list[Addr]:
-    if key not in inetd:
-        pytest.skip(
-            "no non-loopback IPv4 address (or its ports are busy): inetd ignores UDP from loopback"
-        )
     return [inetd[key], ours[key]]
 
 
@@ -230,11 +209,10 @@ def test_daytime_has_inetds_format(inetd: dict[str, Addr], ours: dict[str, Addr]
     assert abs(_daytime_seconds(lines[0]) - _daytime_seconds(lines[1])) <= 2
 
 
-# -- UDP (only with a non-loopback local address; see the module docstring) ----------------
+# -- UDP (from the namespace's non-loopback address; see the module docstring) -------------
 
 
 def _udp(addr: Addr, payload: bytes) -> bytes:
-    assert REMOTE is not None
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(TIMEOUT)
         s.bind((REMOTE, 0))

@@ -23,6 +23,7 @@ from typing import Any
 
 import pytest
 from faultkit import LoggedServer, addr_of
+from strict import needs
 from support import wait_for
 
 import sockserve
@@ -336,9 +337,7 @@ def _hops_until_quiet(counters: list[_Counted], limit: float = 5.0) -> int:
     return sum(c.count for c in counters)
 
 
-needs_root = pytest.mark.skipif(
-    os.geteuid() != 0 and not os.environ.get("CI"), reason="spoofing a source needs a raw socket"
-)
+needs_root = needs(os.geteuid() == 0, "spoofing a source needs a raw socket (root)")
 
 
 @needs_root

@@ -163,20 +163,38 @@ def test_v2_waits_for_the_whole_body() -> None:
     data = encode_v2(("1.2.3.4", 1), ("5.6.7.8", 2))
     assert parse_header(data[:15]) is None
     assert parse_header(data[:-1]) is None
-    assert parse_header(data) is not None
+    parsed = parse_header(data)
+    assert parsed is not None
+    header, used = parsed
+    assert used == len(data)
+    assert (header.source, header.destination) == (("1.2.3.4", 1), ("5.6.7.8", 2))
 
 
 @given(st.binary(max_size=300), st.integers(min_value=1, max_value=40))
 @settings(max_examples=600, deadline=None)
 def test_fuzz_only_remote_protocol_error(data: bytes, chunk: int) -> None:
     for prefix in (b"", V1_TCP4[:6], V2_SIGNATURE, V2_SIGNATURE + b"\x21\x11"):
-        r = ProxyHeaderReader()
         blob = prefix + data
-        try:
-            for i in range(0, len(blob), chunk):
-                r.feed(blob[i : i + chunk])
-        except RemoteProtocolError:
-            pass
+        # The same outcome whatever the chunking: fed whole, fed in pieces.
+        outcomes = []
+        for size in (len(blob) or 1, chunk):
+            r = ProxyHeaderReader()
+            try:
+                for i in range(0, len(blob), size):
+                    r.feed(blob[i : i + size])
+            except RemoteProtocolError as exc:
+                assert str(exc), "a protocol error must say what was wrong"
+                outcomes.append("error")
+                continue
+            if r.header is None:
+                assert r.rest == b""  # still waiting: nothing handed on
+                outcomes.append("waiting")
+            else:
+                # A header was found: what follows it is handed on byte for byte.
+                assert blob.endswith(r.rest)
+                outcomes.append((r.header, r.rest))
+        whole, pieces = outcomes
+        assert whole == pieces, (whole, pieces)
 
 
 @given(
