@@ -56,6 +56,8 @@ EXEMPT_LINES = {
     "bash .ci/run": "is CI itself: installs Debian packages and runs this very suite",
     "pip install -e '.[bench]'": "installs the benchmark peers (gevent, twisted, matplotlib) "
     "from the network",
+    "scripts/mutation ": "runs mutmut for minutes per module (the [mutation] extra); the "
+    "figures in docs/testing.md are from real runs, not part of CI",
 }
 #: Whole blocks not run, by a text the block contains, and why.
 EXEMPT_BLOCKS = {
