@@ -56,11 +56,11 @@ EXEMPT_LINES = {
     "bash .ci/run": "is CI itself: installs Debian packages and runs this very suite",
     "pip install -e '.[bench]'": "installs the benchmark peers (gevent, twisted, matplotlib) "
     "from the network",
-    "scripts/mutation ": "runs mutmut for minutes per module (the [mutation] extra); the "
-    "figures in docs/testing.md are from real runs, not part of CI",
 }
 #: Whole blocks not run, by a text the block contains, and why.
 EXEMPT_BLOCKS = {
+    "$ scripts/mutation ": "runs mutmut for minutes per module (the [mutation] extra); the "
+    "figures in docs/testing.md are from real runs, not part of CI",
     "sudo systemctl enable --now sockserve.socket": "installs unit files system-wide: needs "
     "root and systemd as PID 1 (tests/test_activation.py serves the same sockets, and the next "
     "block runs them with systemd-socket-activate)",
