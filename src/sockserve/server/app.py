@@ -20,6 +20,7 @@ import contextlib
 import json
 import signal
 import socket
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -35,9 +36,7 @@ from .loop import new_event_loop
 from .server import DEFAULT_URLS, Binding, Server, _log_loop_exception, make_binding
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
-
-    from .metrics import MetricsState
+    from .metrics import MetricsServer, MetricsState
     from .supervisor import Supervisor
 
 
@@ -172,7 +171,7 @@ class App:
             self.live[u.key] = (u, b)
             bindings.append(b)
         self.server = Server(*bindings)
-        self.metrics_http: WSGIServer | None = None
+        self.metrics_http: MetricsServer | None = None
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again = False
 
@@ -201,31 +200,32 @@ class App:
         await server.start()
         try:
             if self.spec.metrics and self.channel is None:
-                self._start_metrics_http()
+                await self._start_metrics_http()
             if self.channel is not None:
-                self.channel.setblocking(True)
-                self.channel.settimeout(2.0)
-                loop.add_reader(self.channel.fileno(), self._answer_snapshot)
+                threading.Thread(
+                    target=self._serve_channel, name="sockserve-metrics-channel", daemon=True
+                ).start()
             assert server._stop_requested is not None
             await server._stop_requested.wait()
         finally:
             if self.channel is not None:
-                with contextlib.suppress(Exception):
-                    loop.remove_reader(self.channel.fileno())
+                with contextlib.suppress(OSError):
+                    self.channel.shutdown(socket.SHUT_RDWR)  # wakes the channel thread
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signal.SIGHUP)
             await server.stop()
             if self.metrics_http is not None:
-                self.metrics_http.shutdown()
-                self.metrics_http.server_close()
+                self.metrics_http.close()
 
-    def _start_metrics_http(self) -> None:
-        from .metrics import serve_metrics
+    async def _start_metrics_http(self) -> None:
+        from .metrics import MetricsServer, open_metrics_socket, registry_for
 
         metrics = self.metrics
         assert metrics is not None and self.spec.metrics is not None
-        self.metrics_http = serve_metrics(self.spec.metrics, lambda: metrics.snapshot(self.server))
-        host, port = str(self.metrics_http.server_address[0]), self.metrics_http.server_port
+        render = registry_for(lambda: metrics.snapshot(self.server))
+        self.metrics_http = MetricsServer(open_metrics_socket(self.spec.metrics), render)
+        await self.metrics_http.start()
+        host, port = self.metrics_http.address
         server_log.info(
             "metrics on http://%s:%d/metrics",
             f"[{host}]" if ":" in host else host,
@@ -233,17 +233,29 @@ class App:
             extra={"event": "metrics"},
         )
 
-    def _answer_snapshot(self) -> None:
-        """The supervisor asked for our counters: one byte in, a length-prefixed JSON reply out."""
-        assert self.channel is not None and self.metrics is not None
+    def _serve_channel(self) -> None:
+        """Answer the supervisor's snapshot requests: each byte in, one length-prefixed JSON out.
+
+        A thread of its own, not a reader on the loop: a handler that blocks the loop
+        must not make the supervisor wait, nor leave it with stale counts of ours.
+        The counters are plain ints and lists read whole under the GIL. A snapshot that
+        fails is answered with an empty frame (the supervisor keeps our last one).
+        """
+        channel, metrics = self.channel, self.metrics
+        assert channel is not None and metrics is not None
+        channel.setblocking(True)
         try:
-            if not self.channel.recv(64):
-                self.server.loop.remove_reader(self.channel.fileno())  # supervisor gone
-                return
-            data = json.dumps(self.metrics.snapshot(self.server)).encode()
-            self.channel.sendall(len(data).to_bytes(4, "big") + data)
+            while asks := channel.recv(64):
+                for _ in asks:
+                    try:
+                        data = json.dumps(metrics.snapshot(self.server)).encode()
+                    except Exception:
+                        server_log.exception("metrics: snapshot for the supervisor failed")
+                        data = b""
+                    channel.sendall(len(data).to_bytes(4, "big") + data)
         except OSError as exc:
-            server_log.warning("metrics channel to the supervisor failed: %s", exc)
+            if not self.server._stopping:
+                server_log.warning("metrics channel to the supervisor failed: %s", exc)
 
     # -- reloading -----------------------------------------------------------------------
 
