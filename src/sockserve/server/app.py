@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import os
 import signal
 import socket
 import threading
@@ -27,13 +29,16 @@ from typing import TYPE_CHECKING
 
 from ..endpoints import Endpoint, parse_endpoint
 from ..errors import ConfigError, SockserveError
+from .access import AccessControl
 from .activation import InheritedSocket
 from .config import ServerConfig
 from .configfile import ServiceEntry, load_config_file
 from .listeners import Listener
 from .logs import server_log
 from .loop import new_event_loop
+from .runtime import StreamRuntime
 from .server import DEFAULT_URLS, Binding, Server, _log_loop_exception, make_binding
+from .tls import server_context
 
 if TYPE_CHECKING:
     from .metrics import MetricsServer, MetricsState
@@ -174,6 +179,8 @@ class App:
         self.metrics_http: MetricsServer | None = None
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again = False
+        self._ready = False  # serving: a SIGHUP before this is queued, not acted on
+        self._hup_queued = False
 
     # -- running -------------------------------------------------------------------------
 
@@ -197,6 +204,9 @@ class App:
         # handler. Handlers run on the loop, so only once start() has returned.
         server._install_signals(loop)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        from .._sighup import take
+
+        self._hup_queued |= take()  # one that came while we were importing or planning
         await server.start()
         try:
             if self.spec.metrics and self.channel is None:
@@ -205,6 +215,9 @@ class App:
                 threading.Thread(
                     target=self._serve_channel, name="sockserve-metrics-channel", daemon=True
                 ).start()
+            self._ready = True
+            if self._hup_queued:
+                self._on_sighup()
             assert server._stop_requested is not None
             await server._stop_requested.wait()
         finally:
@@ -260,6 +273,9 @@ class App:
     # -- reloading -----------------------------------------------------------------------
 
     def _on_sighup(self) -> None:
+        if not self._ready:
+            self._hup_queued = True  # reloaded once serving: the file may change meanwhile
+            return
         if not self.spec.config_file:
             server_log.info(
                 "SIGHUP received: no --config file to reload; ignoring", extra={"event": "signal"}
@@ -281,7 +297,16 @@ class App:
                 return
 
     async def reload(self) -> dict[str, int]:
-        """Apply the config file again; returns how many units were added/removed/changed/kept."""
+        """Apply the config file again; returns how many units were added/removed/changed/kept.
+
+        Everything that can fail (the file, imports, options, TLS certificates) is
+        checked before anything running is touched: a failure changes nothing. A changed
+        endpoint keeps its listening socket (its ``backlog`` and ``unix_mode`` are applied
+        to it) and its open connections, which are served as they were accepted until they
+        close; connections the new ``allow``/``deny`` refuse are closed once the requests
+        they sent are answered. ``max_conns`` and ``drain_timeout`` are recomputed.
+        Certificates of unchanged tls:// endpoints are read again (renewed files).
+        """
         try:
             units = plan_units(self.spec, self.plan)
             new = {u.key: u for u in units}
@@ -289,6 +314,8 @@ class App:
                 u for u in units if u.key not in self.live or not self.live[u.key][0].same_as(u)
             ]
             built = {u.key: build_binding(u, self.metrics) for u in changed_or_added}
+            for binding in built.values():
+                _load_tls(binding)
         except SockserveError as exc:
             server_log.error(
                 "reload failed, still serving the previous configuration: %s",
@@ -305,22 +332,33 @@ class App:
         for key, unit in new.items():
             if key not in built:
                 counts["unchanged"] += 1
+                self._refresh_tls(*self.live[key])
                 continue
             binding = built[key]
             if key in self.live:
                 old_unit, old = self.live[key]
-                kept = self._retire(old, keep=[old_unit.endpoint])
+                old_runtimes = self.server.runtimes_of(old)
+                kept = self._retire(old, keep=[old_unit.endpoint], keep_conns=True)
                 lst = kept.get(old_unit.endpoint)
                 if lst is not None:
+                    _apply_listener_options(lst, old_unit.config, unit.config)
                     binding.listeners[unit.endpoint] = lst
                 if not self._add(binding, key):
                     if lst is not None:  # put the old service back on its socket
+                        _apply_listener_options(lst, unit.config, old_unit.config)
                         old.listeners[old_unit.endpoint] = lst
                         if self._add(old, key):
                             self.live[key] = (old_unit, old)
                             continue
                     del self.live[key]
                     continue
+                server_log.info(
+                    "reload: %s changed (%s); open connections keep their settings until they close",
+                    key,
+                    ", ".join(_differences(old_unit, unit)),
+                    extra={"event": "reload"},
+                )
+                _close_denied(old_runtimes, unit.config)
                 counts["changed"] += 1
             else:
                 if not self._add(binding, key):
@@ -338,6 +376,26 @@ class App:
         )
         return counts
 
+    def _refresh_tls(self, unit: Unit, binding: Binding) -> None:
+        """Read an unchanged tls:// endpoint's certificate again; keep the old one if that fails."""
+        if binding.ssl_context is None:
+            return
+        cfg = unit.config
+        try:
+            ctx = server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+        except ConfigError as exc:
+            server_log.error(
+                "reload: %s: keeping the certificate already loaded: %s",
+                unit.key,
+                exc,
+                extra={"event": "reload_failed"},
+            )
+            return
+        binding.ssl_context = ctx
+        for rt in self.server.runtimes_of(binding):
+            if isinstance(rt, StreamRuntime) and rt.ssl_context is not None:
+                rt.ssl_context = ctx  # new handshakes; open connections keep theirs
+
     def _add(self, binding: Binding, key: Endpoint) -> bool:
         try:
             self.server.add_binding(binding)
@@ -348,13 +406,80 @@ class App:
             return False
         return True
 
-    def _retire(self, binding: Binding, keep: Sequence[Endpoint]) -> dict[Endpoint, Listener]:
+    def _retire(
+        self, binding: Binding, keep: Sequence[Endpoint], keep_conns: bool = False
+    ) -> dict[Endpoint, Listener]:
         runtimes = self.server.runtimes_of(binding)
-        kept, task = self.server.remove_binding(binding, keep=keep)
+        kept, task = self.server.remove_binding(binding, keep=keep, keep_conns=keep_conns)
         if self.metrics is not None:
             metrics = self.metrics
             task.add_done_callback(lambda _: metrics.retire(runtimes))
         return kept
+
+
+def _load_tls(binding: Binding) -> None:
+    """Build a tls:// binding's context now; ConfigError (naming the file) if it cannot load."""
+    if binding.ssl_context is None and any(ep.scheme == "tls" for ep in binding.endpoints):
+        cfg = binding.config
+        binding.ssl_context = server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+
+
+def _differences(old: Unit, new: Unit) -> list[str]:
+    names = ["service"] if old.spec != new.spec else []
+    names += [
+        f.name
+        for f in dataclasses.fields(ServerConfig)
+        if getattr(old.config, f.name) != getattr(new.config, f.name)
+    ]
+    if old.listener is not new.listener or old.port != new.port:
+        names.append("socket")
+    return names or ["nothing"]
+
+
+def _apply_listener_options(lst: Listener, old: ServerConfig, new: ServerConfig) -> None:
+    """What a kept listening socket must change: its backlog and its Unix file's mode."""
+    ep = lst.endpoint
+    try:
+        if ep.is_stream and new.backlog != old.backlog:
+            lst.sock.listen(new.backlog)
+        if ep.is_unix and not ep.path.startswith("@") and new.unix_mode != old.unix_mode:
+            os.chmod(ep.path, new.unix_mode if new.unix_mode is not None else _default_mode())
+    except OSError as exc:
+        server_log.error(
+            "reload: %s: cannot apply the new socket options: %s",
+            ep,
+            exc.strerror or exc,
+            extra={"event": "reload_failed"},
+        )
+
+
+def _default_mode() -> int:
+    """The mode bind() gives a new socket file: 0777 less the umask."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o777 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+def _close_denied(runtimes: Sequence[object], config: ServerConfig) -> None:
+    """Close (after answering what they sent) kept connections the new rules refuse."""
+    access = AccessControl(config.allow, config.deny)
+    if not access.active:
+        return
+    for rt in runtimes:
+        if not isinstance(rt, StreamRuntime):
+            continue
+        for conn in list(rt.conns):
+            peer = conn.ctx.peer
+            if isinstance(peer, tuple) and not access.permits(peer[0]):
+                rt.note_close_reason(conn, "denied by the reloaded allow/deny rules")
+                conn.drain()
 
 
 def make_runner(spec: AppSpec, inherited: list[InheritedSocket] | None = None) -> App | Supervisor:

@@ -558,8 +558,11 @@ class _ScrapeProtocol(asyncio.Protocol):
                 out = self.conn.send(
                     h11.Response(
                         status_code=status,
-                        headers=[*_TEXT, (b"content-length", b"%d" % len(body)),
-                                 (b"connection", b"close")],
+                        headers=[
+                            *_TEXT,
+                            (b"content-length", b"%d" % len(body)),
+                            (b"connection", b"close"),
+                        ],
                     )
                 )
                 out += self.conn.send(h11.Data(data=body)) + self.conn.send(h11.EndOfMessage())
@@ -574,15 +577,16 @@ def registry_for(source: Callable[[], Snapshot]) -> Callable[[], bytes]:
     from prometheus_client import CollectorRegistry, generate_latest
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(SockserveCollector(source))  # type: ignore[arg-type]
+    registry.register(SockserveCollector(source))
     return lambda: generate_latest(registry)
 
 
 class MetricsThread:
     """A :class:`MetricsServer` on its own event loop in one thread (the supervisor has none)."""
 
-    def __init__(self, address: str, source: Callable[[], Snapshot]) -> None:
-        self.http = MetricsServer(open_metrics_socket(address), registry_for(source), blocking=True)
+    def __init__(self, address: str, source: Callable[[], Snapshot], **options: Any) -> None:
+        sock = open_metrics_socket(address)
+        self.http = MetricsServer(sock, registry_for(source), blocking=True, **options)
         self._loop = asyncio.new_event_loop()
         self._ready = threading.Event()
         self._thread = threading.Thread(target=self._main, name="sockserve-metrics", daemon=True)

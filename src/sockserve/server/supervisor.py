@@ -243,6 +243,10 @@ class Supervisor:
         handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in handled}
         old_wakeup = signal.set_wakeup_fd(wake_w)
+        from .._sighup import take
+
+        if take():  # it came while we were starting: the workers read the file afresh anyway
+            self._signals.append(signal.SIGHUP)
         try:
             if self.spec.metrics:
                 self._start_metrics_http()
@@ -359,7 +363,8 @@ class Supervisor:
                 left = deadline - time.monotonic()
                 if not waiting or left <= 0:
                     break
-                ready, _, _ = select.select([w.channel for w in waiting], [], [], left)
+                socks = [w.channel for w in waiting if w.channel is not None]
+                ready, _, _ = select.select(socks, [], [], left)
                 for w in waiting:
                     if w.channel in ready:
                         _read_answers(w)
