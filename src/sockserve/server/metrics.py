@@ -385,6 +385,12 @@ class MetricsServer:
 _TEXT = [(b"content-type", b"text/plain; charset=utf-8")]
 
 
+def _reason(status: int) -> bytes:
+    from http import HTTPStatus
+
+    return HTTPStatus(status).phrase.encode()
+
+
 class _ScrapeProtocol(asyncio.Protocol):
     """One scrape connection: requests parsed by h11, answered one at a time, in order."""
 
@@ -537,7 +543,9 @@ class _ScrapeProtocol(asyncio.Protocol):
             (b"content-length", str(len(body)).encode()),
             *(extra or []),
         ]
-        out = self.conn.send(h11.Response(status_code=status, headers=headers))
+        out = self.conn.send(
+            h11.Response(status_code=status, headers=headers, reason=_reason(status))
+        )
         if not head:
             out += self.conn.send(h11.Data(data=body))
         out += self.conn.send(h11.EndOfMessage())
@@ -558,6 +566,7 @@ class _ScrapeProtocol(asyncio.Protocol):
                 out = self.conn.send(
                     h11.Response(
                         status_code=status,
+                        reason=_reason(status),
                         headers=[
                             *_TEXT,
                             (b"content-length", b"%d" % len(body)),
