@@ -7,6 +7,7 @@ paths in tmp_path; every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -53,7 +54,7 @@ def _http(addr: tuple[str, int], raw: bytes, timeout: float = 5.0) -> bytes:
 
 def _read_responses(s: socket.socket, n: int) -> list[bytes]:
     """The heads of ``n`` HTTP responses (each with a content-length body) read from ``s``."""
-    buf, heads = b"", []
+    buf, heads = b"", list[bytes]()
     while len(heads) < n:
         if b"\r\n\r\n" in buf:
             head, _, rest = buf.partition(b"\r\n\r\n")
@@ -432,5 +433,40 @@ def test_sighup_storm_while_workers_start_kills_none(tmp_path: Path) -> None:
         p.wait_log(r"reloaded ", 2)
         assert "killed by SIGHUP" not in p.log
         assert p.log.count("worker 0 started") == 1 and p.log.count("worker 1 started") == 1
+        p.signal(signal.SIGTERM)
+        assert p.wait() == 0
+
+
+def test_reload_that_denies_an_open_connection_answers_it_first(tmp_path: Path) -> None:
+    cfg = tmp_path / "s.toml"
+
+    def write(allow: str) -> None:
+        _config(
+            cfg,
+            f"""
+[[service]]
+name = "deploy_helpers:slow"
+listen = ["tcp://127.0.0.1:0"]
+framing = "line"
+allow = [{allow}]
+""",
+        )
+
+    write('"127.0.0.0/8"')
+    with serve_proc("--config", str(cfg)) as p:
+        addr = addr_of(p.endpoints(1)[0])
+        held = socket.create_connection(addr, timeout=10)
+        held.sendall(b"0.5 a\n0.2 b\n")  # sent before the reload: both are answered
+        write('"10.0.0.0/8"')
+        _reload(p, 1)
+        got = b""
+        while chunk := held.recv(100):
+            got += chunk
+        assert got == b"done 0.5 a\ndone 0.2 b\n"  # then closed: the new rules refuse it
+        held.close()
+        p.wait_log("denied by the reloaded allow/deny rules")
+        # New connections: refused at accept (closed, or reset as the request lands).
+        with contextlib.suppress(ConnectionResetError):
+            assert request(addr, b"0 c\n") == b""
         p.signal(signal.SIGTERM)
         assert p.wait() == 0

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .._sighup import hold, take
 from ..endpoints import Endpoint, parse_endpoint
 from ..errors import ConfigError, SockserveError
 from .access import AccessControl
@@ -204,8 +205,6 @@ class App:
         # handler. Handlers run on the loop, so only once start() has returned.
         server._install_signals(loop)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
-        from .._sighup import take
-
         self._hup_queued |= take()  # one that came while we were importing or planning
         await server.start()
         try:
@@ -226,6 +225,7 @@ class App:
                     self.channel.shutdown(socket.SHUT_RDWR)  # wakes the channel thread
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signal.SIGHUP)
+            hold()  # not the default (fatal) action while draining: a late reload is ignored
             await server.stop()
             if self.metrics_http is not None:
                 self.metrics_http.close()
