@@ -131,6 +131,10 @@ class RequestQueue:
         queued, or still whole in the codec's buffer: pipelined), then close."""
         if self.closing or self._paused & PAUSE_DRAIN:
             return
+        codec = self._codec
+        if not self._paused and not self.busy and (codec is None or not codec.buffered):
+            self.close()  # idle: nothing read is unanswered
+            return
         self._pause(PAUSE_DRAIN)
         if self._paused & ~PAUSE_DRAIN or self.busy:
             return  # continued when the write buffer empties or the queue ends
