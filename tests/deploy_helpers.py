@@ -252,3 +252,15 @@ def scrape(url: str, timeout: float = 5.0) -> dict[tuple[str, tuple[tuple[str, s
 
 def sample(samples: dict[Any, float], name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def nap(request: bytes, ctx: Context) -> bytes:
+    """A sync handler that blocks its worker's loop for ``sleep SECONDS``; replies its pid."""
+    if request.startswith(b"sleep"):
+        time.sleep(float(request.split()[1]))
+    return f"{os.getpid()}".encode()
+
+
+def threads_of(pid: int) -> int:
+    """How many threads a process runs now (Linux /proc)."""
+    return len(os.listdir(f"/proc/{pid}/task"))

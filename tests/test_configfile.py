@@ -173,7 +173,7 @@ listen = ["tcp://127.0.0.2:0"]
         wait_for(lambda: not gone.exists(), 5, "removed service's socket file to go")
 
         # 2. upper's options change: its socket is handed over to the new options at once;
-        #    the old binding drains, so the idle held connection is closed cleanly.
+        #    the open connection keeps the settings it was accepted with (no request lost).
         write(
             cfg,
             """
@@ -190,7 +190,8 @@ listen = ["tcp://127.0.0.2:0"]
         p.signal(signal.SIGHUP)
         p.wait_log(r"reloaded .*: 0 added, 0 removed, 1 changed, 1 unchanged")
         assert addr_of(p.endpoints(4)[3]) == up  # re-listed on the very same port
-        assert held.recv(100) == b""  # drained: closed by the server, not reset
+        held.sendall(b"kept")
+        assert held.recv(100) == b"KEPT"  # still served, still raw framing
         held.close()
         assert request(up, b"new conn\n") == b"NEW CONN\n"  # new connections: line framing
         held = socket.create_connection(up, timeout=5)

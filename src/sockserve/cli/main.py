@@ -102,6 +102,10 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
+    if args_list[:1] == ["serve"]:
+        from .._sighup import hold
+
+        hold()  # first: a reload signal during start-up must not kill the server
     if args_list and args_list[0] in COMMANDS:
         return _run_command(args_list[0], args_list[1:])
     parser = build_parser()

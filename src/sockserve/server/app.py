@@ -17,27 +17,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
+import os
 import signal
 import socket
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .._sighup import hold, take
 from ..endpoints import Endpoint, parse_endpoint
 from ..errors import ConfigError, SockserveError
+from .access import AccessControl
 from .activation import InheritedSocket
 from .config import ServerConfig
 from .configfile import ServiceEntry, load_config_file
 from .listeners import Listener
 from .logs import server_log
 from .loop import new_event_loop
+from .runtime import StreamRuntime
 from .server import DEFAULT_URLS, Binding, Server, _log_loop_exception, make_binding
+from .tls import server_context
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
-
-    from .metrics import MetricsState
+    from .metrics import MetricsServer, MetricsState
     from .supervisor import Supervisor
 
 
@@ -173,9 +178,11 @@ class App:
             self.live[u.key] = (u, b)
             bindings.append(b)
         self.server = Server(*bindings)
-        self.metrics_http: WSGIServer | None = None
+        self.metrics_http: MetricsServer | None = None
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again = False
+        self._ready = False  # serving: a SIGHUP before this is queued, not acted on
+        self._hup_queued = False
 
     # -- running -------------------------------------------------------------------------
 
@@ -199,34 +206,40 @@ class App:
         # handler. Handlers run on the loop, so only once start() has returned.
         server._install_signals(loop)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
+        self._hup_queued |= take()  # one that came while we were importing or planning
         await server.start()
         try:
             if self.spec.metrics and self.channel is None:
-                self._start_metrics_http()
+                await self._start_metrics_http()
             if self.channel is not None:
-                self.channel.setblocking(True)
-                self.channel.settimeout(2.0)
-                loop.add_reader(self.channel.fileno(), self._answer_snapshot)
+                threading.Thread(
+                    target=self._serve_channel, name="sockserve-metrics-channel", daemon=True
+                ).start()
+            self._ready = True
+            if self._hup_queued:
+                self._on_sighup()
             assert server._stop_requested is not None
             await server._stop_requested.wait()
         finally:
             if self.channel is not None:
-                with contextlib.suppress(Exception):
-                    loop.remove_reader(self.channel.fileno())
+                with contextlib.suppress(OSError):
+                    self.channel.shutdown(socket.SHUT_RDWR)  # wakes the channel thread
             with contextlib.suppress(Exception):
                 loop.remove_signal_handler(signal.SIGHUP)
+            hold()  # not the default (fatal) action while draining: a late reload is ignored
             await server.stop()
             if self.metrics_http is not None:
-                self.metrics_http.shutdown()
-                self.metrics_http.server_close()
+                self.metrics_http.close()
 
-    def _start_metrics_http(self) -> None:
-        from .metrics import serve_metrics
+    async def _start_metrics_http(self) -> None:
+        from .metrics import MetricsServer, open_metrics_socket, registry_for
 
         metrics = self.metrics
         assert metrics is not None and self.spec.metrics is not None
-        self.metrics_http = serve_metrics(self.spec.metrics, lambda: metrics.snapshot(self.server))
-        host, port = str(self.metrics_http.server_address[0]), self.metrics_http.server_port
+        render = registry_for(lambda: metrics.snapshot(self.server))
+        self.metrics_http = MetricsServer(open_metrics_socket(self.spec.metrics), render)
+        await self.metrics_http.start()
+        host, port = self.metrics_http.address
         server_log.info(
             "metrics on http://%s:%d/metrics",
             f"[{host}]" if ":" in host else host,
@@ -234,21 +247,36 @@ class App:
             extra={"event": "metrics"},
         )
 
-    def _answer_snapshot(self) -> None:
-        """The supervisor asked for our counters: one byte in, a length-prefixed JSON reply out."""
-        assert self.channel is not None and self.metrics is not None
+    def _serve_channel(self) -> None:
+        """Answer the supervisor's snapshot requests: each byte in, one length-prefixed JSON out.
+
+        A thread of its own, not a reader on the loop: a handler that blocks the loop
+        must not make the supervisor wait, nor leave it with stale counts of ours.
+        The counters are plain ints and lists read whole under the GIL. A snapshot that
+        fails is answered with an empty frame (the supervisor keeps our last one).
+        """
+        channel, metrics = self.channel, self.metrics
+        assert channel is not None and metrics is not None
+        channel.setblocking(True)
         try:
-            if not self.channel.recv(64):
-                self.server.loop.remove_reader(self.channel.fileno())  # supervisor gone
-                return
-            data = json.dumps(self.metrics.snapshot(self.server)).encode()
-            self.channel.sendall(len(data).to_bytes(4, "big") + data)
+            while asks := channel.recv(64):
+                for _ in asks:
+                    try:
+                        data = json.dumps(metrics.snapshot(self.server)).encode()
+                    except Exception:
+                        server_log.exception("metrics: snapshot for the supervisor failed")
+                        data = b""
+                    channel.sendall(len(data).to_bytes(4, "big") + data)
         except OSError as exc:
-            server_log.warning("metrics channel to the supervisor failed: %s", exc)
+            if not self.server._stopping:
+                server_log.warning("metrics channel to the supervisor failed: %s", exc)
 
     # -- reloading -----------------------------------------------------------------------
 
     def _on_sighup(self) -> None:
+        if not self._ready:
+            self._hup_queued = True  # reloaded once serving: the file may change meanwhile
+            return
         if not self.spec.config_file:
             server_log.info(
                 "SIGHUP received: no --config file to reload; ignoring", extra={"event": "signal"}
@@ -270,7 +298,16 @@ class App:
                 return
 
     async def reload(self) -> dict[str, int]:
-        """Apply the config file again; returns how many units were added/removed/changed/kept."""
+        """Apply the config file again; returns how many units were added/removed/changed/kept.
+
+        Everything that can fail (the file, imports, options, TLS certificates) is
+        checked before anything running is touched: a failure changes nothing. A changed
+        endpoint keeps its listening socket (its ``backlog`` and ``unix_mode`` are applied
+        to it) and its open connections, which are served as they were accepted until they
+        close; connections the new ``allow``/``deny`` refuse are closed once the requests
+        they sent are answered. ``max_conns`` and ``drain_timeout`` are recomputed.
+        Certificates of unchanged tls:// endpoints are read again (renewed files).
+        """
         try:
             units = plan_units(self.spec, self.plan)
             new = {u.key: u for u in units}
@@ -278,6 +315,8 @@ class App:
                 u for u in units if u.key not in self.live or not self.live[u.key][0].same_as(u)
             ]
             built = {u.key: build_binding(u, self.metrics) for u in changed_or_added}
+            for binding in built.values():
+                _load_tls(binding)
         except SockserveError as exc:
             server_log.error(
                 "reload failed, still serving the previous configuration: %s",
@@ -294,22 +333,33 @@ class App:
         for key, unit in new.items():
             if key not in built:
                 counts["unchanged"] += 1
+                self._refresh_tls(*self.live[key])
                 continue
             binding = built[key]
             if key in self.live:
                 old_unit, old = self.live[key]
-                kept = self._retire(old, keep=[old_unit.endpoint])
+                old_runtimes = self.server.runtimes_of(old)
+                kept = self._retire(old, keep=[old_unit.endpoint], keep_conns=True)
                 lst = kept.get(old_unit.endpoint)
                 if lst is not None:
+                    _apply_listener_options(lst, old_unit.config, unit.config)
                     binding.listeners[unit.endpoint] = lst
                 if not self._add(binding, key):
                     if lst is not None:  # put the old service back on its socket
+                        _apply_listener_options(lst, unit.config, old_unit.config)
                         old.listeners[old_unit.endpoint] = lst
                         if self._add(old, key):
                             self.live[key] = (old_unit, old)
                             continue
                     del self.live[key]
                     continue
+                server_log.info(
+                    "reload: %s changed (%s); open connections keep their settings until they close",
+                    key,
+                    ", ".join(_differences(old_unit, unit)),
+                    extra={"event": "reload"},
+                )
+                _close_denied(old_runtimes, unit.config)
                 counts["changed"] += 1
             else:
                 if not self._add(binding, key):
@@ -327,6 +377,26 @@ class App:
         )
         return counts
 
+    def _refresh_tls(self, unit: Unit, binding: Binding) -> None:
+        """Read an unchanged tls:// endpoint's certificate again; keep the old one if that fails."""
+        if binding.ssl_context is None:
+            return
+        cfg = unit.config
+        try:
+            ctx = server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+        except ConfigError as exc:
+            server_log.error(
+                "reload: %s: keeping the certificate already loaded: %s",
+                unit.key,
+                exc,
+                extra={"event": "reload_failed"},
+            )
+            return
+        binding.ssl_context = ctx
+        for rt in self.server.runtimes_of(binding):
+            if isinstance(rt, StreamRuntime) and rt.ssl_context is not None:
+                rt.ssl_context = ctx  # new handshakes; open connections keep theirs
+
     def _add(self, binding: Binding, key: Endpoint) -> bool:
         try:
             self.server.add_binding(binding)
@@ -337,13 +407,80 @@ class App:
             return False
         return True
 
-    def _retire(self, binding: Binding, keep: Sequence[Endpoint]) -> dict[Endpoint, Listener]:
+    def _retire(
+        self, binding: Binding, keep: Sequence[Endpoint], keep_conns: bool = False
+    ) -> dict[Endpoint, Listener]:
         runtimes = self.server.runtimes_of(binding)
-        kept, task = self.server.remove_binding(binding, keep=keep)
+        kept, task = self.server.remove_binding(binding, keep=keep, keep_conns=keep_conns)
         if self.metrics is not None:
             metrics = self.metrics
             task.add_done_callback(lambda _: metrics.retire(runtimes))
         return kept
+
+
+def _load_tls(binding: Binding) -> None:
+    """Build a tls:// binding's context now; ConfigError (naming the file) if it cannot load."""
+    if binding.ssl_context is None and any(ep.scheme == "tls" for ep in binding.endpoints):
+        cfg = binding.config
+        binding.ssl_context = server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+
+
+def _differences(old: Unit, new: Unit) -> list[str]:
+    names = ["service"] if old.spec != new.spec else []
+    names += [
+        f.name
+        for f in dataclasses.fields(ServerConfig)
+        if getattr(old.config, f.name) != getattr(new.config, f.name)
+    ]
+    if old.listener is not new.listener or old.port != new.port:
+        names.append("socket")
+    return names or ["nothing"]
+
+
+def _apply_listener_options(lst: Listener, old: ServerConfig, new: ServerConfig) -> None:
+    """What a kept listening socket must change: its backlog and its Unix file's mode."""
+    ep = lst.endpoint
+    try:
+        if ep.is_stream and new.backlog != old.backlog:
+            lst.sock.listen(new.backlog)
+        if ep.is_unix and not ep.path.startswith("@") and new.unix_mode != old.unix_mode:
+            os.chmod(ep.path, new.unix_mode if new.unix_mode is not None else _default_mode())
+    except OSError as exc:
+        server_log.error(
+            "reload: %s: cannot apply the new socket options: %s",
+            ep,
+            exc.strerror or exc,
+            extra={"event": "reload_failed"},
+        )
+
+
+def _default_mode() -> int:
+    """The mode bind() gives a new socket file: 0777 less the umask."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return 0o777 & ~int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return 0o777 & ~mask
+
+
+def _close_denied(runtimes: Sequence[object], config: ServerConfig) -> None:
+    """Close (after answering what they sent) kept connections the new rules refuse."""
+    access = AccessControl(config.allow, config.deny)
+    if not access.active:
+        return
+    for rt in runtimes:
+        if not isinstance(rt, StreamRuntime):
+            continue
+        for conn in list(rt.conns):
+            peer = conn.ctx.peer
+            if isinstance(peer, tuple) and not access.permits(peer[0]):
+                rt.note_close_reason(conn, "denied by the reloaded allow/deny rules")
+                conn.drain()
 
 
 def make_runner(spec: AppSpec, inherited: list[InheritedSocket] | None = None) -> App | Supervisor:

@@ -31,6 +31,8 @@ RESUME_QUEUED = 16
 # Reasons reading is paused, as bits, so one cause clearing does not resume another.
 PAUSE_WRITE = 1
 PAUSE_QUEUE = 2
+#: Draining: nothing more is read; what was read is answered, then the connection closes.
+PAUSE_DRAIN = 4
 
 
 class RequestQueue:
@@ -91,17 +93,23 @@ class RequestQueue:
         parsed-but-unanswered in the codec until ``_resume``.
         """
         codec = self._codec_now()
-        while not self.closing and not self._paused:
+        while not self.closing and not self._paused & ~PAUSE_DRAIN:
             msg = codec.next_message()
             if msg is None:
+                if self._paused & PAUSE_DRAIN and not self.busy:
+                    self.close()  # draining, and every request read has been answered
                 return
             self._dispatch(msg)
 
     def _resume(self, why: int) -> None:
         """Clear one reason for pausing; with none left, answer what is buffered, then read."""
-        was = self._paused
+        was = self._paused & ~PAUSE_DRAIN
         self._paused &= ~why
-        if was and not self._paused and self._can_resume():
+        if was and not self._paused & ~PAUSE_DRAIN and self._can_resume():
+            if self._paused & PAUSE_DRAIN:  # draining: answer the rest, never read again
+                if not self.busy:
+                    self._drain_rest()
+                return
             codec = self._codec
             if codec is not None and codec.buffered:
                 try:
@@ -125,12 +133,28 @@ class RequestQueue:
         return bool(self._queue) or self._worker is not None
 
     def drain(self) -> None:
-        """Graceful shutdown: close now if idle, else once the in-flight requests are answered."""
-        self.closing = True
-        if not self.busy:
+        """Graceful shutdown: read nothing more, answer every request already read (running,
+        queued, or still whole in the codec's buffer: pipelined), then close."""
+        if self.closing or self._paused & PAUSE_DRAIN:
+            return
+        codec = self._codec
+        if not self._paused and not self.busy and (codec is None or not codec.buffered):
+            self.close()  # idle: nothing read is unanswered
+            return
+        self._pause(PAUSE_DRAIN)
+        if self._paused & ~PAUSE_DRAIN or self.busy:
+            return  # continued when the write buffer empties or the queue ends
+        self._drain_rest()
+
+    def _drain_rest(self) -> None:
+        codec = self._codec
+        if codec is None or not codec.buffered:
             self.close()
-        else:
-            self._pause(PAUSE_QUEUE)
+            return
+        try:
+            self._drain_codec()
+        except ProtocolError as exc:
+            self._protocol_error(exc)
 
     def _enqueue(self, msg: bytes) -> None:
         if self._queue is None:
@@ -164,6 +188,8 @@ class RequestQueue:
             self._worker = None
         if self._eof or self.closing:
             self.close()
+        elif self._paused == PAUSE_DRAIN:
+            self._drain_rest()
 
     def _handler_failed(self) -> None:
         """Log the handler's exception (call inside ``except``) and close this connection."""

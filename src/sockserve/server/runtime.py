@@ -115,6 +115,8 @@ class StreamRuntime:
         self._accept_error_logged_at = -ACCEPT_ERROR_LOG_EVERY
         self._accept_errors_unlogged = 0
         self._stopped = False
+        #: Replaced by a reload: connections still being set up are served, not drained.
+        self.serve_out = False
         self._close_reasons: dict[int, str] = {}
         #: TLS handshakes in progress, oldest first (a dict keeps insertion order).
         self._handshakes: dict[asyncio.Task[None], None] = {}
@@ -330,7 +332,7 @@ class StreamRuntime:
             fmt_peer(conn.ctx.peer),
             extra={"event": "open", "endpoint": self.endpoint, "peer": fmt_peer(conn.ctx.peer)},
         )
-        if self._stopped:
+        if self._stopped and (not self.serve_out or self.server._stopping):
             conn.drain()
 
     def note_close_reason(self, conn: TrackedConn, reason: str) -> None:

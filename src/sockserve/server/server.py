@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 import threading
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,9 @@ class Binding:
     #: Sockets opened elsewhere (systemd, a supervisor, a reload hand-over), served instead of
     #: binding the endpoint of the same key.
     listeners: dict[Endpoint, Listener] = field(default_factory=dict)
+    #: The tls:// endpoints' context, when built beforehand (a reload checks the certificate
+    #: before it touches anything running); None: built from ``config`` at start.
+    ssl_context: ssl.SSLContext | None = None
 
 
 def make_binding(
@@ -85,13 +89,11 @@ class Server:
         if not bindings:
             raise ConfigError("a server needs at least one service binding")
         self.bindings = list(bindings)
-        limits = [b.config.max_conns for b in bindings if b.config.max_conns]
-        self.max_conns = max_conns if max_conns is not None else (min(limits) if limits else None)
-        self.drain_timeout = (
-            drain_timeout
-            if drain_timeout is not None
-            else max(b.config.drain_timeout for b in bindings)
-        )
+        #: Limits given here win; otherwise they follow the bindings, also across a reload.
+        self._given_limits = (max_conns, drain_timeout)
+        self.max_conns: int | None = None
+        self.drain_timeout = 0.0
+        self._update_limits()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.streams: list[StreamRuntime] = []
         self.datagrams: list[DatagramRuntime] = []
@@ -105,6 +107,7 @@ class Server:
         self._tasks: set[asyncio.Future[Any]] = set()
         self._stop_requested: asyncio.Event | None = None
         self._sweeper: asyncio.TimerHandle | None = None
+        self._sweep_period = _SWEEP_MAX
         self._all_closed: asyncio.Event | None = None
         self._stopping = False
         #: The epoll engine's hub, when any binding uses it (created in start).
@@ -115,6 +118,15 @@ class Server:
         self._signals: StopSignals | None = None
 
     # -- limits and bookkeeping used by the runtimes ------------------------------------
+
+    def _update_limits(self) -> None:
+        """Derive the shared connection limit and the drain timeout from the bindings."""
+        max_conns, drain_timeout = self._given_limits
+        limits = [b.config.max_conns for b in self.bindings if b.config.max_conns]
+        self.max_conns = max_conns if max_conns is not None else (min(limits) if limits else None)
+        timeouts = [b.config.drain_timeout for b in self.bindings]
+        if drain_timeout is not None or timeouts:
+            self.drain_timeout = drain_timeout if drain_timeout is not None else max(timeouts)
 
     def at_limit(self) -> bool:
         return self.max_conns is not None and self.conn_count >= self.max_conns
@@ -170,7 +182,10 @@ class Server:
         ssl_ctx = None
         for ep in binding.endpoints:
             if ep.scheme == "tls" and ssl_ctx is None:
-                ssl_ctx = server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
+                ssl_ctx = binding.ssl_context or server_context(
+                    cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca
+                )
+                binding.ssl_context = ssl_ctx
             if ep.is_stream and svc.handler is None and svc.stream is None:
                 raise ConfigError(f"service {svc.name} cannot serve stream endpoint {ep}")
             if not ep.is_stream and svc.datagram_handler() is None:
@@ -244,29 +259,37 @@ class Server:
             del self.streams[marks[1] :], self.datagrams[marks[2] :]
             raise
         self.bindings.append(binding)
+        self._update_limits()
         for rt in self.runtimes_of(binding):
             rt.start()
-        if self._sweeper is None:
-            self._schedule_sweep()
+        if self.streams:
+            self.streams[0]._slot_freed()  # a raised limit: resume listeners paused at the old one
+        self._schedule_sweep()  # the new binding's idle timeout may need a shorter period
 
     def remove_binding(
-        self, binding: Binding, keep: Iterable[Endpoint] = ()
+        self, binding: Binding, keep: Iterable[Endpoint] = (), *, keep_conns: bool = False
     ) -> tuple[dict[Endpoint, Listener], asyncio.Task[None]]:
         """Stop accepting for ``binding`` now and drain its connections in the background.
 
         Listening sockets of the endpoints in ``keep`` (keys as configured) are handed back
         open, for a replacement binding to serve without a gap; the others are closed.
         Returns them and the drain task (done when its connections are closed, or were
-        aborted at the drain timeout).
+        aborted at the drain timeout). With ``keep_conns`` (a reload that replaces the
+        binding) open connections are not closed: they are served as they were accepted
+        until they end (the client closes, or the idle timeout), so no request a client
+        has sent is lost to the reload; the task is done when the last one has closed.
         """
         keep = set(keep)
         pairs = self._bound.pop(id(binding), [])
         if binding in self.bindings:
             self.bindings.remove(binding)
+            self._update_limits()
         kept: dict[Endpoint, Listener] = {}
         close_after: list[Listener] = []
         for ep, rt in pairs:
             rt.stop_accepting()
+            if keep_conns and isinstance(rt, StreamRuntime):
+                rt.serve_out = True
             lst = rt.listener
             if lst in self.listeners:
                 i = self.listeners.index(lst)
@@ -277,9 +300,23 @@ class Server:
                 close_listener(lst)
             else:
                 close_after.append(lst)  # in-flight async replies are sent from it
-        task = self.loop.create_task(self._drain_runtimes([rt for _, rt in pairs], close_after))
+        runtimes = [rt for _, rt in pairs]
+        if keep_conns:
+            task = self.loop.create_task(self._retire_runtimes(runtimes, close_after))
+        else:
+            task = self.loop.create_task(self._drain_runtimes(runtimes, close_after))
         self.track(task)
         return kept, task
+
+    async def _retire_runtimes(
+        self, runtimes: list[Runtime], close_after: Iterable[Listener]
+    ) -> None:
+        """Wait for the last connection (or async datagram reply) of replaced runtimes."""
+        streams = [rt for rt in runtimes if isinstance(rt, StreamRuntime)]
+        datagrams = [rt for rt in runtimes if isinstance(rt, DatagramRuntime)]
+        while any(s.conns or s.pending for s in streams) or any(d.inflight for d in datagrams):
+            await asyncio.sleep(_DRAIN_POLL * 4)
+        self._forget(runtimes, close_after)
 
     async def _drain_runtimes(
         self, runtimes: list[Runtime], close_after: Iterable[Listener] = ()
@@ -299,12 +336,14 @@ class Server:
                 break
             await asyncio.sleep(_DRAIN_POLL)
         await asyncio.sleep(0)  # let connection_lost of aborted transports run
-        for srt in streams:
-            if srt in self.streams:
-                self.streams.remove(srt)
-        for drt in datagrams:
-            if drt in self.datagrams:
-                self.datagrams.remove(drt)
+        self._forget(runtimes, close_after)
+
+    def _forget(self, runtimes: list[Runtime], close_after: Iterable[Listener]) -> None:
+        for rt in runtimes:
+            if isinstance(rt, StreamRuntime) and rt in self.streams:
+                self.streams.remove(rt)
+            elif isinstance(rt, DatagramRuntime) and rt in self.datagrams:
+                self.datagrams.remove(rt)
         for lst in close_after:
             close_listener(lst)
 
@@ -313,6 +352,11 @@ class Server:
         if not timeouts:
             return
         period = min(_SWEEP_MAX, max(_SWEEP_MIN, min(timeouts) / 4))
+        if self._sweeper is not None:
+            if self._sweep_period <= period:
+                return  # already sweeping often enough
+            self._sweeper.cancel()
+        self._sweep_period = period
         self._sweeper = self.loop.call_later(period, self._sweep, period)
 
     def _sweep(self, period: float) -> None:

@@ -42,9 +42,7 @@ from .listeners import Listener, _resolve, close_listener, open_listener
 from .logs import server_log
 
 if TYPE_CHECKING:
-    from wsgiref.simple_server import WSGIServer
-
-    from .metrics import Snapshot
+    from .metrics import MetricsThread, Snapshot
 
 #: A worker exits with this when it could not start (bad service, cannot bind).
 EXIT_STARTUP = 3
@@ -53,7 +51,8 @@ BACKOFF_MIN, BACKOFF_MAX = 0.1, 10.0
 HEALTHY_AFTER = 5.0
 #: Grace beyond the drain timeout before stuck workers are killed on shutdown.
 KILL_GRACE = 5.0
-#: How long a scrape waits for one worker's counters before using its last ones.
+#: How long a scrape waits for the workers' counters (asked all at once) before using the
+#: last answer of those that are late; a late answer is read at the next scrape.
 SNAPSHOT_TIMEOUT = 2.0
 
 HAS_REUSEPORT = hasattr(socket, "SO_REUSEPORT")
@@ -71,6 +70,9 @@ class Worker:
     backoff: float = 0.0
     due: float | None = None  # when to restart it
     last: Snapshot = field(default_factory=list)
+    #: Snapshot requests sent and not yet answered, and the bytes of a partial answer.
+    asked: int = 0
+    inbox: bytearray = field(default_factory=bytearray)
 
 
 class Supervisor:
@@ -96,7 +98,7 @@ class Supervisor:
         self._kill_at: float | None = None
         self._lock = threading.Lock()
         self._retired: Snapshot = []
-        self.metrics_http: WSGIServer | None = None
+        self.metrics_http: MetricsThread | None = None
 
     # -- sockets ---------------------------------------------------------------------------
 
@@ -142,12 +144,18 @@ class Supervisor:
             "parent": os.getpid(),
             "sys_path": sys.path,
         }
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "sockserve.server.worker"],
-            stdin=subprocess.PIPE,
-            pass_fds=fds,
-            start_new_session=True,
-        )
+        # The child inherits the signal mask: SIGHUP stays blocked (pending, not fatal) from
+        # its first instruction until the worker has installed its own disposition.
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "sockserve.server.worker"],
+                stdin=subprocess.PIPE,
+                pass_fds=fds,
+                start_new_session=True,
+            )
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
         theirs.close()
         assert proc.stdin is not None
         try:
@@ -155,9 +163,10 @@ class Supervisor:
             proc.stdin.close()
         except OSError:
             pass  # it died at once; reaped and reported like any other death
-        ours.settimeout(SNAPSHOT_TIMEOUT)
+        ours.setblocking(False)
         with self._lock:
             w.proc, w.channel, w.started, w.due = proc, ours, time.monotonic(), None
+            w.asked, w.inbox = 0, bytearray()
         server_log.info(
             "worker %d started (pid %d)", w.index, proc.pid, extra={"event": "worker_started"}
         )
@@ -234,6 +243,10 @@ class Supervisor:
         handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in handled}
         old_wakeup = signal.set_wakeup_fd(wake_w)
+        from .._sighup import take
+
+        if take():  # it came while we were starting: the workers read the file afresh anyway
+            self._signals.append(signal.SIGHUP)
         try:
             if self.spec.metrics:
                 self._start_metrics_http()
@@ -310,17 +323,16 @@ class Supervisor:
         for sock in self.reserved:
             sock.close()
         if self.metrics_http is not None:
-            self.metrics_http.shutdown()
-            self.metrics_http.server_close()
+            self.metrics_http.close()
 
     # -- metrics -----------------------------------------------------------------------------
 
     def _start_metrics_http(self) -> None:
-        from .metrics import serve_metrics
+        from .metrics import MetricsThread
 
         assert self.spec.metrics is not None
-        self.metrics_http = serve_metrics(self.spec.metrics, self.snapshot)
-        host, port = str(self.metrics_http.server_address[0]), self.metrics_http.server_port
+        self.metrics_http = MetricsThread(self.spec.metrics, self.snapshot)
+        host, port = self.metrics_http.http.address
         server_log.info(
             "metrics on http://%s:%d/metrics (all workers)",
             f"[{host}]" if ":" in host else host,
@@ -329,43 +341,61 @@ class Supervisor:
         )
 
     def snapshot(self) -> Snapshot:
-        """Every worker's counters summed (called by the metrics thread at scrape time)."""
+        """Every worker's counters summed (called by the metrics thread at scrape time).
+
+        Every worker is asked at once and answers are awaited for SNAPSHOT_TIMEOUT in
+        all; a worker that is late (stopped, swapping) counts with its last answer, and
+        its channel stays open: the late answer is read, in order, at the next scrape.
+        """
         from .metrics import merge
 
         with self._lock:
-            snaps = [self._retired]
             for w in self.workers:
-                if w.channel is not None:
-                    fresh = _ask(w.channel)
-                    if fresh is None:  # stuck or dying: use its last answer, stop asking
-                        w.channel.close()
-                        w.channel = None
-                    else:
-                        w.last = fresh
-                snaps.append(w.last)
-            return merge(*snaps)
+                if w.channel is not None and not w.asked:
+                    try:
+                        w.channel.send(b"?")
+                        w.asked += 1
+                    except OSError:
+                        pass  # it is dying: reaped and restarted by the main loop
+            deadline = time.monotonic() + SNAPSHOT_TIMEOUT
+            while True:
+                waiting = [w for w in self.workers if w.channel is not None and w.asked]
+                left = deadline - time.monotonic()
+                if not waiting or left <= 0:
+                    break
+                socks = [w.channel for w in waiting if w.channel is not None]
+                ready, _, _ = select.select(socks, [], [], left)
+                for w in waiting:
+                    if w.channel in ready:
+                        _read_answers(w)
+            return merge(self._retired, *(w.last for w in self.workers))
 
 
-def _ask(channel: socket.socket) -> Snapshot | None:
+def _read_answers(w: Worker) -> None:
+    """Take what the worker sent: each whole frame is a snapshot, the newest one wins."""
     import json
 
+    assert w.channel is not None
     try:
-        channel.sendall(b"?")
-        size = int.from_bytes(_recv_exact(channel, 4), "big")
-        data: Snapshot = json.loads(_recv_exact(channel, size))
-        return data
-    except (OSError, ValueError):
-        return None
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = sock.recv(n - len(buf))
-        if not chunk:
-            raise ConnectionError("worker closed its metrics channel")
-        buf += chunk
-    return buf
+        chunk = w.channel.recv(1 << 20)
+    except (BlockingIOError, InterruptedError):
+        return
+    except OSError:
+        chunk = b""
+    if not chunk:
+        w.asked = 0  # it closed the channel (exiting): keep its last answer
+        return
+    w.inbox += chunk
+    while len(w.inbox) >= 4:
+        size = int.from_bytes(w.inbox[:4], "big")
+        if len(w.inbox) < 4 + size:
+            break
+        frame = bytes(w.inbox[4 : 4 + size])
+        del w.inbox[: 4 + size]
+        w.asked = max(0, w.asked - 1)
+        if frame:  # empty: its snapshot failed; keep the last one
+            with contextlib.suppress(ValueError):
+                w.last = json.loads(frame)
 
 
 def _describe_exit(code: int) -> str:

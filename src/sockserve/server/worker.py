@@ -6,18 +6,24 @@ it started us), adopts the inherited sockets and runs an :class:`App`.
 
 from __future__ import annotations
 
-import os
-import pickle
-import signal
-import socket
-import sys
+# First of all: the supervisor started us with SIGHUP blocked; from here it is a flag that
+# the app turns into a reload once it is serving (a worker is never killed by SIGHUP).
+from .._sighup import hold
 
-from ..errors import SockserveError
-from .activation import InheritedSocket
-from .app import App, Plan
-from .listeners import adopt_socket
-from .logs import configure_logging, server_log
-from .supervisor import EXIT_STARTUP
+hold()
+
+import os  # noqa: E402
+import pickle  # noqa: E402
+import signal  # noqa: E402
+import socket  # noqa: E402
+import sys  # noqa: E402
+
+from ..errors import SockserveError  # noqa: E402
+from .activation import InheritedSocket  # noqa: E402
+from .app import App, Plan  # noqa: E402
+from .listeners import adopt_socket  # noqa: E402
+from .logs import configure_logging, server_log  # noqa: E402
+from .supervisor import EXIT_STARTUP  # noqa: E402
 
 
 def _die_with_parent(parent: int) -> None:
