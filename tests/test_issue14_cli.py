@@ -74,10 +74,14 @@ def test_bench_size_sets_the_request_payload(
 ) -> None:
     """Mutation: ``-s`` ignored (every request the default 64 bytes)."""
     c, st = counted
-    code, data = _bench(capsys, st.url("tcp"), "--framing", "length", "-c", "1", "-n", "20", "-s", "100")
+    code, data = _bench(
+        capsys, st.url("tcp"), "--framing", "length", "-c", "1", "-n", "20", "-s", "100"
+    )
     assert code == 0 and data["size"] == 100
     assert c.sizes and set(c.sizes) == {100}, c.sizes[:5]
-    code, data = _bench(capsys, st.url("tcp"), "--framing", "length", "-c", "1", "-n", "5", "--size", "7")
+    code, data = _bench(
+        capsys, st.url("tcp"), "--framing", "length", "-c", "1", "-n", "5", "--size", "7"
+    )
     assert code == 0 and set(c.sizes[-5:]) == {7}
 
 
@@ -223,3 +227,44 @@ def test_accept_retries_after_emfile_every_tenth_of_a_second_and_logs_once() -> 
         for s in served:
             s.close()
         srv.stop()
+
+
+REPLY = 8192
+
+
+def _served_before_pause(**cfg: object) -> int:
+    """Requests a line service with 8 KiB replies serves to a client that sends one request
+    at a time and never reads, before it stops reading (its write buffer over the high
+    water mark). The kernel's socket buffers take a few MB first, the same each time."""
+    served: list[int] = []
+
+    def big(request: bytes, ctx: Context) -> bytes:
+        served.append(1)
+        return b"y" * (REPLY - 1)
+
+    st = _start(big, framing="line", **cfg)
+    try:
+        port = st.endpoints[0].port
+        assert port is not None
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            for _ in range(2000):
+                before = len(served)
+                c.sendall(b"q\n")
+                deadline = time.monotonic() + 0.5
+                while len(served) == before and time.monotonic() < deadline:
+                    time.sleep(0.002)
+                if len(served) == before:
+                    return before
+    finally:
+        st.stop()
+    raise AssertionError("the server never stopped reading")
+
+
+def test_write_high_water_default_is_256_kib() -> None:
+    """Against a never-reading client the server stops reading once about 256 KiB of
+    replies are unsent: 32 replies of 8 KiB more than with a 1-byte mark (where it stops
+    as soon as the kernel's buffers are full). Mutations: DEFAULT_WRITE_HIGH 128 KiB or
+    2.5 MiB (16 or 320 more)."""
+    kernel = _served_before_pause(write_high_water=1, write_low_water=1)
+    default = _served_before_pause()
+    assert 30 <= default - kernel <= 34, (kernel, default)
