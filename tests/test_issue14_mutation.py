@@ -1,0 +1,482 @@
+"""Issue 14, part 2: unit tests that kill the mutants mutmut makes in the modules where one
+wrong comparison is a security or correctness bug (``scripts/mutation MODULE``).
+
+Exact boundaries and exact messages: the messages are what an operator reads in the log
+(or a CLI user on stderr) when a peer misbehaves, so they are part of the contract.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+
+import pytest
+
+import sockserve.framing as framing
+from sockserve.errors import ConfigError, LocalProtocolError, MessageTooLarge, RemoteProtocolError
+from sockserve.framing import DEFAULT_MAX_MESSAGE, FRAMINGS, codec_factory, make_codec
+from sockserve.framing.length import MAX_FRAME, LengthCodec
+from sockserve.framing.line import LineCodec
+from sockserve.framing.raw import RawCodec
+
+CODECS = (RawCodec, LineCodec, LengthCodec)
+
+
+def _frame(body: bytes) -> bytes:
+    return len(body).to_bytes(4, "big") + body
+
+
+# -- every codec -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("cls", CODECS)
+def test_codec_cap_defaults_to_64_kib_and_must_be_positive(cls: type) -> None:
+    assert DEFAULT_MAX_MESSAGE == 65536
+    assert cls().max_message == 65536
+    assert cls(1).max_message == 1
+    for bad in (0, -1):
+        with pytest.raises(ValueError, match=r"^max_message must be positive$"):
+            cls(bad)
+
+
+@pytest.mark.parametrize("cls", CODECS)
+def test_encode_refuses_a_reply_that_is_not_bytes(cls: type) -> None:
+    codec = cls()
+    for bad, name in (("text", "str"), (7, "int"), (None, "NoneType")):
+        with pytest.raises(LocalProtocolError, match=rf"^reply must be bytes, not {name}$"):
+            codec.encode(bad)
+    for ok in (bytearray(b"ab"), memoryview(b"ab")):
+        out = codec.encode(ok)
+        assert type(out) is bytes and b"ab" in out
+
+
+# -- raw ----------------------------------------------------------------------------------
+
+
+def test_raw_splits_a_chunk_over_the_cap_into_cap_sized_requests() -> None:
+    c = RawCodec(3)
+    c.feed(b"")
+    assert c.next_message() is None and c.buffered == 0
+    c.feed(b"abc")  # exactly the cap: one request
+    assert c.buffered == 3
+    assert c.next_message() == b"abc" and c.next_message() is None
+    c.feed(b"abcdefg")
+    assert c.buffered == 7
+    assert [c.next_message() for _ in range(4)] == [b"abc", b"def", b"g", None]
+    c.feed(b"x")
+    c.feed(b"y")
+    assert c.next_message() == b"x" and c.next_message() == b"y"
+    assert c.end_of_input() is None
+    assert RawCodec().encode(b"hi") == b"hi"
+
+
+# -- line ---------------------------------------------------------------------------------
+
+
+def test_line_takes_exactly_the_cap_with_either_line_end() -> None:
+    for end in (b"\n", b"\r\n"):
+        c = LineCodec(4)
+        c.feed(b"abcd" + end)
+        assert c.next_message() == b"abcd" and c.buffered == 0
+        assert c.next_message() is None
+    c = LineCodec(4)
+    c.feed(b"abcde\n")
+    with pytest.raises(MessageTooLarge, match=r"^line of 5 bytes exceeds the 4-byte cap$"):
+        c.next_message()
+
+
+def test_line_strips_one_cr_and_only_before_the_newline() -> None:
+    c = LineCodec()
+    c.feed(b"a\r\r\nb\rc\n\n\r\n")
+    assert [c.next_message() for _ in range(5)] == [b"a\r", b"b\rc", b"", b"", None]
+    c.feed(b"\n")  # a newline at index 0 has no CR before it
+    assert c.next_message() == b""
+
+
+def test_line_without_newline_fails_once_past_cap_plus_two() -> None:
+    c = LineCodec(4)
+    c.feed(b"abcdef")  # cap + 2: may still be "abcd\r\n" arriving
+    assert c.next_message() is None and c.buffered == 6
+    msg = r"^line longer than 4 bytes without a newline$"
+    with pytest.raises(MessageTooLarge, match=msg):
+        c.feed(b"g")
+    c = LineCodec(4)
+    c.feed(b"ok\n" + b"abcdefg")  # an over-long rest behind a whole line
+    assert c.next_message() == b"ok"
+    with pytest.raises(MessageTooLarge, match=msg):
+        c.next_message()
+
+
+def test_line_scan_resumes_where_it_stopped() -> None:
+    c = LineCodec(10)
+    for ch in b"abc":
+        c.feed(bytes([ch]))
+        assert c.next_message() is None
+    c.feed(b"\nxy\n")
+    assert c.next_message() == b"abc"
+    assert c.next_message() == b"xy"
+    c.feed(b"z")
+    assert c.next_message() is None
+    c.feed(b"\n")
+    assert c.next_message() == b"z"
+
+
+def test_line_last_line_at_eof() -> None:
+    c = LineCodec(3)
+    assert c.end_of_input() is None
+    c.feed(b"abc\r")
+    assert c.end_of_input() == b"abc" and c.buffered == 0
+    assert c.end_of_input() is None
+    c.feed(b"abc")
+    assert c.end_of_input() == b"abc"
+    c.feed(b"abcd")
+    with pytest.raises(MessageTooLarge, match=r"^last line of 4 bytes exceeds the 3-byte cap$"):
+        c.end_of_input()
+    c = LineCodec(3)
+    c.feed(b"ab")
+    c.next_message()
+    c.feed(b"c\n")  # the scan offset is reset by end_of_input too
+    assert c.next_message() == b"abc"
+    c.feed(b"x")
+    assert c.next_message() is None
+    assert c.end_of_input() == b"x"
+    c.feed(b"y\n")
+    assert c.next_message() == b"y"
+    assert LineCodec().encode(b"hi") == b"hi\n"
+
+
+# -- length -------------------------------------------------------------------------------
+
+
+def test_length_prefix_is_checked_before_the_body_arrives() -> None:
+    c = LengthCodec(5)
+    c.feed((5).to_bytes(4, "big"))
+    assert c.next_message() is None and c.buffered == 4
+    c.feed(b"abcde")
+    assert c.next_message() == b"abcde" and c.buffered == 0
+    with pytest.raises(MessageTooLarge, match=r"^frame length 6 exceeds the 5-byte cap$"):
+        c.feed((6).to_bytes(4, "big"))
+    c = LengthCodec(2**31)
+    with pytest.raises(MessageTooLarge, match=r"^frame length 4294967295 exceeds"):
+        c.feed(b"\xff\xff\xff\xff")
+
+
+def test_length_frames_split_anywhere_and_back_to_back() -> None:
+    c = LengthCodec()
+    data = _frame(b"one") + _frame(b"") + _frame(b"three")
+    for i in range(len(data)):
+        c.feed(data[i : i + 1])
+    assert [c.next_message() for _ in range(4)] == [b"one", b"", b"three", None]
+    c.feed(b"\x00\x00")
+    assert c.next_message() is None and c.buffered == 2
+    c.feed(b"\x00\x01z")
+    assert c.next_message() == b"z"
+
+
+def test_length_good_frame_before_a_bad_prefix_is_handed_out() -> None:
+    c = LengthCodec(3)
+    c.feed(_frame(b"abc") + (9).to_bytes(4, "big"))
+    assert c.next_message() == b"abc"
+    with pytest.raises(MessageTooLarge):
+        c.next_message()
+
+
+def test_length_eof_inside_a_frame_says_where() -> None:
+    c = LengthCodec()
+    assert c.end_of_input() is None
+    c.feed(b"\x00\x00")
+    with pytest.raises(
+        RemoteProtocolError,
+        match=r"^connection closed inside a frame: 2 bytes of a 4-byte length prefix$",
+    ):
+        c.end_of_input()
+    c = LengthCodec()
+    c.feed(_frame(b"abcdef")[:7])
+    with pytest.raises(
+        RemoteProtocolError,
+        match=r"^connection closed inside a frame: 3 bytes of a 6-byte body$",
+    ):
+        c.end_of_input()
+    c = LengthCodec()
+    c.feed(_frame(b""))  # a whole empty frame not yet taken: still inside it
+    c.feed(b"")
+    assert c.buffered == 4
+    assert c.next_message() == b""
+    assert c.end_of_input() is None
+    c.feed((0).to_bytes(4, "big"))
+    with pytest.raises(RemoteProtocolError, match=r"0 bytes of a 0-byte body"):
+        c.end_of_input()
+
+
+def test_length_encode_prefixes_the_length() -> None:
+    c = LengthCodec()
+    assert c.encode(b"") == b"\x00\x00\x00\x00"
+    assert c.encode(b"ab") == b"\x00\x00\x00\x02ab"
+    assert c.encode(bytearray(300)) == b"\x00\x00\x01\x2c" + bytes(300)
+    assert MAX_FRAME == 2**32 - 1
+
+
+class _Huge(bytes):
+    """A reply claiming more bytes than a 4-byte prefix can express (none is allocated)."""
+
+    def __len__(self) -> int:
+        return MAX_FRAME + 1
+
+
+def test_length_encode_refuses_what_the_prefix_cannot_express() -> None:
+    with pytest.raises(
+        LocalProtocolError, match=rf"^message of {MAX_FRAME + 1} bytes cannot be length-prefixed$"
+    ):
+        LengthCodec().encode(_Huge(b"x"))
+
+
+# -- the framing registry -------------------------------------------------------------------
+
+
+def test_framings_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(framing, "_factories", {})  # load each codec module afresh
+    assert list(FRAMINGS) == ["raw", "line", "length"]
+    for name, cls in (("raw", RawCodec), ("line", LineCodec), ("length", LengthCodec)):
+        assert codec_factory(name) is cls
+        assert codec_factory(name) is cls  # cached
+        codec = make_codec(name, 7)
+        assert type(codec) is cls and codec.max_message == 7 and codec.name == name
+        assert make_codec(name).max_message == DEFAULT_MAX_MESSAGE
+        assert getattr(framing, cls.__name__) is cls
+    with pytest.raises(
+        ConfigError, match=r"^unknown framing 'xml'; expected one of raw, line, length$"
+    ):
+        make_codec("xml")
+    with pytest.raises(
+        AttributeError, match=r"^module 'sockserve.framing' has no attribute 'Nope'$"
+    ):
+        framing.Nope  # noqa: B018
+
+
+# -- access control -------------------------------------------------------------------------
+
+from sockserve.server.access import AccessControl  # noqa: E402
+
+
+def _nets(*texts: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    return tuple(ipaddress.ip_network(t) for t in texts)
+
+
+def test_access_without_rules_lets_everyone_in() -> None:
+    ac = AccessControl((), ())
+    assert not ac.active
+    for host in ("10.0.0.1", "::1", "/run/x.sock", "", "not an address"):
+        assert ac.permits(host)
+
+
+def test_access_allow_deny_and_deny_wins() -> None:
+    ac = AccessControl(_nets("10.0.0.0/8"), _nets("10.1.0.0/16"))
+    assert ac.active
+    assert ac.permits("10.2.3.4")
+    assert not ac.permits("10.1.2.3")  # denied inside the allowed network
+    assert not ac.permits("11.0.0.1")  # not allowed
+    assert AccessControl((), _nets("10.1.0.0/16")).active
+    assert AccessControl(_nets("10.0.0.0/8"), ()).active
+    deny_only = AccessControl((), _nets("10.1.0.0/16"))
+    assert deny_only.permits("11.0.0.1") and not deny_only.permits("10.1.0.1")
+
+
+def test_access_fails_closed_for_what_is_not_an_address() -> None:
+    for ac in (AccessControl(_nets("0.0.0.0/0"), ()), AccessControl((), _nets("10.0.0.0/8"))):
+        for host in ("/run/x.sock", "", "host.example"):
+            assert not ac.permits(host)
+
+
+def test_access_ignores_the_zone_of_a_link_local_address() -> None:
+    ac = AccessControl((), _nets("fe80::/10"))
+    assert not ac.permits("fe80::1%eth0")
+    assert AccessControl(_nets("fe80::/10"), ()).permits("fe80::1%lo%x")
+
+
+def test_access_ipv4_however_spelled() -> None:
+    plain = AccessControl((), _nets("10.0.0.0/8"))
+    assert not plain.permits("::ffff:10.1.2.3")  # a mapped client meets a plain rule
+    mapped = AccessControl((), _nets("::ffff:10.0.0.0/104"))
+    assert not mapped.permits("10.1.2.3")  # a mapped rule meets a plain client
+    assert not mapped.permits("::ffff:10.1.2.3")
+    assert mapped.permits("11.0.0.1") and mapped.permits("::ffff:11.0.0.1")
+    allow = AccessControl(_nets("::ffff:10.0.0.0/104"), ())
+    assert allow.permits("10.255.0.1") and not allow.permits("11.0.0.1")
+    host = AccessControl((), _nets("::ffff:127.0.0.2/128"))
+    assert not host.permits("127.0.0.2") and host.permits("127.0.0.3")
+    # A plain IPv6 rule stays IPv6; the IPv4 network it does not spell is untouched.
+    v6 = AccessControl((), _nets("::/96"))
+    assert not v6.permits("::5") and v6.permits("0.0.0.5")
+    whole = AccessControl((), _nets("::ffff:0:0/96"))
+    assert not whole.permits("1.2.3.4") and whole.permits("2001:db8::1")
+
+
+# -- config files ---------------------------------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+from sockserve.server import ServerConfig  # noqa: E402
+from sockserve.server.configfile import OPTION_KEYS, load_config_file, parse_config  # noqa: E402
+
+W = "f.toml: [[service]] #1 (echo)"
+
+
+def _one(**table: object) -> ServerConfig:
+    (entry,) = parse_config({"service": [{"name": "echo", **table}]}, "f.toml")
+    return entry.config
+
+
+def _refused(message: str, **table: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config({"service": [{"name": "echo", **table}]}, "f.toml")
+    assert str(info.value) == message
+
+
+def test_config_file_each_option_converts_its_value() -> None:
+    c = _one(
+        framing="line",
+        max_message="64K",
+        idle_timeout=2,
+        max_conns=5,
+        backlog=7,
+        drain_timeout=1.5,
+        allow="10.0.0.0/8",
+        deny=["10.1.0.0/16", "::1/128"],
+        unix_mode="660",
+        max_handshakes=3,
+        udp_rate=4,
+        udp_min_source_port=2000,
+        udp_amplify=True,
+        proxy_protocol=True,
+        proxy_from=["127.0.0.1/32"],
+        proxy_header_timeout=2,
+        trace=True,
+        options={"a": 1},
+    )
+    assert c.framing == "line" and c.max_message == 65536 and c.idle_timeout == 2.0
+    assert c.max_conns == 5 and c.backlog == 7 and c.drain_timeout == 1.5
+    assert c.allow == _nets("10.0.0.0/8") and c.deny == _nets("10.1.0.0/16", "::1/128")
+    assert c.unix_mode == 0o660 and c.max_handshakes == 3 and c.udp_rate == 4.0
+    assert c.udp_min_source_port == 2000 and c.udp_amplify is True
+    assert c.proxy_protocol is True and c.proxy_from == _nets("127.0.0.1/32")
+    assert c.proxy_header_timeout == 2.0 and c.trace is True
+    assert dict(c.service_options) == {"a": 1}
+    assert _one(max_message=1000).max_message == 1000
+    assert _one(unix_mode=600).unix_mode == 0o600  # TOML integer, octal digits
+    assert _one(idle_timeout=0).idle_timeout is None  # 0 = never
+    assert type(_one(udp_rate=4).udp_rate) is float
+    for key in ("tls_cert", "tls_key", "tls_client_ca", "tls_handshake_timeout"):
+        assert key in OPTION_KEYS
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "why"),
+    [
+        ("max_message", True, 'expected bytes, e.g. 65536 or "64K"'),
+        ("max_message", 1.5, 'expected bytes, e.g. 65536 or "64K"'),
+        ("idle_timeout", "5", "expected a number"),
+        ("drain_timeout", False, "expected a number"),
+        ("max_conns", 1.0, "expected an integer"),
+        ("backlog", True, "expected an integer"),
+        ("udp_amplify", 1, "expected true or false"),
+        ("framing", 3, "expected a string"),
+        ("allow", [1], "expected a list of CIDR strings"),
+        ("deny", {"a": 1}, "expected a list of CIDR strings"),
+        ("options", [], 'expected a table, e.g. options = { quote = "..." }'),
+        ("unix_mode", 1.5, "expected a string"),
+    ],
+)
+def test_config_file_wrong_type_names_the_key(key: str, value: object, why: str) -> None:
+    _refused(f"{W}: key {key!r}: {why}", **{key: value})
+
+
+def test_config_file_bad_tables_and_keys() -> None:
+    for data in ({}, {"service": []}, {"service": {"name": "echo"}}):
+        with pytest.raises(ConfigError) as info:
+            parse_config(data, "f.toml")
+        assert str(info.value) == "f.toml: no [[service]] tables; add at least one"
+    with pytest.raises(ConfigError) as info:
+        parse_config({"service": [{"name": "echo"}], "zz": 1, "aa": 2}, "f.toml")
+    assert str(info.value) == (
+        "f.toml: unknown top-level key 'aa'; services go in [[service]] tables"
+    )
+    with pytest.raises(ConfigError) as info:
+        parse_config({"service": [{"name": "echo"}, "x"]}, "f.toml")
+    assert str(info.value) == "f.toml: [[service]] #2: expected a table"
+    for name in (None, "", 3):
+        table = {} if name is None else {"name": name}
+        with pytest.raises(ConfigError) as info:
+            parse_config({"service": [table]}, "f.toml")
+        assert str(info.value) == (
+            "f.toml: [[service]] #1: key 'name' is required: a built-in service or module:function"
+        )
+    keys = "name, listen, socket, " + ", ".join(OPTION_KEYS)
+    _refused(f"{W}: unknown key 'bogus'; expected one of {keys}", zzz=1, bogus=2)
+    _refused(f"{W}: key 'listen': expected a list of endpoint URLs", listen=5)
+    _refused(f"{W}: key 'listen': expected a list of endpoint URLs", listen=["tcp://a:1", 2])
+    with pytest.raises(ConfigError, match=r"^f\.toml: \[\[service\]\] #1 \(echo\): key 'listen': "):
+        parse_config({"service": [{"name": "echo", "listen": ["ftp://x:1"]}]}, "f.toml")
+    _refused(f"{W}: key 'socket': expected a string (a FileDescriptorName)", socket=["a"])
+    with pytest.raises(ConfigError, match=r"^f\.toml: \[\[service\]\] #1 \(echo\): "):
+        parse_config({"service": [{"name": "echo", "backlog": 0}]}, "f.toml")
+    with pytest.raises(
+        ConfigError, match=r"^f\.toml: \[\[service\]\] #1 \(echo\): key 'max_message': "
+    ):
+        parse_config({"service": [{"name": "echo", "max_message": "lots"}]}, "f.toml")
+
+
+def test_config_file_listen_socket_and_duplicates() -> None:
+    entries = parse_config(
+        {
+            "service": [
+                {"name": "echo", "listen": "tcp://127.0.0.1:7007"},
+                {"name": "qotd", "listen": ["udp://127.0.0.1:7007"], "socket": "q"},
+                {"name": "discard"},
+            ]
+        },
+        "f.toml",
+    )
+    assert [e.spec for e in entries] == ["echo", "qotd", "discard"]
+    assert [str(ep) for ep in entries[0].endpoints] == ["tcp://127.0.0.1:7007"]
+    assert [e.socket for e in entries] == ["echo", "q", "discard"]
+    assert entries[1].where == "f.toml: [[service]] #2 (qotd)"
+    assert entries[2].endpoints == ()
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            {
+                "service": [
+                    {"name": "echo", "listen": "tcp://127.0.0.1:7007"},
+                    {"name": "qotd", "listen": "tcp://127.0.0.1:7007"},
+                ]
+            },
+            "f.toml",
+        )
+    assert str(info.value) == (
+        "f.toml: [[service]] #2 (qotd): tcp://127.0.0.1:7007 is already served by "
+        "f.toml: [[service]] #1 (echo)"
+    )
+
+
+def test_config_file_options_left_out_come_from_the_command_line() -> None:
+    base = ServerConfig(backlog=9, service_options={"x": "y"})
+    (entry,) = parse_config({"service": [{"name": "echo"}]}, "f.toml", base)
+    assert entry.config.backlog == 9 and dict(entry.config.service_options) == {}
+    (entry,) = parse_config({"service": [{"name": "echo", "backlog": 3}]}, "f.toml", base)
+    assert entry.config.backlog == 3
+    (entry,) = parse_config({"service": [{"name": "echo"}]})
+    assert entry.where == "<config>: [[service]] #1 (echo)"
+
+
+def test_config_file_read_errors(tmp_path: Path) -> None:
+    missing = tmp_path / "none.toml"
+    with pytest.raises(ConfigError) as info:
+        load_config_file(str(missing))
+    assert str(info.value) == f"{missing}: cannot read config file: No such file or directory"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[service]\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(bad))}: not valid TOML: "):
+        load_config_file(str(bad))
+    good = tmp_path / "good.toml"
+    good.write_text('[[service]]\nname = "echo"\nbacklog = 4\n')
+    (entry,) = load_config_file(str(good), ServerConfig(max_conns=2))
+    assert entry.config.backlog == 4 and entry.config.max_conns == 2
