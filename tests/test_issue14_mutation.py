@@ -480,3 +480,29 @@ def test_config_file_read_errors(tmp_path: Path) -> None:
     good.write_text('[[service]]\nname = "echo"\nbacklog = 4\n')
     (entry,) = load_config_file(str(good), ServerConfig(max_conns=2))
     assert entry.config.backlog == 4 and entry.config.max_conns == 2
+
+
+def test_length_empty_frame_waiting_is_not_overwritten_by_the_next_prefix() -> None:
+    c = LengthCodec()
+    c.feed(_frame(b""))
+    c.feed(_frame(b"ab"))
+    assert [c.next_message(), c.next_message(), c.next_message()] == [b"", b"ab", None]
+
+
+class _Largest(bytes):
+    """A reply as long as a 4-byte prefix can say (none is allocated)."""
+
+    def __len__(self) -> int:
+        return MAX_FRAME
+
+
+def test_length_encode_takes_the_largest_expressible_length() -> None:
+    assert LengthCodec().encode(_Largest(b"x")).startswith(b"\xff\xff\xff\xff")
+
+
+def test_line_codec_after_end_of_input_starts_afresh() -> None:
+    c = LineCodec()
+    c.feed(b"last")
+    assert c.end_of_input() == b"last"
+    c.feed(b"\n")
+    assert c.next_message() == b""
