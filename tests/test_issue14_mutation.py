@@ -506,3 +506,223 @@ def test_line_codec_after_end_of_input_starts_afresh() -> None:
     assert c.end_of_input() == b"last"
     c.feed(b"\n")
     assert c.next_message() == b""
+
+
+# -- ServerConfig validation ----------------------------------------------------------------
+
+from sockserve.server.config import parse_mode, parse_network, parse_size  # noqa: E402
+
+
+def test_server_config_defaults_are_the_documented_ones() -> None:
+    c = ServerConfig()
+    assert (c.framing, c.max_message, c.idle_timeout, c.max_conns) == ("raw", 65536, 300.0, None)
+    assert (c.backlog, c.drain_timeout) == (65535, 10.0)
+    assert (c.write_high_water, c.write_low_water) == (256 * 1024, 64 * 1024)
+    assert (c.allow, c.deny, c.proxy_from, c.unix_mode) == ((), (), (), None)
+    assert (c.tls_cert, c.tls_key, c.tls_client_ca, c.tls_handshake_timeout) == (
+        None,
+        None,
+        None,
+        10.0,
+    )
+    assert (c.max_handshakes, c.udp_min_source_port, c.udp_rate, c.udp_amplify) == (
+        256,
+        1024,
+        None,
+        False,
+    )
+    assert (c.reuse_port, c.engine, c.busy_poll_us) == (False, "auto", 50)
+    assert (c.proxy_protocol, c.proxy_header_timeout, c.service_options, c.trace) == (
+        False,
+        5.0,
+        {},
+        False,
+    )
+
+
+# (field, refused value, message), and the nearest value that is accepted.
+BOUNDS = [
+    ("max_message", 0, "max message must be at least 1 byte, got 0", 1),
+    ("idle_timeout", 0, "idle timeout must be positive, got 0", 0.001),
+    ("max_conns", 0, "max conns must be at least 1, got 0", 1),
+    ("max_handshakes", -1, "max handshakes must be >= 0 (0 = no cap), got -1", 0),
+    ("backlog", 0, "backlog must be at least 1, got 0", 1),
+    ("drain_timeout", -0.5, "drain timeout must be >= 0, got -0.5", 0),
+    ("engine", "epoll", "unknown engine 'epoll'; expected auto or asyncio", "asyncio"),
+    ("busy_poll_us", -1, "busy poll must be within 0-10000 microseconds, got -1", 0),
+    ("busy_poll_us", 10001, "busy poll must be within 0-10000 microseconds, got 10001", 10000),
+    ("udp_rate", -1, "UDP rate must be >= 0 (0 = off), got -1", 0),
+    ("udp_min_source_port", -1, "UDP minimum source port must be within 0-65535", 0),
+    ("udp_min_source_port", 65536, "UDP minimum source port must be within 0-65535", 65535),
+    (
+        "proxy_header_timeout",
+        0,
+        "PROXY header timeout must be a positive number of seconds, got 0",
+        0.001,
+    ),
+    (
+        "proxy_header_timeout",
+        float("inf"),
+        "PROXY header timeout must be a positive number of seconds, got inf",
+        1e9,
+    ),
+]
+
+
+@pytest.mark.parametrize(("name", "bad", "message", "good"), BOUNDS)
+def test_server_config_bounds(name: str, bad: object, message: str, good: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        ServerConfig(**{name: bad})
+    assert str(info.value) == message
+    assert getattr(ServerConfig(**{name: good}), name) == good
+
+
+def test_server_config_write_marks() -> None:
+    msg = "write low-water mark must be positive and <= the high-water mark"
+    for high, low in ((10, 0), (10, 11), (10, -1)):
+        with pytest.raises(ConfigError) as info:
+            ServerConfig(write_high_water=high, write_low_water=low)
+        assert str(info.value) == msg
+    c = ServerConfig(write_high_water=10, write_low_water=10)
+    assert (c.write_high_water, c.write_low_water) == (10, 10)
+    assert ServerConfig(write_high_water=10, write_low_water=1).write_low_water == 1
+
+
+def test_server_config_tls_key_needs_a_cert() -> None:
+    with pytest.raises(ConfigError) as info:
+        ServerConfig(tls_key="k.pem")
+    assert str(info.value) == "--tls-key given without --tls-cert"
+    assert ServerConfig(tls_key="k.pem", tls_cert="c.pem").tls_key == "k.pem"
+    assert ServerConfig(tls_cert=Path("c.pem")).tls_cert == "c.pem"  # type: ignore[arg-type]
+    c = ServerConfig(tls_cert="c", tls_key=Path("k"), tls_client_ca=Path("ca"))  # type: ignore[arg-type]
+    assert (c.tls_key, c.tls_client_ca) == ("k", "ca")
+    for name in ("tls_cert", "tls_client_ca"):
+        with pytest.raises(ConfigError) as info:
+            ServerConfig(**{name: 5})
+        assert str(info.value) == f"ServerConfig {name}: expected a file name, got 5"
+
+
+INTS = ["max_message", "max_conns", "backlog", "write_high_water", "write_low_water"]
+INTS += ["unix_mode", "udp_min_source_port", "busy_poll_us"]
+FLOATS = ["idle_timeout", "drain_timeout", "tls_handshake_timeout", "udp_rate"]
+FLOATS += ["proxy_header_timeout"]
+
+
+@pytest.mark.parametrize("name", INTS)
+def test_server_config_integer_fields_refuse_other_types(name: str) -> None:
+    for bad in (True, 2.0, "x" if name not in ("max_message", "unix_mode") else [1]):
+        with pytest.raises(ConfigError) as info:
+            ServerConfig(**{name: bad})
+        assert str(info.value) == f"ServerConfig {name}: expected an integer, got {bad!r}"
+
+
+@pytest.mark.parametrize("name", FLOATS)
+def test_server_config_number_fields_take_ints_and_floats(name: str) -> None:
+    assert getattr(ServerConfig(**{name: 2}), name) == 2
+    assert getattr(ServerConfig(**{name: 2.5}), name) == 2.5
+    for bad in (True, "2"):
+        with pytest.raises(ConfigError) as info:
+            ServerConfig(**{name: bad})
+        assert str(info.value) == f"ServerConfig {name}: expected a number, got {bad!r}"
+
+
+def test_server_config_none_means_unset_only_where_documented() -> None:
+    c = ServerConfig(idle_timeout=None, max_conns=None, unix_mode=None, udp_rate=None)
+    assert (c.idle_timeout, c.max_conns, c.unix_mode, c.udp_rate) == (None, None, None, None)
+    for name in ("max_message", "backlog", "drain_timeout", "busy_poll_us"):
+        with pytest.raises(ConfigError, match=rf"^ServerConfig {name}: expected "):
+            ServerConfig(**{name: None})
+    with pytest.raises(ConfigError) as info:
+        ServerConfig(framing=3)  # type: ignore[arg-type]
+    assert str(info.value) == "ServerConfig framing: expected raw, line or length, got 3"
+    with pytest.raises(ConfigError, match=r"^unknown framing 'xml'"):
+        ServerConfig(framing="xml")
+
+
+def test_server_config_converts_strings_like_the_cli() -> None:
+    c = ServerConfig(
+        allow="10.0.0.0/8",  # type: ignore[arg-type]
+        deny=["10.1.0.0/16", ipaddress.ip_network("::1/128")],  # type: ignore[list-item]
+        proxy_from=ipaddress.ip_network("127.0.0.1/32"),  # type: ignore[arg-type]
+        unix_mode="0660",  # type: ignore[arg-type]
+        max_message="64K",  # type: ignore[arg-type]
+    )
+    assert c.allow == _nets("10.0.0.0/8") and type(c.allow) is tuple
+    assert c.deny == _nets("10.1.0.0/16", "::1/128") and c.proxy_from == _nets("127.0.0.1/32")
+    assert c.unix_mode == 0o660 and c.max_message == 65536
+    assert ServerConfig(allow=("10.0.0.5",)).allow == _nets("10.0.0.5/32")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError) as info:
+        ServerConfig(allow=5)  # type: ignore[arg-type]
+    assert str(info.value) == "ServerConfig allow: expected a list of CIDR strings, got int"
+    with pytest.raises(ConfigError) as info:
+        ServerConfig(deny=["10.0.0.0/8", 7])  # type: ignore[list-item]
+    assert str(info.value) == (
+        "ServerConfig deny: expected CIDR strings such as '10.0.0.0/8', got int 7"
+    )
+    with pytest.raises(ConfigError) as info:
+        ServerConfig(proxy_from=["nonsense"])  # type: ignore[list-item]
+    assert str(info.value).startswith("ServerConfig proxy_from: bad network 'nonsense': ")
+    with pytest.raises(ConfigError) as info:
+        ServerConfig(max_message="lots")  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "ServerConfig max_message: expected bytes such as 65536 or 64K, not 'lots'"
+    )
+    with pytest.raises(ConfigError) as info:
+        ServerConfig(unix_mode="9")  # type: ignore[arg-type]
+    assert str(info.value) == (
+        "ServerConfig unix_mode: bad Unix socket mode '9': expected octal such as 660"
+    )
+    assert ServerConfig().replace(backlog=5).backlog == 5
+
+
+@pytest.mark.parametrize(
+    ("text", "value"),
+    [
+        ("65536", 65536),
+        ("64K", 65536),
+        ("64k", 65536),
+        ("64KiB", 65536),
+        ("64kb", 65536),
+        (" 2M ", 2 * 1024**2),
+        ("1MiB", 1024**2),
+        ("1G", 1024**3),
+        ("1gib", 1024**3),
+        ("7b", 7),
+        ("0", 0),
+    ],
+)
+def test_parse_size(text: str, value: int) -> None:
+    assert parse_size(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "K", "1.5K", "1T", "-1", "64 K", "x64"])
+def test_parse_size_refuses(text: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_size(text)
+    assert str(info.value) == f"expected bytes such as 65536 or 64K, not {text!r}"
+
+
+def test_parse_network_and_mode() -> None:
+    assert parse_network("10.1.2.3/8") == ipaddress.ip_network("10.0.0.0/8")  # not strict
+    assert parse_network("::1") == ipaddress.ip_network("::1/128")
+    with pytest.raises(ConfigError, match=r"^bad network '10\.0\.0\.0/33': "):
+        parse_network("10.0.0.0/33")
+    assert parse_mode("660") == 0o660 and parse_mode("0") == 0 and parse_mode("7777") == 0o7777
+    with pytest.raises(ConfigError) as info:
+        parse_mode("17777")
+    assert str(info.value) == "bad Unix socket mode '17777': out of range"
+    with pytest.raises(ConfigError) as info:
+        parse_mode("-1")
+    assert str(info.value) == "bad Unix socket mode '-1': out of range"
+    with pytest.raises(ConfigError) as info:
+        parse_mode("rw")
+    assert str(info.value) == "bad Unix socket mode 'rw': expected octal such as 660"
+
+
+def test_access_decision_cache_is_bounded() -> None:
+    """A flood of distinct (spoofed UDP) sources must not grow the per-host cache without
+    bound: it holds at most 4096 decisions."""
+    ac = AccessControl((), _nets("10.0.0.0/8"))
+    for i in range(5000):
+        assert ac.permits(f"11.0.{i // 256}.{i % 256}")
+    assert ac.permits.cache_info().currsize == 4096  # type: ignore[attr-defined]
