@@ -726,3 +726,248 @@ def test_access_decision_cache_is_bounded() -> None:
     for i in range(5000):
         assert ac.permits(f"11.0.{i // 256}.{i % 256}")
     assert ac.permits.cache_info().currsize == 4096  # type: ignore[attr-defined]
+
+
+# -- PROXY protocol -------------------------------------------------------------------------
+
+from sockserve.framing.proxy import (  # noqa: E402
+    V1_MAX,
+    V2_MAX,
+    V2_SIGNATURE,
+    ProxyHeader,
+    ProxyHeaderReader,
+    encode_v1,
+    encode_v2,
+    parse_header,
+)
+
+
+def _refuses(data: bytes, message: str) -> None:
+    with pytest.raises(RemoteProtocolError) as info:
+        parse_header(data)
+    assert str(info.value) == message
+
+
+def _v2(ver_cmd: int, fam: int, body: bytes) -> bytes:
+    return V2_SIGNATURE + bytes([ver_cmd, fam]) + len(body).to_bytes(2, "big") + body
+
+
+def test_proxy_constants() -> None:
+    assert V1_MAX == 107 and V2_MAX == 16 + 0xFFFF
+    assert V2_SIGNATURE == b"\r\n\r\n\x00\r\nQUIT\n"
+
+
+def test_proxy_v1_tcp4_and_tcp6_exactly() -> None:
+    line = b"PROXY TCP4 10.0.0.1 10.0.0.2 1234 80\r\n"
+    assert parse_header(line + b"rest") == (
+        ProxyHeader(1, "PROXY", "TCP4", ("10.0.0.1", 1234), ("10.0.0.2", 80)),
+        len(line),
+    )
+    line = b"PROXY TCP6 ::1 2001:db8::2 0 65535\r\n"
+    header, used = parse_header(line) or (None, 0)
+    assert used == len(line)
+    assert header == ProxyHeader(1, "PROXY", "TCP6", ("::1", 0), ("2001:db8::2", 65535))
+    assert header.relayed and header.client_ip == "::1"
+    assert parse_header(b"PROXY UNKNOWN whatever\r\nx") == (ProxyHeader(1, "LOCAL", "UNKNOWN"), 24)
+    unknown = parse_header(b"PROXY UNKNOWN\r\n")
+    assert unknown is not None and unknown[0].relayed and unknown[0].client_ip is None
+
+
+def test_proxy_v1_incomplete_is_none_until_the_crlf() -> None:
+    line = b"PROXY TCP4 10.0.0.1 10.0.0.2 1234 80\r\n"
+    for i in range(1, len(line)):
+        assert parse_header(line[:i]) is None, line[:i]
+    assert parse_header(b"") is None
+
+
+def test_proxy_v1_length_bound_is_107_bytes() -> None:
+    longest = b"PROXY TCP6 " + b"ffff:" * 7 + b"ffff " + b"ffff:" * 7 + b"ffff 65535 65535\r\n"
+    assert len(longest) == 104
+    assert parse_header(longest) is not None
+    pad = b"PROXY UNKNOWN " + b"x" * (V1_MAX - 16) + b"\r\n"
+    assert len(pad) == V1_MAX
+    assert parse_header(pad) == (ProxyHeader(1, "LOCAL", "UNKNOWN"), V1_MAX)
+    assert parse_header(pad[:-1]) is None  # 106 bytes and a CR: the LF may follow
+    _refuses(pad[:-2] + b"xx", "PROXY v1 header longer than 107 bytes")
+    _refuses(pad[:-2] + b"x\r", "PROXY v1 header longer than 107 bytes")  # no room for LF
+    assert parse_header(pad[:-2] + b"x") is None  # 106 bytes
+
+
+def test_proxy_v1_refusals_say_why() -> None:
+    _refuses(b"GET / HTTP/1.1\r\n", "no PROXY header: connection starts with b'GET / HT'")
+    _refuses(b"PROXX", "no PROXY header: connection starts with b'PROXX'")
+    _refuses(b"PROXY TCP4 1\x01", "PROXY v1 header holds a non-printable byte 0x01")
+    _refuses(b"PROXY TCP4 1\x7f", "PROXY v1 header holds a non-printable byte 0x7f")
+    _refuses(b"PROXY UDP4 a b 1 2\r\n", "PROXY v1 header has unknown protocol 'UDP4'")
+    _refuses(b"PROXY\r\n", "no PROXY header: connection starts with b'PROXY\\r\\n'")
+    _refuses(b"PROXY \r\n", "PROXY v1 header has unknown protocol ''")
+    _refuses(
+        b"PROXY " + b"T" * 40 + b"\r\n",
+        "PROXY v1 header has unknown protocol 'TTTTTTTTTTTTTTTT'",
+    )
+    _refuses(
+        b"PROXY TCP4 10.0.0.1  10.0.0.2 1 2\r\n",
+        "PROXY v1 TCP4 header needs 4 fields separated by single spaces, "
+        "got b'PROXY TCP4 10.0.0.1  10.0.0.2 1 2'",
+    )
+    _refuses(
+        b"PROXY TCP4 10.0.0.1 10.0.0.2 1\r\n",
+        "PROXY v1 TCP4 header needs 4 fields separated by single spaces, "
+        "got b'PROXY TCP4 10.0.0.1 10.0.0.2 1'",
+    )
+    _refuses(
+        b"PROXY TCP4 10.0.0.x 10.0.0.2 1 2\r\n", "PROXY v1 header has a bad address '10.0.0.x'"
+    )
+    _refuses(
+        b"PROXY TCP6 fe80::1%eth0 ::1 1 2\r\n", "PROXY v1 header has a bad address 'fe80::1%eth0'"
+    )
+    _refuses(b"PROXY TCP4 10.0.0.1 ::1 1 2\r\n", "PROXY v1 header: '::1' is not an IPv4 address")
+    _refuses(
+        b"PROXY TCP6 ::1 10.0.0.1 1 2\r\n", "PROXY v1 header: '10.0.0.1' is not an IPv6 address"
+    )
+    _refuses(
+        b"PROXY TCP4 " + b"1" * 60 + b" 10.0.0.2 1 2\r\n",
+        f"PROXY v1 header has a bad address '{'1' * 48}'",
+    )
+    for port in (b"01", b"-1", b"1a", b"", b"+1"):
+        _refuses(
+            b"PROXY TCP4 10.0.0.1 10.0.0.2 " + port + b" 2\r\n",
+            f"PROXY v1 header has a bad port {port.decode()!r}",
+        )
+    _refuses(
+        b"PROXY TCP4 10.0.0.1 10.0.0.2 1 123456789\r\n",
+        "PROXY v1 header port 123456789 is out of range",
+    )
+    _refuses(
+        b"PROXY TCP4 10.0.0.1 10.0.0.2 1 65536\r\n", "PROXY v1 header port 65536 is out of range"
+    )
+    _refuses(
+        b"PROXY TCP4 10.0.0.1 10.0.0.2 1 \xd9\xa1\r\n",
+        "PROXY v1 header holds a non-printable byte 0xd9",
+    )
+    assert parse_header(b"PROXY TCP4 10.0.0.1 10.0.0.2 0 0\r\n") is not None
+
+
+def test_proxy_v2_tcp4_tcp6_udp_with_tlvs() -> None:
+    body = bytes([10, 0, 0, 1, 10, 0, 0, 2]) + (1234).to_bytes(2, "big") + (80).to_bytes(2, "big")
+    tlvs = b"\x01\x00\x02h2" + b"\x04\x00\x00"
+    data = _v2(0x21, 0x11, body + tlvs)
+    assert parse_header(data + b"after") == (
+        ProxyHeader(
+            2, "PROXY", "TCP4", ("10.0.0.1", 1234), ("10.0.0.2", 80), ((1, b"h2"), (4, b""))
+        ),
+        len(data),
+    )
+    six = ipaddress.IPv6Address("2001:db8::1").packed + ipaddress.IPv6Address("::2").packed
+    six += (65535).to_bytes(2, "big") + (1).to_bytes(2, "big")
+    for fam, name in ((0x21, "TCP6"), (0x22, "UDP6")):
+        header, used = parse_header(_v2(0x21, fam, six)) or (None, 0)
+        assert header == ProxyHeader(2, "PROXY", name, ("2001:db8::1", 65535), ("::2", 1))
+        assert used == 16 + 36
+    header, _ = parse_header(_v2(0x21, 0x12, body)) or (None, 0)
+    assert header is not None and header.family == "UDP4" and header.source == ("10.0.0.1", 1234)
+
+
+def test_proxy_v2_unix_paths_are_escaped() -> None:
+    src = b"/run/a\x01\\b" + b"\0" + b"junk"
+    dst = b"/x" * 54  # 108 bytes, no NUL: the whole block
+    block = src.ljust(108, b"\0") + dst
+    for fam, name in ((0x31, "UNIX"), (0x32, "UNIX_DGRAM")):
+        header, used = parse_header(_v2(0x21, fam, block)) or (None, 0)
+        assert header is not None and used == 16 + 216
+        assert header.family == name and header.source == "/run/a\\x01\\x5cb"
+        assert header.destination == "/x" * 54 and header.client_ip is None
+    header, _ = parse_header(_v2(0x21, 0x31, "/é~ ".encode().ljust(216, b"\0"))) or (None, 0)
+    assert header is not None and header.source == "/\\xc3\\xa9~ " and header.destination == ""
+
+
+def test_proxy_v2_local_and_unspec() -> None:
+    for fam, name in ((0x11, "TCP4"), (0x00, "UNSPEC"), (0x99, "UNSPEC"), (0x31, "UNIX")):
+        data = _v2(0x20, fam, b"ignored")
+        header, used = parse_header(data) or (None, 0)
+        assert header == ProxyHeader(2, "LOCAL", name) and used == len(data)
+        assert not header.relayed and header.client_ip is None
+    header, used = parse_header(_v2(0x21, 0x00, b"\x05\x00\x01z")) or (None, 0)
+    assert header == ProxyHeader(2, "PROXY", "UNSPEC", tlvs=((5, b"z"),)) and used == 20
+    assert header.relayed
+
+
+def test_proxy_v2_incomplete_is_none() -> None:
+    data = _v2(0x21, 0x11, bytes(12))
+    for i in range(1, len(data)):
+        assert parse_header(data[:i]) is None
+    assert parse_header(data) is not None
+    reader = ProxyHeaderReader()
+    for i in range(len(data) - 1):
+        assert reader.feed(data[i : i + 1]) is None
+    assert reader.feed(data[-1:] + b"app") is not None
+    assert reader.rest == b"app"
+    assert reader.feed(b"more") is reader.header and reader.rest == b"appmore"
+
+
+def test_proxy_v2_refusals_say_why() -> None:
+    _refuses(
+        b"\r\n\r\n\x00\r\nQUIX", "no PROXY header: bad v2 signature b'\\r\\n\\r\\n\\x00\\r\\nQUIX'"
+    )
+    _refuses(b"\rX", "no PROXY header: bad v2 signature b'\\rX'")
+    _refuses(_v2(0x11, 0x11, b""), "PROXY v2 header has version 1, expected 2")
+    _refuses(_v2(0x31, 0x11, b""), "PROXY v2 header has version 3, expected 2")
+    _refuses(_v2(0x22, 0x11, b""), "PROXY v2 header has unknown command 2")
+    _refuses(_v2(0x2F, 0x11, b""), "PROXY v2 header has unknown command 15")
+    _refuses(_v2(0x21, 0x13, bytes(12)), "PROXY v2 header has unknown address family 0x13")
+    _refuses(_v2(0x21, 0x41, bytes(12)), "PROXY v2 header has unknown address family 0x41")
+    _refuses(
+        _v2(0x21, 0x11, bytes(11)),
+        "PROXY v2 TCP4 header length 11 is shorter than its 12-byte addresses",
+    )
+    _refuses(
+        _v2(0x21, 0x21, bytes(35)),
+        "PROXY v2 TCP6 header length 35 is shorter than its 36-byte addresses",
+    )
+    _refuses(
+        _v2(0x21, 0x31, bytes(215)),
+        "PROXY v2 UNIX header length 215 is shorter than its 216-byte addresses",
+    )
+    _refuses(
+        _v2(0x21, 0x11, bytes(12) + b"\x01\x00"),
+        "PROXY v2 header ends inside a TLV's type and length",
+    )
+    _refuses(
+        _v2(0x21, 0x11, bytes(12) + b"\x01"), "PROXY v2 header ends inside a TLV's type and length"
+    )
+    _refuses(
+        _v2(0x21, 0x11, bytes(12) + b"\x02\x00\x03ab"),
+        "PROXY v2 TLV 0x02 of 3 bytes overruns the header",
+    )
+    _refuses(
+        _v2(0x21, 0x11, bytes(12) + b"\x01\x00\x00" + b"\xe0\x01\x00" + bytes(200)),
+        "PROXY v2 TLV 0xe0 of 256 bytes overruns the header",
+    )
+    header, _ = parse_header(_v2(0x21, 0x11, bytes(12) + b"\x02\x00\x02ab")) or (None, 0)
+    assert header is not None and header.tlvs == ((2, b"ab"),)
+
+
+def test_proxy_v2_largest_body() -> None:
+    body = bytes(12) + b"\x07\xff\xf0" + bytes(0xFFF0)
+    data = _v2(0x21, 0x11, body)
+    assert len(data) == V2_MAX
+    header, used = parse_header(data) or (None, 0)
+    assert used == V2_MAX and header is not None and header.tlvs == ((7, bytes(0xFFF0)),)
+
+
+def test_proxy_encoders() -> None:
+    assert encode_v1(None, ("1.2.3.4", 1)) == b"PROXY UNKNOWN\r\n"
+    assert encode_v1(("1.2.3.4", 1), None) == b"PROXY UNKNOWN\r\n"
+    assert encode_v1(("1.2.3.4", 5), ("6.7.8.9", 10)) == b"PROXY TCP4 1.2.3.4 6.7.8.9 5 10\r\n"
+    assert encode_v1(("::1", 5), ("::2", 10)) == b"PROXY TCP6 ::1 ::2 5 10\r\n"
+    assert encode_v2(None, None) == V2_SIGNATURE + b"\x20\x00\x00\x00"
+    assert encode_v2(("1.2.3.4", 1), None, tlvs=((1, b"ab"),)) == (
+        V2_SIGNATURE + b"\x20\x00\x00\x05\x01\x00\x02ab"
+    )
+    assert encode_v2(("1.2.3.4", 258), ("5.6.7.8", 3)) == (
+        V2_SIGNATURE + b"\x21\x11\x00\x0c\x01\x02\x03\x04\x05\x06\x07\x08\x01\x02\x00\x03"
+    )
+    assert encode_v2(("1.2.3.4", 1), ("5.6.7.8", 2), stream=False)[13] == 0x12
+    six = encode_v2(("::1", 1), ("::2", 2), tlvs=((3, b"x"),))
+    assert six[12:16] == b"\x21\x21\x00\x28" and six[-4:] == b"\x03\x00\x01x"
+    assert encode_v2(("::1", 1), ("::2", 2), stream=False)[13] == 0x22
