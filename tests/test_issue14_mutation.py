@@ -971,3 +971,204 @@ def test_proxy_encoders() -> None:
     six = encode_v2(("::1", 1), ("::2", 2), tlvs=((3, b"x"),))
     assert six[12:16] == b"\x21\x21\x00\x28" and six[-4:] == b"\x03\x00\x01x"
     assert encode_v2(("::1", 1), ("::2", 2), stream=False)[13] == 0x22
+
+
+# -- the services ----------------------------------------------------------------------------
+
+import struct  # noqa: E402
+import time as _time  # noqa: E402
+
+from sockserve.errors import ServiceError  # noqa: E402
+from sockserve.services import BUILTINS, DEFAULT_SERVICE, as_service, load_service  # noqa: E402
+from sockserve.services import chargen as chargen_mod  # noqa: E402
+from sockserve.services import daytime as daytime_mod  # noqa: E402
+from sockserve.services import qotd as qotd_mod  # noqa: E402
+from sockserve.services import time as time_mod  # noqa: E402
+from sockserve.services import timestamp as timestamp_mod  # noqa: E402
+
+PORTS = {"timestamp": 21567, "echo": 7, "discard": 9, "daytime": 13, "qotd": 17}
+PORTS |= {"chargen": 19, "time": 37}
+RFCS = {"echo": 862, "discard": 863, "chargen": 864, "qotd": 865, "daytime": 867, "time": 868}
+LARGER = {"daytime", "qotd", "chargen", "time"}  # the amplification guard's business
+
+
+@pytest.mark.parametrize("name", sorted(PORTS))
+def test_builtin_services_by_name(name: str) -> None:
+    info = BUILTINS[name]
+    svc = load_service(name)
+    assert info.name == svc.name == name and info.module == f"sockserve.services.{name}"
+    assert info.port == svc.port == PORTS[name]
+    assert svc.replies_larger is (name in LARGER)
+    assert svc.description == info.description
+    if name in RFCS:
+        assert info.description.startswith(f"RFC {RFCS[name]}: ")
+    assert (svc.stream is None) is (name == "timestamp")
+    assert DEFAULT_SERVICE == "timestamp"
+
+
+def test_load_service_by_import_string_and_its_errors() -> None:
+    svc = load_service("sockserve.services.echo:echo")
+    assert svc.name == "sockserve.services.echo:echo" and svc.handler(b"x", None) == b"x"  # type: ignore[arg-type]
+    assert load_service("sockserve.services.echo:SERVICE").name == "echo"
+    assert load_service("sockserve.services:BUILTINS.get").name == "sockserve.services:BUILTINS.get"
+    known = ", ".join(sorted(BUILTINS))
+    for spec in ("nope", ":x", "mod:", "mod"):
+        with pytest.raises(ServiceError) as info:
+            load_service(spec)
+        assert str(info.value) == (
+            f"unknown service {spec!r}: not a built-in ({known}) and not a module:function string"
+        )
+    with pytest.raises(
+        ServiceError, match=r"^cannot import module 'no_such_mod' for service 'no_such_mod:f': "
+    ):
+        load_service("no_such_mod:f")
+    with pytest.raises(ServiceError) as info:
+        load_service("sockserve.services.echo:nope.x")
+    assert str(info.value) == "module 'sockserve.services.echo' has no attribute 'nope.x'"
+    with pytest.raises(ServiceError) as info:
+        load_service("sockserve.services.chargen:LINE_WIDTH")
+    assert str(info.value) == (
+        "'sockserve.services.chargen:LINE_WIDTH' is int, not a callable handler or Service"
+    )
+    svc = as_service(lambda request, ctx: request, "n")
+    assert svc.name == "n" and as_service(svc, "other") is svc
+
+
+def test_load_service_names_what_a_user_module_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "badmod_i14.py").write_text("raise KeyError('boom')\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ServiceError) as info:
+        load_service("badmod_i14:f")
+    assert (
+        str(info.value)
+        == "importing 'badmod_i14' for service 'badmod_i14:f' raised KeyError: 'boom'"
+    )
+
+
+def test_time_counts_from_1900_and_wraps() -> None:
+    assert time_mod.EPOCH_1900 == 2208988800
+    assert time_mod.time_bytes(0) == struct.pack("!I", 2208988800)
+    assert time_mod.time_bytes(1.9) == struct.pack("!I", 2208988801)  # whole seconds
+    assert time_mod.time_bytes(2**32 - 2208988800) == b"\x00\x00\x00\x00"  # 2036-02-07
+    assert time_mod.time_bytes(2**32 - 2208988800 + 5) == b"\x00\x00\x00\x05"
+    now = struct.unpack("!I", time_mod.time_handler(b"", None))[0]  # type: ignore[arg-type]
+    assert abs(now - (int(_time.time()) + 2208988800) % 2**32) <= 2
+
+
+def test_timestamp_prefix_is_the_ctime_of_this_second(monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1_000_000_000.2]
+    monkeypatch.setattr(timestamp_mod, "time", lambda: clock[0])
+    monkeypatch.setattr(timestamp_mod, "_second", -1)
+    reply = timestamp_mod.timestamp(b"hi", None)  # type: ignore[arg-type]
+    assert reply == b"[" + _time.ctime(1_000_000_000).encode() + b"] hi"
+    clock[0] = 1_000_000_000.9  # same second: same prefix
+    assert timestamp_mod.timestamp(b"", None) == reply[:-2]  # type: ignore[arg-type]
+    clock[0] = 1_000_000_001.0  # next second: a new prefix
+    assert timestamp_mod.timestamp(b"x", None) == (  # type: ignore[arg-type]
+        b"[" + _time.ctime(1_000_000_001).encode() + b"] x"
+    )
+    assert len(timestamp_mod.timestamp(b"a" * 64, None)) == 91  # type: ignore[arg-type]
+
+
+def test_daytime_is_ctime_and_crlf() -> None:
+    line = daytime_mod.daytime(b"ignored", None)  # type: ignore[arg-type]
+    assert len(line) == 26 and line.endswith(b"\r\n")
+    assert abs(_time.mktime(_time.strptime(line[:-2].decode())) - _time.time()) <= 2
+    assert daytime_mod.daytime_line()[:-2].decode().isascii()
+
+
+def test_chargen_pattern_at_any_offset() -> None:
+    ring = bytes(range(0x20, 0x7F))
+    assert ring == chargen_mod.RING and chargen_mod.LINE_WIDTH == 72 and chargen_mod.LINE_LEN == 74
+    assert len(chargen_mod.PERIOD) == 7030 and chargen_mod.UDP_MAX == 512
+    lines = chargen_mod.PERIOD.split(b"\r\n")
+    assert lines[0] == ring[:72] and lines[1] == ring[1:73] and lines[94] == ring[94:] + ring[:71]
+    whole = chargen_mod.PERIOD * 40
+    for offset, length in ((0, 0), (0, 74), (7029, 10), (7030 * 3 + 5, 100), (123, 200_000)):
+        assert chargen_mod.pattern(offset, length) == whole[offset % 7030 :][:length]
+    tape = len(chargen_mod._TAPE)
+    for offset in (tape - 7030 - 1, 7030 * 2 - 1):
+        assert (
+            chargen_mod.pattern(offset, tape - offset % 7030)
+            == whole[offset % 7030 :][: tape - offset % 7030]
+        )
+        assert chargen_mod.pattern(offset, tape) == whole[offset % 7030 :][:tape]
+
+
+def test_chargen_datagrams_start_on_successive_lines(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(chargen_mod.random, "randint", lambda a, b: b)
+    gen = chargen_mod.ChargenDatagram()
+    replies = [gen(b"", None) for _ in range(96)]  # type: ignore[arg-type]
+    assert all(len(r) == 512 for r in replies)
+    for n in (0, 1, 94):
+        assert replies[n] == chargen_mod.pattern(n * 74, 512)
+    assert replies[95] == replies[0]  # round the ring
+    seen = []
+    monkeypatch.setattr(chargen_mod.random, "randint", lambda a, b: seen.append((a, b)) or 3)
+    assert gen(b"", None) == chargen_mod.pattern(74, 3)  # type: ignore[arg-type]
+    assert seen == [(0, 512)]
+
+
+def test_qotd_quotes_are_checked_text() -> None:
+    assert qotd_mod.MAX_QUOTE == 511
+    assert qotd_mod.encode_quote("a  \nb\n\n") == b"a\r\nb\r\n"
+    assert qotd_mod.encode_quote("\nx\n") == b"x\r\n"
+    assert qotd_mod.encode_quote("~ ") == b"~\r\n"
+    with pytest.raises(ConfigError) as info:
+        qotd_mod.encode_quote("ok\nbad\tline", "q.txt: quote at line 3")
+    assert str(info.value) == (
+        "q.txt: quote at line 3, line 2: '\\t' is not printable ASCII (RFC 865 quotes are text)"
+    )
+    with pytest.raises(ConfigError, match=r"^quote, line 1: '\\x7f' is not printable"):
+        qotd_mod.encode_quote("\x7f")
+    assert len(qotd_mod.encode_quote("a" * 509)) == 511
+    with pytest.raises(ConfigError) as info:
+        qotd_mod.encode_quote("a" * 510)
+    assert str(info.value) == "quote is 512 bytes with CRLFs; RFC 865 wants under 512: shorten it"
+    for quote in qotd_mod.SERVICE.options["quotes"]:
+        assert quote.endswith(b"\r\n") and len(quote) <= 511
+    assert len(qotd_mod.SERVICE.options["quotes"]) == len(qotd_mod.BUILTIN_QUOTES)
+
+
+def test_qotd_quote_files(tmp_path: Path) -> None:
+    assert qotd_mod.parse_quotes("a\nb\n\n  \nc\n%\nd\n", "f") == (
+        b"a\r\nb\r\n",
+        b"c\r\n",
+        b"d\r\n",
+    )
+    with pytest.raises(ConfigError) as info:
+        qotd_mod.parse_quotes("\n%\n \n", "f")
+    assert str(info.value) == "f: no quotes found (separate them with blank lines)"
+    with pytest.raises(ConfigError) as info:
+        qotd_mod.parse_quotes("ok\n\nfine\n\nbad\x01\n", "f")
+    assert str(info.value) == (
+        "f: quote at line 5, line 1: '\\x01' is not printable ASCII (RFC 865 quotes are text)"
+    )
+    path = tmp_path / "q.txt"
+    path.write_bytes(b"one\r\n%\r\ntwo\n")
+    svc = qotd_mod.configure({"quotes": str(path)})
+    assert svc.options["quotes"] == (b"one\r\n", b"two\r\n") and svc.port == 17
+    assert svc.handler(b"", None) in (b"one\r\n", b"two\r\n")  # type: ignore[arg-type]
+    assert qotd_mod.configure({}) is qotd_mod.SERVICE
+    with pytest.raises(ConfigError) as info:
+        qotd_mod.configure({"quotes": str(path), "b": 1, "a": 2})
+    assert str(info.value) == "service qotd has no option a, b (it takes: quotes)"
+    path.write_bytes(b"ok\n\xe9\n")
+    with pytest.raises(ConfigError) as info:
+        qotd_mod.load_quotes(str(path))
+    assert str(info.value) == (
+        f"quotes file {path}: byte 3 is not ASCII (RFC 865 quotes are ASCII text)"
+    )
+    with pytest.raises(ConfigError) as info:
+        qotd_mod.load_quotes(str(tmp_path / "none"))
+    assert str(info.value) == (
+        f"cannot read quotes file {tmp_path / 'none'}: No such file or directory"
+    )
+    path.write_text("\n%\n")
+    with pytest.raises(ConfigError) as info:
+        qotd_mod.load_quotes(str(path))
+    assert str(info.value) == (
+        f"quotes file {path}: no quotes found (separate them with blank lines)"
+    )
