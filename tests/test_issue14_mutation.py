@@ -708,6 +708,8 @@ def test_parse_network_and_mode() -> None:
     with pytest.raises(ConfigError, match=r"^bad network '10\.0\.0\.0/33': "):
         parse_network("10.0.0.0/33")
     assert parse_mode("660") == 0o660 and parse_mode("0") == 0 and parse_mode("7777") == 0o7777
+    with pytest.raises(ConfigError, match=r"^bad Unix socket mode '10000': out of range$"):
+        parse_mode("10000")
     with pytest.raises(ConfigError) as info:
         parse_mode("17777")
     assert str(info.value) == "bad Unix socket mode '17777': out of range"
