@@ -1174,3 +1174,81 @@ def test_qotd_quote_files(tmp_path: Path) -> None:
     assert str(info.value) == (
         f"quotes file {path}: no quotes found (separate them with blank lines)"
     )
+
+
+def test_proxy_edges_of_what_is_checked() -> None:
+    _refuses(b"PROXYZ123456", "no PROXY header: connection starts with b'PROXYZ12'")
+    # Still waiting for the LF, yet every byte before the CR is checked already.
+    _refuses(b"PROXY TCP4 \x01\r", "PROXY v1 header holds a non-printable byte 0x01")
+    _refuses(b"PROXY TCP4 \x7f\x7f\r", "PROXY v1 header holds a non-printable byte 0x7f")
+    assert parse_header(b"PROXY UNKNOWN ~ \x20\r\n") is not None  # '~' and ' ' are printable
+    _refuses(
+        b"PROXY TCP4 10.0.0.1 10.0.0.2 1 123456789a\r\n",
+        "PROXY v1 header has a bad port '12345678'",
+    )
+    _refuses(
+        _v2(0x21, 0x11, bytes(12) + b"\x01\x00\x00" + b"\x01\x00"),
+        "PROXY v2 header ends inside a TLV's type and length",
+    )
+    block = b"/s" * 54 + b"/d\x7f".ljust(108, b"\0")  # a source path without its NUL
+    header, _ = parse_header(_v2(0x21, 0x31, block)) or (None, 0)
+    assert header is not None
+    assert header.source == "/s" * 54 and header.destination == "/d\\x7f"
+
+
+def test_qotd_configured_service_is_a_whole_qotd(tmp_path: Path) -> None:
+    """The service a quotes file makes (built at start, not at import) is the same
+    qotd as the built-in one but for its quotes."""
+    path = tmp_path / "q.txt"
+    path.write_text("one\n")
+    svc = qotd_mod.configure({"quotes": str(path)})
+    base = qotd_mod.SERVICE
+    assert (svc.name, svc.port, svc.replies_larger) == ("qotd", 17, True)
+    assert svc.description == base.description == BUILTINS["qotd"].description
+    assert svc.configure is not None and svc.configure({}) is base
+    assert svc.stream is not None
+
+
+def test_qotd_quote_text_keeps_its_indent_and_names_its_first_line() -> None:
+    assert qotd_mod.encode_quote("  indented\n  twice\n") == b"  indented\r\n  twice\r\n"
+    assert qotd_mod.encode_quote("X marks the spot X") == b"X marks the spot X\r\n"
+    with pytest.raises(ConfigError) as info:
+        qotd_mod.parse_quotes("bad\x01\n", "f")
+    assert str(info.value).startswith("f: quote at line 1, line 1: ")
+
+
+def test_register_builtin_and_a_spec_with_two_colons(monkeypatch: pytest.MonkeyPatch) -> None:
+    from sockserve.services import BuiltinInfo, register_builtin
+
+    monkeypatch.setitem(BUILTINS, "echo2", BUILTINS["echo"])  # restored after the test
+    info = BuiltinInfo("echo2", "sockserve.services.echo", "another echo", 7)
+    register_builtin(info)
+    assert BUILTINS["echo2"] is info and load_service("echo2").name == "echo"
+    with pytest.raises(ServiceError) as err:
+        load_service("sockserve.services.echo:echo:x")
+    assert str(err.value) == "module 'sockserve.services.echo' has no attribute 'echo:x'"
+
+
+def test_chargen_connection_closed_by_the_client_logs_no_error(serve: object) -> None:
+    """Mutation: on_close cancelling a pending turn that is not there (an exception on
+    every chargen client's goodbye)."""
+    import logging
+    import socket as socket_
+
+    from faultkit import LogTap, addr_of
+
+    tap = LogTap()
+    logger = logging.getLogger("sockserve")
+    logger.addHandler(tap)
+    old = logger.level
+    logger.setLevel(logging.DEBUG)
+    try:
+        st = serve("chargen", "tcp://127.0.0.1:0")  # type: ignore[operator]
+        for _ in range(3):
+            with socket_.create_connection(addr_of(st.url("tcp")), timeout=5) as s:
+                assert s.recv(74)
+        st.stop()
+    finally:
+        logger.removeHandler(tap)
+        logger.setLevel(old)
+    assert tap.errors() == [] and not any("raised" in m for m in tap.messages())
