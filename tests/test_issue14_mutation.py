@@ -1252,3 +1252,146 @@ def test_chargen_connection_closed_by_the_client_logs_no_error(serve: object) ->
         logger.removeHandler(tap)
         logger.setLevel(old)
     assert tap.errors() == [] and not any("raised" in m for m in tap.messages())
+
+
+# -- the UDP guards (server/udpguard.py) ----------------------------------------------------
+
+from sockserve.server import udpguard  # noqa: E402
+from sockserve.server.udpguard import TokenBuckets, UdpGuard  # noqa: E402
+
+EPH = (32768, 60999)
+
+
+def _guard(
+    host: str = "192.0.2.1", *, inet: bool = True, larger: bool = True, **cfg: object
+) -> UdpGuard:
+    return UdpGuard(ServerConfig(**cfg), inet=inet, host=host, replies_larger=larger)  # type: ignore[arg-type]
+
+
+def test_udpguard_constants() -> None:
+    assert udpguard.CLASSIC_SERVICE_PORTS == {7, 9, 13, 17, 19, 37}
+    assert (udpguard.LOOP_RATE, udpguard.LOOP_BURST, udpguard.MAX_BUCKETS) == (100.0, 100.0, 65536)
+
+
+def test_udpguard_source_port_floor() -> None:
+    g = _guard()
+    assert g.min_port == 1024
+    assert g.admit("10.0.0.1", 1023, 0.0, EPH) == udpguard.PRIVILEGED
+    assert g.admit("10.0.0.1", 0, 0.0, EPH) == udpguard.PRIVILEGED
+    assert g.admit("10.0.0.1", 1024, 0.0, EPH) is None
+    low = _guard(udp_min_source_port=0)
+    assert low.min_port == 1  # port 0 can never get a reply
+    assert low.admit("10.0.0.1", 0, 0.0, EPH) == udpguard.PRIVILEGED
+    assert low.admit("10.0.0.1", 1, 0.0, EPH) is None
+    assert _guard(udp_min_source_port=2000).admit("10.0.0.1", 1999, 0.0, EPH) == "privileged port"
+    assert _guard(inet=False).min_port == 0
+
+
+def test_udpguard_service_ports_are_dropped() -> None:
+    g = _guard(udp_min_source_port=0)
+    for port in (7, 9, 13, 17, 19, 37):
+        assert g.admit("10.0.0.1", port, 0.0, EPH) == udpguard.SERVICE_PORT
+    assert g.admit("10.0.0.1", 8, 0.0, EPH) is None
+    g.serving([5000, 6000])
+    assert g.admit("10.0.0.1", 5000, 0.0, EPH) == "a service's port"
+    assert g.admit("10.0.0.1", 7, 0.0, EPH) == udpguard.SERVICE_PORT  # still the classics
+    assert g.admit("10.0.0.1", 5001, 0.0, EPH) is None
+
+
+def test_udpguard_access_rules() -> None:
+    g = _guard(deny=("10.1.0.0/16",), udp_rate=0)
+    assert g.admit("10.1.2.3", 40000, 0.0, EPH) == udpguard.DENIED
+    assert g.admit("::ffff:10.1.2.3", 40000, 0.0, EPH) == "denied"
+    assert g.admit("10.2.0.1", 40000, 0.0, EPH) is None
+    assert _guard(allow=("10.0.0.0/8",)).admit("11.0.0.1", 40000, 0.0, EPH) == udpguard.DENIED
+
+
+def test_udpguard_rate_default_by_bind_address() -> None:
+    assert _guard("192.0.2.1").rate == 100.0  # DEFAULT_UDP_RATE off loopback
+    for host in ("127.0.0.1", "127.1.2.3", "::1", "localhost"):
+        assert _guard(host).rate == 0.0
+    assert _guard("0.0.0.0").rate == 100.0 and _guard("::").rate == 100.0
+    assert _guard("192.0.2.1", inet=False).rate == 0.0
+    assert _guard("127.0.0.1", udp_rate=5).rate == 5.0
+    assert _guard("192.0.2.1", udp_rate=0).rate == 0.0
+
+
+def test_udpguard_rate_limit_per_source_host() -> None:
+    g = _guard("192.0.2.1", udp_rate=2)
+    assert [g.admit("10.0.0.1", 40000 + i, 0.0, EPH) for i in range(3)] == [
+        None,
+        None,
+        udpguard.RATE,
+    ]
+    assert g.admit("10.0.0.2", 40000, 0.0, EPH) is None  # another host has its own bucket
+    assert g.admit("10.0.0.1", 40000, 0.4, EPH) == "over the rate limit"  # 0.8 of a token
+    assert g.admit("10.0.0.1", 40000, 0.5, EPH) is None  # 1.0 token at 2/s
+    assert g.admit("10.0.0.1", 40000, 0.5, EPH) == udpguard.RATE
+    assert g.admit("10.0.0.1", 40000, 100.0, EPH) is None  # refilled, but only to the burst
+    assert g.admit("10.0.0.1", 40000, 100.0, EPH) is None
+    assert g.admit("10.0.0.1", 40000, 100.0, EPH) == udpguard.RATE
+    assert not g.loop_guard
+
+
+def test_udpguard_loop_budget_for_fixed_source_ports_on_loopback() -> None:
+    g = _guard("127.0.0.1")
+    assert g.loop_guard and g.rate == 0.0
+    assert not _guard("127.0.0.1", udp_rate=0).loop_guard  # an explicit 0: off, budget too
+    assert not _guard("127.0.0.1", udp_rate=5).loop_guard
+    assert not _guard("127.0.0.1", inet=False).loop_guard
+    assert not _guard("192.0.2.1").loop_guard
+    for port in (EPH[0], EPH[1], 45000):  # clients' ports: never budgeted
+        assert all(g.admit("127.0.0.1", port, 0.0, EPH) is None for _ in range(150))
+    fixed = [g.admit("127.0.0.1", 5353, 0.0, EPH) for _ in range(101)]
+    assert fixed[:100] == [None] * 100 and fixed[100] == udpguard.LOOP
+    assert g.admit("127.0.0.1", 5354, 0.0, EPH) is None  # per (host, port)
+    assert g.admit("127.0.0.2", 5353, 0.0, EPH) is None
+    assert g.admit("127.0.0.1", 5353, 0.005, EPH) == udpguard.LOOP  # half a token at 100/s
+    assert g.admit("127.0.0.1", 5353, 0.01, EPH) is None  # a whole one
+    assert g.admit("127.0.0.1", EPH[0] - 1, 0.0, EPH) is None
+    assert g.admit("127.0.0.1", EPH[1] + 1, 0.0, EPH) is None
+
+
+def test_udpguard_amplification_cap() -> None:
+    g = _guard()
+    assert g.amplify_guard
+    assert g.cap(b"abc", b"abcd", ("10.0.0.1", 4000)) == b"abc"  # one byte over: cut
+    assert g.cap(b"abc", b"xyz", ("10.0.0.1", 4000)) == b"xyz"  # as large: whole
+    assert g.cap(b"", b"abcd", ("10.0.0.1", 4000)) == b""
+    assert g.cap(b"a", b"abcd", ("127.0.0.1", 4000)) == b"abcd"  # loopback: whole
+    assert g.cap(b"a", b"abcd", ("::1", 4000, 0, 0)) == b"abcd"
+    assert g.cap(b"a", b"abcd", "/unix/peer") == b"a"  # not an inet peer: not loopback
+    assert not _guard(udp_amplify=True).amplify_guard
+    assert not _guard(larger=False).amplify_guard
+    assert not _guard(inet=False).amplify_guard
+    assert _guard(udp_amplify=True).cap(b"a", b"abcd", ("10.0.0.1", 4000)) == b"abcd"
+
+
+def test_token_buckets() -> None:
+    b = TokenBuckets(10.0, 2.0)
+    assert (b.rate, b.burst) == (10.0, 2.0) and len(b) == 0
+    assert [b.take("k", 0.0) for _ in range(3)] == [True, True, False]
+    assert len(b) == 1
+    assert not b.take("k", 0.09)  # 0.9 of a token
+    assert b.take("k", 0.1)
+    assert TokenBuckets(3.0).burst == 3.0
+
+
+def test_token_buckets_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(udpguard, "MAX_BUCKETS", 4)
+    b = TokenBuckets(1.0)
+    for key in range(4):
+        assert b.take(key, 0.0)
+    assert len(b) == 4 and not b.take(0, 0.0)
+    assert b.take(99, 0.0) and len(b) == 1  # full: cleared, then the new key
+    assert b.take(0, 0.0)  # forgotten: a fresh bucket
+
+
+def test_ephemeral_ports_and_loopback() -> None:
+    lo, hi = udpguard.ephemeral_ports()
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        assert (lo, hi) == tuple(int(x) for x in f.read().split())
+    assert udpguard.is_loopback_host("127.9.9.9") and not udpguard.is_loopback_host("10.0.0.1")
+    assert not udpguard.is_loopback_peer("127.0.0.1") and udpguard.is_loopback_peer(
+        ("127.0.0.1", 1)
+    )
