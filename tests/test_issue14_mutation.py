@@ -1269,7 +1269,7 @@ def _guard(
 
 
 def test_udpguard_constants() -> None:
-    assert udpguard.CLASSIC_SERVICE_PORTS == {7, 9, 13, 17, 19, 37}
+    assert {7, 9, 13, 17, 19, 37} == udpguard.CLASSIC_SERVICE_PORTS
     assert (udpguard.LOOP_RATE, udpguard.LOOP_BURST, udpguard.MAX_BUCKETS) == (100.0, 100.0, 65536)
 
 
