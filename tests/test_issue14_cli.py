@@ -268,3 +268,25 @@ def test_write_high_water_default_is_256_kib() -> None:
     kernel = _served_before_pause(write_high_water=1, write_low_water=1)
     default = _served_before_pause()
     assert 30 <= default - kernel <= 34, (kernel, default)
+
+
+def test_cli_deny_meets_ipv4_clients_on_a_dual_stack_listener() -> None:
+    """``serve -l tcp://*:0 -l udp://*:0 --deny``: IPv4 clients arrive as ::ffff:a.b.c.d
+    and meet the rules whichever way they are written. Mutation: AccessControl not
+    unmapping ::ffff: clients (they walk past --deny)."""
+    import sockserve
+    from faultkit import LoggedServer
+
+    args = ("-l", "tcp://*:0", "-l", "udp://*:0", "--deny", "127.0.0.2")
+    with LoggedServer("timestamp", *args, "--deny", "::ffff:127.0.0.3/128", ready=2) as srv:
+        for scheme in ("tcp", "udp"):
+            port = srv.url(scheme).rsplit(":", 1)[1]
+            url = f"{scheme}://127.0.0.1:{port}"
+            with sockserve.connect(url, timeout=5, source=("127.0.0.4", 0)) as c:
+                assert c.request(b"in").endswith(b"in")
+            for source in ("127.0.0.2", "127.0.0.3"):
+                with (
+                    pytest.raises((sockserve.ConnectionClosed, sockserve.RequestTimeout)),
+                    sockserve.connect(url, timeout=0.5, source=(source, 0)) as c,
+                ):
+                    c.request(b"out")
