@@ -274,8 +274,9 @@ def test_cli_deny_meets_ipv4_clients_on_a_dual_stack_listener() -> None:
     """``serve -l tcp://*:0 -l udp://*:0 --deny``: IPv4 clients arrive as ::ffff:a.b.c.d
     and meet the rules whichever way they are written. Mutation: AccessControl not
     unmapping ::ffff: clients (they walk past --deny)."""
-    import sockserve
     from faultkit import LoggedServer
+
+    import sockserve
 
     args = ("-l", "tcp://*:0", "-l", "udp://*:0", "--deny", "127.0.0.2")
     with LoggedServer("timestamp", *args, "--deny", "::ffff:127.0.0.3/128", ready=2) as srv:
