@@ -1374,7 +1374,7 @@ def test_token_buckets() -> None:
     assert len(b) == 1
     assert not b.take("k", 0.09)  # 0.9 of a token
     assert b.take("k", 0.1)
-    assert TokenBuckets(3.0).burst == 3.0
+    assert TokenBuckets(3.0).burst == 3.0 and TokenBuckets(0.25).burst == 1.0
 
 
 def test_token_buckets_table_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1395,3 +1395,13 @@ def test_ephemeral_ports_and_loopback() -> None:
     assert not udpguard.is_loopback_peer("127.0.0.1") and udpguard.is_loopback_peer(
         ("127.0.0.1", 1)
     )
+
+
+def test_udpguard_rate_below_one_per_second_is_one_reply_per_period() -> None:
+    """``--udp-rate 0.5``: one reply every 2 s (before the fix: a burst of half a token,
+    so never a reply)."""
+    g = _guard("192.0.2.1", udp_rate=0.5)
+    assert g.admit("10.0.0.1", 40000, 0.0, EPH) is None
+    assert g.admit("10.0.0.1", 40000, 0.0, EPH) == udpguard.RATE
+    assert g.admit("10.0.0.1", 40000, 1.0, EPH) == udpguard.RATE  # half a token
+    assert g.admit("10.0.0.1", 40000, 2.0, EPH) is None

@@ -34,13 +34,14 @@ LOOP = "over the loop budget"
 
 
 class TokenBuckets:
-    """A token bucket per key: ``rate`` tokens/s, bursts of ``burst`` (default ``rate``)."""
+    """A token bucket per key: ``rate`` tokens/s, bursts of ``burst`` (default ``rate``, but
+    at least one token: a rate below 1/s is one reply every 1/rate seconds, not none)."""
 
     __slots__ = ("_buckets", "burst", "rate")
 
     def __init__(self, rate: float, burst: float | None = None) -> None:
         self.rate = rate
-        self.burst = rate if burst is None else burst
+        self.burst = max(rate, 1.0) if burst is None else burst
         self._buckets: dict[Any, list[float]] = {}
 
     def take(self, key: Any, now: float) -> bool:
