@@ -148,12 +148,3 @@ def session_buffers(st: ServerThread) -> list[tuple[int, bool]]:
 
     result: list[tuple[int, bool]] = on_server_loop(st, probe)
     return result
-
-
-def ipv6_loopback_works() -> bool:
-    try:
-        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as s:
-            s.bind(("::1", 0))
-    except OSError:
-        return False
-    return True

@@ -111,21 +111,6 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condi
         time.sleep(0.005)
 
 
-def tcp_client(addr: tuple[str, int], timeout: float = 5.0) -> socket.socket:
-    s = socket.create_connection(addr, timeout=timeout)
-    return s
-
-
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = b""
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            break
-        buf += chunk
-    return buf
-
-
 def recv_all(s: socket.socket) -> bytes:
     """Read until EOF (the socket's timeout bounds each recv)."""
     chunks = []

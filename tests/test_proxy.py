@@ -26,7 +26,6 @@ from sockserve.server.config import parse_network
 
 # Examples as the spec (HAProxy's proxy-protocol.txt) writes them.
 V1_TCP4 = b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n"
-V1_TCP6 = b"PROXY TCP6 ffff:f...f:ffff ffff:f...f:ffff 65535 65535\r\n"
 V1_UNKNOWN_LONGEST = (
     b"PROXY UNKNOWN ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff "
     b"ffff:ffff:ffff:ffff:ffff:ffff:ffff:ffff 65535 65535\r\n"

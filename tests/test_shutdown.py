@@ -191,18 +191,27 @@ def test_server_thread_stop_drains_in_flight_requests(serve: Serve, engine: str)
 API_SCRIPT = """
 import logging, sys
 import sockserve
-from fault_services import upper
+from fault_services import gated, upper
+
+async def handler(request, ctx):
+    # "hold..." waits for $FAULT_GATE (a request in flight at SIGTERM); the rest: upper.
+    return upper(await gated(request, ctx) if request.startswith(b"hold") else request, ctx)
+
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 sys.exit(sockserve.serve(
-    upper, "tcp://127.0.0.1:0", "udp://127.0.0.1:0",
+    handler, "tcp://127.0.0.1:0", "udp://127.0.0.1:0",
     framing="line", max_message=16, idle_timeout=30, max_conns=10, drain_timeout=5,
     deny=["127.0.0.2"], udp_rate=1000,
 ))
 """
 
 
-def test_python_api_serve_takes_the_same_settings_and_drains_on_sigterm() -> None:
-    with LoggedServer(prefix=[sys.executable, "-c", API_SCRIPT], ready=2) as srv:
+def test_python_api_serve_takes_the_same_settings_and_drains_on_sigterm(tmp_path: Path) -> None:
+    """SIGTERM with requests in flight (one running, one pipelined behind it): both are
+    answered before the server exits 0."""
+    gate = tmp_path / "release"
+    env = {"FAULT_GATE": str(gate)}
+    with LoggedServer(prefix=[sys.executable, "-c", API_SCRIPT], ready=2, env=env) as srv:
         url = srv.url("tcp")
         with sockserve.connect(url, framing="line", timeout=5) as c:
             assert c.request(b"api") == b"API"
@@ -212,6 +221,17 @@ def test_python_api_serve_takes_the_same_settings_and_drains_on_sigterm() -> Non
         srv.wait_line("protocol error: line of 40 bytes exceeds the 16-byte cap")
         with socket.create_connection(addr_of(url), timeout=5, source_address=("127.0.0.2", 0)):
             srv.wait_line("denied 127.0.0.2:")
-        srv.signal(signal.SIGTERM)
+        with socket.create_connection(addr_of(url), timeout=10) as held:
+            held.sendall(b"hold1\nnext\n")
+            srv.wait_line("gated start hold1")
+            srv.signal(signal.SIGTERM)
+            srv.wait_line("stopping: 1 connection(s) open, draining")
+            gate.touch()
+            got = b""
+            while got.count(b"\n") < 2:
+                chunk = held.recv(1024)
+                assert chunk, f"closed after {got!r}: in-flight requests dropped"
+                got += chunk
+            assert got == b"DONE HOLD1\nNEXT\n"
         rc, log = srv.wait(20)
     assert rc == 0, log

@@ -27,11 +27,21 @@ from ..fastio import BATCH as DATAGRAM_BATCH
 from ..fastio import SendBatch, batch_io
 from ..service import Context, Service, is_async_handler
 from .access import AccessControl
-from .config import DEFAULT_UDP_RATE, ServerConfig
+from .config import ServerConfig
 from .epoll import FastStream, Hub
 from .listeners import Listener
 from .logs import conn_log, fmt_peer, server_log, service_log
 from .stream import AnyConn, SessionProtocol, StreamProtocol, TrackedConn
+from .udpguard import (
+    CLASSIC_SERVICE_PORTS,
+    LOOP,
+    LOOP_BURST,
+    LOOP_RATE,
+    PRIVILEGED,
+    SERVICE_PORT,
+    UdpGuard,
+    ephemeral_ports,
+)
 
 if TYPE_CHECKING:
     from .server import Server
@@ -52,13 +62,7 @@ MAX_DATAGRAM_INFLIGHT = 1024
 #: Of those, what one source may hold: a 16th of the cap, so a source whose requests never
 #: finish leaves room for 15 more like it before anyone else is refused.
 MAX_INFLIGHT_PER_SOURCE = 64
-#: Ports of the classic small services (echo, discard, daytime, qotd, chargen, time): a
-#: datagram from one is a service's reply, never a client's request (inetd drops them too).
-CLASSIC_SERVICE_PORTS = frozenset({7, 9, 13, 17, 19, 37})
-#: Where the rate limit is off (loopback), replies per second to one source on a fixed port,
-#: in bursts of LOOP_BURST: a client keeps its pace, a loop of two services dies out.
-LOOP_RATE = 100.0
-LOOP_BURST = 100.0
+__all__ = ["CLASSIC_SERVICE_PORTS", "LOOP_BURST", "LOOP_RATE"]  # the guards' (udpguard)
 #: recv errors that mean the socket itself is gone, not one datagram's trouble.
 _SOCKET_LOST_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL, errno.EFAULT})
 #: Pause after an accept error such as EMFILE before trying again.
@@ -74,7 +78,6 @@ _SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.E
 TRIM_PEAK = 256
 #: ...at most this often per process (a trim walks the whole heap: milliseconds).
 TRIM_EVERY = 1.0
-_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "::1", "localhost"})
 
 
 class StreamRuntime:
@@ -466,21 +469,16 @@ class DatagramRuntime:
             raise ValueError(f"service {service.name} has no datagram behaviour")
         self.handler: Any = handler
         self.is_async = is_async_handler(handler)
-        self.access = AccessControl(config.allow, config.deny)
         inet = self.endpoint.is_inet
         self.inet = inet
-        # Port 0 is always dropped (no reply can reach it), whatever the configured minimum.
-        self.min_port = max(1, config.udp_min_source_port) if inet else 0
-        rate = config.udp_rate
-        if rate is None:
-            rate = 0.0 if (not inet or _is_loopback_bind(self.endpoint.host)) else DEFAULT_UDP_RATE
-        self.rate = rate
-        # The loop budget covers what the rate limit leaves open: loopback's default "off".
-        self.loop_guard = inet and rate == 0 and config.udp_rate is None
-        self.guard_amplify = inet and service.replies_larger and not config.udp_amplify
-        self._buckets: dict[Any, list[float]] = {}
-        self._loop_buckets: dict[Any, list[float]] = {}
-        self._own_ports: frozenset[int] = CLASSIC_SERVICE_PORTS
+        guard = self.guard = UdpGuard(
+            config, inet=inet, host=self.endpoint.host, replies_larger=service.replies_larger
+        )
+        self.access = guard.access
+        self.min_port = guard.min_port
+        self.rate = rate = guard.rate
+        self.loop_guard = guard.loop_guard
+        self.guard_amplify = guard.amplify_guard
         self.inflight: set[asyncio.Task[None]] = set()
         #: Async requests running, by source (only sources with some running).
         self.inflight_by_source: dict[Any, int] = {}
@@ -554,7 +552,7 @@ class DatagramRuntime:
         # A port this server serves on UDP is never a client's (see the class docstring).
         server_ports = [d.endpoint.port for d in self.server.datagrams if d.inet]
         if self.inet:
-            self._own_ports = CLASSIC_SERVICE_PORTS.union(server_ports)
+            self.guard.serving(server_ports)
         for _ in range(RECV_BATCH // DATAGRAM_BATCH):
             if self._rest:
                 batch, self._rest = self._rest, []
@@ -582,9 +580,9 @@ class DatagramRuntime:
         # bytes replies are sent together after the batch (one sendmmsg with the helper).
         inet = self.inet
         min_port = self.min_port
-        own = self._own_ports
+        own = self.guard.own_ports
         loop_guard = self.loop_guard
-        eph_lo, eph_hi = _ephemeral_ports()
+        eph_lo, eph_hi = ephemeral_ports()
         slow_guard = self._guarded and (self.access.active or self.rate > 0)
         plain_send = not self.guard_amplify
         local = self.endpoint
@@ -688,13 +686,8 @@ class DatagramRuntime:
             if not addr:
                 self._no_return_address(addr)
                 return
-            if (
-                capped
-                and self.guard_amplify
-                and len(reply) > len(request)
-                and not _is_loopback_peer(addr)
-            ):
-                reply = reply[: len(request)]
+            if capped and self.guard_amplify:
+                reply = self.guard.cap(request, reply, addr)
                 if not reply:
                     return
             self.listener.sock.sendto(reply, addr)
@@ -731,58 +724,14 @@ class DatagramRuntime:
     def _admit(self, addr: Any) -> bool:
         if not isinstance(addr, tuple):
             return True
-        host, port = addr[0], addr[1]
-        if port == 0 or port < self.min_port:
-            self.dropped += 1
-            conn_log.debug(
-                "%s: dropped datagram from privileged port %s", self.endpoint, fmt_peer(addr)
-            )
-            return False
-        if port in self._own_ports:
-            self.dropped += 1
-            conn_log.debug(
-                "%s: dropped datagram from %s: a service's port (a reply could start a loop)",
-                self.endpoint,
-                fmt_peer(addr),
-            )
-            return False
-        if self.access.active and not self.access.permits(host):
-            self.dropped += 1
-            return False
-        if self.rate > 0:
-            return self._take_token(self._buckets, host, self.rate)
-        if self.loop_guard:
-            lo, hi = _ephemeral_ports()
-            if not lo <= port <= hi and not self._take_token(
-                self._loop_buckets, (host, port), LOOP_RATE, LOOP_BURST
-            ):
-                conn_log.debug(
-                    "%s: dropped datagram from %s: over the loop budget of a fixed source port",
-                    self.endpoint,
-                    fmt_peer(addr),
-                )
-                return False
-        return True
-
-    def _take_token(
-        self, buckets: dict[Any, list[float]], key: Any, rate: float, burst: float | None = None
-    ) -> bool:
-        """Token bucket per ``key``: ``rate`` replies/s, bursts of ``burst`` (default ``rate``)."""
-        now = self.loop.time()
-        cap = rate if burst is None else burst
-        bucket = buckets.get(key)
-        if bucket is None:
-            if len(buckets) >= 65536:  # bound the table under a spoofed-source flood
-                buckets.clear()
-            bucket = buckets[key] = [cap, now]
-        tokens = min(cap, bucket[0] + (now - bucket[1]) * rate)
-        bucket[1] = now
-        if tokens < 1.0:
-            bucket[0] = tokens
-            self.dropped += 1
-            return False
-        bucket[0] = tokens - 1.0
-        return True
+        why = self.guard.admit(addr[0], addr[1], self.loop.time(), ephemeral_ports())
+        if why is None:
+            return True
+        self.dropped += 1
+        message = _DROP_MESSAGES.get(why)
+        if message is not None:
+            conn_log.debug(message, self.endpoint, fmt_peer(addr))
+        return False
 
     def _handler_failed(self, addr: Any) -> None:
         service_log.exception(
@@ -794,16 +743,12 @@ class DatagramRuntime:
         )
 
 
-@functools.cache
-def _ephemeral_ports() -> tuple[int, int]:
-    """This host's range for ports the kernel picks (clients'); a port outside it was chosen."""
-    try:
-        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
-            lo, hi = (int(x) for x in f.read().split())
-        return lo, hi
-    except (OSError, ValueError):
-        return 32768, 60999  # Linux's default
-
+#: The debug line for a dropped datagram, by the guard's reason (denied and rate: none).
+_DROP_MESSAGES = {
+    PRIVILEGED: "%s: dropped datagram from privileged port %s",
+    SERVICE_PORT: "%s: dropped datagram from %s: a service's port (a reply could start a loop)",
+    LOOP: "%s: dropped datagram from %s: over the loop budget of a fixed source port",
+}
 
 _trim: Callable[[int], int] | None = None
 _last_trim = -TRIM_EVERY
@@ -843,14 +788,6 @@ def _run_trim() -> None:
     _last_trim = time.monotonic()
     if _trim is not None:
         _trim(0)
-
-
-def _is_loopback_bind(host: str) -> bool:
-    return host in _LOOPBACK_HOSTS or host.startswith("127.")
-
-
-def _is_loopback_peer(addr: Any) -> bool:
-    return isinstance(addr, tuple) and _is_loopback_bind(str(addr[0]))
 
 
 #: Close reasons counted as errors, by prefix (the metrics' ``kind`` label).
