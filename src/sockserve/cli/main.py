@@ -118,6 +118,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args._module.run(args))
     except KeyboardInterrupt:  # Ctrl-C while importing or starting: no traceback
         return 130
+    except BrokenPipeError:  # `| head` left before the output ended: nothing left to say
+        from .common import silence_stdout
+
+        silence_stdout()
+        return EXIT_OK
 
 
 def _run_command(name: str, argv: list[str]) -> int:
