@@ -103,17 +103,26 @@ def _version() -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
     if args_list[:1] == ["serve"]:
-        from .._sighup import hold
+        from .._sighup import hold, hold_stop
 
         hold()  # first: a reload signal during start-up must not kill the server
-    if args_list and args_list[0] in COMMANDS:
-        return _run_command(args_list[0], args_list[1:])
-    parser = build_parser()
-    args = parser.parse_args(args_list)
-    if not getattr(args, "command", None):
-        parser.print_help()
-        return EXIT_USAGE
-    return int(args._module.run(args))
+        hold_stop()  # and a SIGTERM then is a graceful stop once it can drain
+    try:
+        if args_list and args_list[0] in COMMANDS:
+            return _run_command(args_list[0], args_list[1:])
+        parser = build_parser()
+        args = parser.parse_args(args_list)
+        if not getattr(args, "command", None):
+            parser.print_help()
+            return EXIT_USAGE
+        return int(args._module.run(args))
+    except KeyboardInterrupt:  # Ctrl-C while importing or starting: no traceback
+        return 130
+    except BrokenPipeError:  # `| head` left before the output ended: nothing left to say
+        from .common import silence_stdout
+
+        silence_stdout()
+        return EXIT_OK
 
 
 def _run_command(name: str, argv: list[str]) -> int:
@@ -145,8 +154,16 @@ def exit_with(code: int) -> None:
 
     Freeing every object at exit takes ~1.5 ms, more than a whole ``sockserve call``
     spends on its own work; its output is flushed here first and it registers no
-    exit handlers, so ``os._exit`` loses nothing. Other commands exit normally.
+    exit handlers, so ``os._exit`` loses nothing. Other commands exit normally; a
+    server that has stopped ignores SIGTERM/SIGINT from here on, or the interpreter's
+    teardown (which restores the default, fatal actions) would let a late second
+    SIGTERM turn its status into death by signal.
     """
+    if len(sys.argv) > 1 and sys.argv[1] == "serve":
+        import signal
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
     if len(sys.argv) > 1 and sys.argv[1] == "call":
         import os
 

@@ -27,7 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-from .._sighup import hold, take
+from .._sighup import hold, take, take_stop
 from ..endpoints import Endpoint, parse_endpoint
 from ..errors import ConfigError, SockserveError
 from .access import AccessControl
@@ -209,6 +209,9 @@ class App:
         self._hup_queued |= take()  # one that came while we were importing or planning
         await server.start()
         try:
+            stop = take_stop()  # a SIGTERM that came before our handlers: drain and exit 0
+            if stop and server._signals is not None:
+                server._signals.deliver(stop)
             if self.spec.metrics and self.channel is None:
                 await self._start_metrics_http()
             if self.channel is not None:

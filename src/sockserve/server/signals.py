@@ -110,6 +110,10 @@ class StopSignals:
     def disarm(self) -> None:
         self._done = True
 
+    def deliver(self, signum: int) -> None:
+        """Act on a signal that arrived before :meth:`install` (held at start-up)."""
+        self._on_signal(signum, None)
+
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         # Runs between bytecodes of whatever the main thread does, maybe a blocked
         # handler: no logging here (its locks may be held), only flags and wake-ups.

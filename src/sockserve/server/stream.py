@@ -177,11 +177,23 @@ class StreamProtocol(RequestQueue, asyncio.Protocol):
             self._transport.abort()
 
 
+#: Longest a lingering close keeps reading a client's input (Apache's is 2 s too).
+LINGER_SECONDS = 2.0
+
+
 class SessionProtocol(asyncio.Protocol):
-    """A connection driven by a :class:`StreamSession` (echo, chargen, discard...)."""
+    """A connection driven by a :class:`StreamSession` (echo, chargen, discard...).
+
+    A session that closes while the client may still send (time, daytime, qotd close
+    right after writing) does a lingering close, as Apache does: half-close, then read
+    and drop the client's input until its EOF or :data:`LINGER_SECONDS`. A plain close
+    with unread input makes the kernel answer with RST, and an RST makes the client's
+    kernel throw away the reply it had not read yet.
+    """
 
     __slots__ = (
         "_eof",
+        "_linger",
         "_transport",
         "active",
         "closing",
@@ -198,6 +210,7 @@ class SessionProtocol(asyncio.Protocol):
         self._transport: asyncio.Transport | None = None
         self.writable = True
         self._eof = False  # the peer half-closed: never resume reading (uvloop would re-read EOF)
+        self._linger: asyncio.TimerHandle | None = None  # set while lingering
         self.closing = False
         self.active = True
         self.idle_since = 0.0
@@ -217,9 +230,21 @@ class SessionProtocol(asyncio.Protocol):
             self._transport.write_eof()
 
     def close(self) -> None:
+        """Flush, half-close and linger (see the class docstring); a plain close once
+        the client's EOF has come, or where there is no half-close (TLS)."""
         self.closing = True
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
+        t = self._transport
+        if t is None or t.is_closing():
+            return
+        if self._eof or self._linger is not None or not t.can_write_eof():
+            t.close()
+            return
+        t.write_eof()  # the FIN goes out after the bytes still buffered
+        bound = LINGER_SECONDS
+        if self.rt.config.idle_timeout is not None:
+            bound = min(bound, self.rt.config.idle_timeout)
+        self._linger = self.rt.loop.call_later(bound, t.close)
+        t.resume_reading()  # reading may be paused by backpressure: drain the input
 
     def abort(self) -> None:
         self.closing = True
@@ -249,17 +274,21 @@ class SessionProtocol(asyncio.Protocol):
         self._call("on_connect")
 
     def data_received(self, data: bytes) -> None:
+        if self._linger is not None:
+            return  # lingering: the session is done, the input is dropped
         self.active = True
         self._call("on_data", data)
 
     def eof_received(self) -> bool:
         self._eof = True
+        if self._linger is not None:
+            return False  # the lingering close is over: close now
         self._call("on_eof")
         return not self.closing
 
     def pause_writing(self) -> None:
         self.writable = False
-        if self._transport is not None and not self._eof:
+        if self._transport is not None and not self._eof and self._linger is None:
             self._transport.pause_reading()
 
     def resume_writing(self) -> None:
@@ -269,6 +298,8 @@ class SessionProtocol(asyncio.Protocol):
         self._call("on_writable")
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger is not None:
+            self._linger.cancel()
         self._call("on_close")
         self.rt.closed(self, exc)
 

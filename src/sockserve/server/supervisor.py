@@ -243,10 +243,12 @@ class Supervisor:
         handled = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in handled}
         old_wakeup = signal.set_wakeup_fd(wake_w)
-        from .._sighup import take
+        from .._sighup import take, take_stop
 
         if take():  # it came while we were starting: the workers read the file afresh anyway
             self._signals.append(signal.SIGHUP)
+        if stop := take_stop():  # a SIGTERM that came while we were starting
+            self._signals.append(stop)
         try:
             if self.spec.metrics:
                 self._start_metrics_http()
