@@ -687,9 +687,10 @@ class DatagramRuntime:
                 self._no_return_address(addr)
                 return
             if capped and self.guard_amplify:
-                reply = self.guard.cap(request, reply, addr)
-                if not reply:
-                    return
+                cut = self.guard.cap(request, reply, addr)
+                if not cut and reply:
+                    return  # cut to nothing (an empty request): nothing to send
+                reply = cut
             self.listener.sock.sendto(reply, addr)
         except (BlockingIOError, InterruptedError):
             self.dropped += 1  # the socket buffer is full: UDP drops, so do we
