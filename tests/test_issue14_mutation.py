@@ -1405,3 +1405,19 @@ def test_udpguard_rate_below_one_per_second_is_one_reply_per_period() -> None:
     assert g.admit("10.0.0.1", 40000, 0.0, EPH) == udpguard.RATE
     assert g.admit("10.0.0.1", 40000, 1.0, EPH) == udpguard.RATE  # half a token
     assert g.admit("10.0.0.1", 40000, 2.0, EPH) is None
+
+
+def test_empty_chargen_datagram_is_still_sent_on_loopback(
+    serve: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reply of 0 characters (RFC 864 allows it) is an empty datagram, not none: only a
+    reply the amplification guard cuts to nothing is not sent. Mutation (made by the
+    udpguard refactor, then fixed): every empty reply of a guarded service dropped."""
+    import socket as socket_
+
+    monkeypatch.setattr(chargen_mod.random, "randint", lambda a, b: 0)
+    st = serve("chargen", "udp://127.0.0.1:0")  # type: ignore[operator]
+    with socket_.socket(socket_.AF_INET, socket_.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        s.sendto(b"x", st.endpoints[0].address())
+        assert s.recv(600) == b""

@@ -32,16 +32,16 @@ from .epoll import FastStream, Hub
 from .listeners import Listener
 from .logs import conn_log, fmt_peer, server_log, service_log
 from .stream import AnyConn, SessionProtocol, StreamProtocol, TrackedConn
+from .udpguard import CLASSIC_SERVICE_PORTS as CLASSIC_SERVICE_PORTS  # re-exported
 from .udpguard import (
-    CLASSIC_SERVICE_PORTS,
     LOOP,
-    LOOP_BURST,
-    LOOP_RATE,
     PRIVILEGED,
     SERVICE_PORT,
     UdpGuard,
     ephemeral_ports,
 )
+from .udpguard import LOOP_BURST as LOOP_BURST
+from .udpguard import LOOP_RATE as LOOP_RATE
 
 if TYPE_CHECKING:
     from .server import Server
@@ -62,7 +62,6 @@ MAX_DATAGRAM_INFLIGHT = 1024
 #: Of those, what one source may hold: a 16th of the cap, so a source whose requests never
 #: finish leaves room for 15 more like it before anyone else is refused.
 MAX_INFLIGHT_PER_SOURCE = 64
-__all__ = ["CLASSIC_SERVICE_PORTS", "LOOP_BURST", "LOOP_RATE"]  # the guards' (udpguard)
 #: recv errors that mean the socket itself is gone, not one datagram's trouble.
 _SOCKET_LOST_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL, errno.EFAULT})
 #: Pause after an accept error such as EMFILE before trying again.
@@ -687,9 +686,10 @@ class DatagramRuntime:
                 self._no_return_address(addr)
                 return
             if capped and self.guard_amplify:
-                reply = self.guard.cap(request, reply, addr)
-                if not reply:
-                    return
+                cut = self.guard.cap(request, reply, addr)
+                if not cut and reply:
+                    return  # cut to nothing (an empty request): nothing to send
+                reply = cut
             self.listener.sock.sendto(reply, addr)
         except (BlockingIOError, InterruptedError):
             self.dropped += 1  # the socket buffer is full: UDP drops, so do we
