@@ -37,3 +37,27 @@ def test_output_to_a_closed_pipe_is_no_traceback(argv: list[str]) -> None:
     err = proc.stderr.decode(errors="replace")
     assert "Traceback" not in err and "Exception ignored" not in err, err
     assert proc.returncode == 0, err
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_bad_metrics_address_is_refused_before_anything_listens(workers: str) -> None:
+    """``--metrics bad`` is a usage error found before binding: no "listening on" lines
+    for a server that is not going to run (it logged them, then exited 2)."""
+    proc = subprocess.run(
+        [
+            *SOCKSERVE,
+            "serve",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--metrics",
+            "bad",
+            "--workers",
+            workers,
+        ],
+        capture_output=True,
+        timeout=20,
+        check=False,
+    )
+    err = proc.stderr.decode(errors="replace")
+    assert proc.returncode == 2, err
+    assert "expected HOST:PORT" in err and "listening on" not in err, err

@@ -16,12 +16,14 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from faultkit import LoggedServer, addr_of
 from support import SOCKSERVE, wait_for
 
 from sockserve.server import ServerThread
+from sockserve.service import Service, StreamSession
 from sockserve.services.time import EPOCH_1900
 
 ENGINES = ["auto", "asyncio"]
@@ -120,3 +122,26 @@ def test_lingering_close_is_bounded(serve: Callable[..., ServerThread], idle: fl
         with socket.create_connection(addr_of(st.url("tcp")), timeout=5) as s2:
             _check_time(_ask_and_half_close(s2))
     wait_for(lambda: not st.server.streams[0].conns, 5, "the lingering connection to go")
+
+
+class _WritesAfterClose(StreamSession):
+    """A careless session: a reply, close(), then one more write (dropped, as before)."""
+
+    def on_connect(self) -> None:
+        self.conn.write(b"bye\r\n")
+        self.conn.close()
+        self.conn.write(b"too late")
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_write_after_close_is_dropped_not_an_error(
+    serve: Callable[..., ServerThread], server_logs: Any, engine: str
+) -> None:
+    """After the lingering close's half-close a write would raise; it is dropped, the reply
+    arrives whole and nothing is logged as a service error."""
+    service = Service(name="careless", stream=_WritesAfterClose)
+    st = serve(service, "tcp://127.0.0.1:0", engine=engine)
+    for _ in range(5):
+        with socket.create_connection(addr_of(st.url("tcp")), timeout=5) as s:
+            assert _ask_and_half_close(s) == b"bye\r\n"
+    assert not server_logs.errors(), server_logs.errors()

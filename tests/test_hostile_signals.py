@@ -102,3 +102,22 @@ def test_a_late_second_sigterm_does_not_kill_a_server_that_stopped(
         rc, log = srv.wait(20)
     assert rc == 0, log
     assert "stopped" in log
+
+
+def test_drain_timeout_zero_with_nothing_open_is_no_warning(sock_dir: Path) -> None:
+    """``--drain-timeout 0`` and no client: a clean stop, not "drain timeout: closing 0
+    connection(s) still open" at WARNING (the wait timed out before it could see that
+    nothing was open)."""
+    with LoggedServer(
+        "--listen",
+        "tcp://127.0.0.1:0",
+        "--listen",
+        f"unix://{sock_dir / 's.sock'}",
+        "--drain-timeout",
+        "0",
+        ready=2,
+    ) as srv:
+        srv.signal(signal.SIGTERM)
+        rc, log = srv.wait(20)
+    assert rc == 0, log
+    assert "drain timeout" not in log and "WARNING" not in log, log

@@ -333,6 +333,10 @@ def run(args: argparse.Namespace) -> int:
     _add_app_dir(args.app_dir)
     configure_logging(args.log_format, args.log_level, args.access_log)
     try:
+        if args.metrics is not None:  # checked now, not after the endpoints are bound
+            from ..server.metrics import parse_listen
+
+            parse_listen(args.metrics)
         spec = AppSpec(
             service=args.service or "timestamp",
             urls=tuple(args.listen or ()),

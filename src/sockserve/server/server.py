@@ -407,10 +407,13 @@ class Server:
         self.conn_closed()
         inflight = [t for d in self.datagrams for t in d.inflight]
         try:
-            waits: list[Any] = [self._all_closed.wait()]
-            if inflight:
-                waits.append(asyncio.gather(*inflight, return_exceptions=True))
-            await asyncio.wait_for(asyncio.gather(*waits), timeout if not self.forced else 0.01)
+            # Nothing open and nothing in flight: no wait (`--drain-timeout 0` would time
+            # out at once and warn about 0 connections).
+            if inflight or not self._all_closed.is_set():
+                waits: list[Any] = [self._all_closed.wait()]
+                if inflight:
+                    waits.append(asyncio.gather(*inflight, return_exceptions=True))
+                await asyncio.wait_for(asyncio.gather(*waits), timeout if not self.forced else 0.01)
         except asyncio.TimeoutError:
             server_log.warning(
                 "drain timeout: closing %d connection(s) still open",

@@ -219,7 +219,9 @@ class SessionProtocol(asyncio.Protocol):
 
     # StreamConnection API offered to the session
     def write(self, data: bytes) -> None:
-        if self._transport is not None and not self._transport.is_closing():
+        # Not after close(): a lingering close has half-closed the socket (a write would
+        # raise), and the session is done either way.
+        if not self.closing and self._transport is not None and not self._transport.is_closing():
             self.active = True
             self._transport.write(data)
         else:
