@@ -17,7 +17,10 @@ import pytest
 
 from sockserve import Context
 from sockserve.cli.main import main
+from sockserve.endpoints import Endpoint
 from sockserve.server import Server, ServerConfig, ServerThread, make_binding
+from sockserve.server.config import DEFAULT_WRITE_HIGH
+from sockserve.server.listeners import Listener
 
 
 class Counter:
@@ -268,6 +271,115 @@ def test_write_high_water_default_is_256_kib() -> None:
     kernel = _served_before_pause(write_high_water=1, write_low_water=1)
     default = _served_before_pause()
     assert 30 <= default - kernel <= 34, (kernel, default)
+
+
+#: Kernel buffers of the low-water test, small so the 192 KiB between the marks dwarfs them.
+SMALL_BUF = 16 * 1024
+
+
+def _small_buffer_server(
+    served: list[int], engine: str, **cfg: object
+) -> tuple[ServerThread, socket.socket]:
+    """A line service with 8 KiB replies on a listener whose SO_SNDBUF/SO_RCVBUF are set
+    before listen(), so the sockets it accepts inherit them (Linux): tens of KB of kernel
+    buffering instead of MBs, which would hide where reading resumes."""
+
+    def big(request: bytes, ctx: Context) -> bytes:
+        served.append(1)
+        return b"y" * (REPLY - 1)
+
+    binding = make_binding(
+        big, ["tcp://127.0.0.1:0"], ServerConfig(framing="line", engine=engine, **cfg)
+    )  # type: ignore[arg-type]
+    ls = socket.socket()
+    try:
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUF)
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUF)
+        ls.bind(("127.0.0.1", 0))
+        ls.listen(8)
+        ls.setblocking(False)
+        port = ls.getsockname()[1]
+        binding.listeners[binding.endpoints[0]] = Listener(ls, Endpoint("tcp", "127.0.0.1", port))
+        return ServerThread(Server(binding)).start(), ls
+    except BaseException:
+        ls.close()
+        raise
+
+
+def _wait_served(served: list[int], count: int, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while len(served) <= count and time.monotonic() < deadline:
+        time.sleep(0.002)
+    return len(served) > count
+
+
+def _paused_client(served: list[int], port: int) -> tuple[socket.socket, int]:
+    """A client (small SO_RCVBUF, set before connect) that sends one request at a time
+    without reading until the server stops reading; returns it and the count served. Its
+    last request waits, unread, in the server's receive buffer: served when reading resumes."""
+    c = socket.socket()
+    try:
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SMALL_BUF)
+        c.settimeout(5)
+        c.connect(("127.0.0.1", port))
+        for _ in range(500):
+            before = len(served)
+            c.sendall(b"q\n")
+            if not _wait_served(served, before, 0.5):
+                return c, before
+    except BaseException:
+        c.close()
+        raise
+    c.close()
+    raise AssertionError("the server never stopped reading")
+
+
+def _read(c: socket.socket, n: int) -> None:
+    while n > 0:
+        chunk = c.recv(min(n, 65536))
+        assert chunk, "the server closed the connection"
+        n -= len(chunk)
+
+
+def _kernel_slack(engine: str) -> int:
+    """Bytes a paused client reads before reading resumes with low water = high water: what
+    the kernel buffers hold plus the last reply's overshoot of the high-water mark. Read in
+    2 KiB steps, each given 0.1 s for the server to flush and resume."""
+    served: list[int] = []
+    st, ls = _small_buffer_server(served, engine, write_low_water=DEFAULT_WRITE_HIGH)
+    try:
+        c, paused = _paused_client(served, ls.getsockname()[1])
+        with c:
+            got = 0
+            while got < 128 * 1024:
+                got += len(c.recv(2048))
+                if _wait_served(served, paused, 0.1):
+                    return got
+    finally:
+        st.stop()
+        ls.close()
+    raise AssertionError("reading did not resume within 128 KiB")
+
+
+@pytest.mark.parametrize("engine", ["auto", "asyncio"])
+def test_write_low_water_default_is_64_kib(engine: str) -> None:
+    """A paused never-reading client: the server resumes reading once its unsent replies
+    fall to 64 KiB, i.e. after the client reads 192 KiB (256 - 64) more than it must with
+    the low-water mark at the high one. Checked at 160 KiB (not yet) and 224 KiB (resumed).
+    Mutations: DEFAULT_WRITE_LOW 6 KiB (resumes ~264 KiB later) or 200 KiB (~48 KiB)."""
+    slack = _kernel_slack(engine)
+    served: list[int] = []
+    st, ls = _small_buffer_server(served, engine)
+    try:
+        c, paused = _paused_client(served, ls.getsockname()[1])
+        with c:
+            _read(c, slack + 160 * 1024)
+            assert not _wait_served(served, paused, 0.3), f"resumed early (slack {slack})"
+            _read(c, 64 * 1024)
+            assert _wait_served(served, paused, 3.0), f"not resumed (slack {slack})"
+    finally:
+        st.stop()
+        ls.close()
 
 
 def test_cli_deny_meets_ipv4_clients_on_a_dual_stack_listener() -> None:
