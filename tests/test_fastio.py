@@ -507,3 +507,19 @@ def test_send_batch_ignores_an_ipv6_zone_suffix() -> None:
         port = c.getsockname()[1]
         assert _speedups.send_batch(srv.fileno(), [(b"zoned", ("::1%lo", port, 0, 0))]) is None
         assert c.recvfrom(100)[0] == b"zoned"
+
+
+@pytest.mark.parametrize(("value", "state"), [("0", "C speedups: on"), ("", "C speedups: on")])
+def test_pure_python_zero_or_empty_keeps_the_helper(value: str, state: str) -> None:
+    """``SOCKSERVE_PURE_PYTHON=0`` means "not pure Python": the helper stays on (it once
+    turned it off, because any non-empty value counted)."""
+    require(_speedups is not None, "sockserve._speedups is not built")
+    version = subprocess.run(
+        [sys.executable, "-m", "sockserve", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "SOCKSERVE_PURE_PYTHON": value},
+        check=True,
+    )
+    assert state in version.stdout, version.stdout

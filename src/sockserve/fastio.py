@@ -6,7 +6,7 @@ Why: on loopback the system calls cost more than everything sockserve does in
 Python, so what is left to save is the work around them. The helper batches UDP
 with ``recvmmsg``/``sendmmsg`` and makes stream ``recv``/``send`` cheaper (see
 ``_speedups.c``). It is optional: it needs a compiler at install time, and Linux;
-``SOCKSERVE_PURE_PYTHON=1`` turns it off, to compare or to rule it out.
+``SOCKSERVE_PURE_PYTHON=1`` turns it off, to compare or to rule it out (``0`` or empty: on).
 
 Contracts, the same for both implementations:
 
@@ -78,7 +78,7 @@ def _load() -> tuple[ModuleType | None, str]:
         from . import _speedups
     except ImportError:
         return None, "not built"
-    if os.environ.get("SOCKSERVE_PURE_PYTHON"):
+    if os.environ.get("SOCKSERVE_PURE_PYTHON", "0") not in ("", "0"):
         return None, "off, SOCKSERVE_PURE_PYTHON is set"
     return _speedups, "on"
 
