@@ -12,6 +12,21 @@ from collections.abc import Callable
 SOCKSERVE = [sys.executable, "-m", "sockserve"]
 
 
+def free_port() -> int:
+    """A port free for both TCP and UDP on 127.0.0.1 right now, for a program that cannot be
+    given port 0 and tell us which it took (a tool, a documented command line)."""
+    while True:
+        with socket.socket() as t:
+            t.bind(("127.0.0.1", 0))
+            port = int(t.getsockname()[1])
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                try:
+                    u.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+        return port
+
+
 def run_cli(
     *args: str, input: bytes | None = None, timeout: float = 20
 ) -> subprocess.CompletedProcess[bytes]:

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from deploy_helpers import TESTS, Proc, request
 from strict import needs
+from support import free_port
 
 from sockserve.errors import ConfigError
 from sockserve.server.activation import listen_fds
@@ -25,13 +26,6 @@ ACTIVATE = shutil.which("systemd-socket-activate") or "/usr/bin/systemd-socket-a
 needs_tool = needs(
     os.path.exists(ACTIVATE), "systemd-socket-activate not installed (Debian package systemd)"
 )
-
-
-def free_port() -> int:
-    """An ephemeral port for the tool, which cannot bind port 0 and tell us."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def activate(*tool_args: str, serve_args: tuple[str, ...] = ()) -> Proc:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from strict import require
+from support import free_port
 
 from sockserve.bench import Histogram, LoadResult, LoadSpec, render, summary
 from sockserve.bench.histogram import HALF, NBUCKETS, SUB_BITS, bucket_bounds, bucket_index
@@ -285,14 +286,6 @@ def test_tls_run(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
 # -- errors ----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.mark.parametrize(
     ("argv", "code"),
     [
@@ -313,13 +306,13 @@ def test_error_exits_are_one_line(
 
 
 def test_refused_exits_3(capsys: pytest.CaptureFixture[str]) -> None:
-    port = _free_port()
+    port = free_port()
     assert main(["bench", f"tcp://127.0.0.1:{port}", "-n", "1", "-q"]) == 3
     assert "cannot connect" in capsys.readouterr().err
 
 
 def test_udp_without_server_exits_3(capsys: pytest.CaptureFixture[str]) -> None:
-    port = _free_port()
+    port = free_port()
     assert main(["bench", f"udp://127.0.0.1:{port}", "-n", "1", "-q", "--timeout", "1"]) == 3
 
 

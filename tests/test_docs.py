@@ -212,20 +212,7 @@ if __name__ == "__main__":
 # -- the tests ---------------------------------------------------------------------------
 
 import pytest  # noqa: E402  (the helper above runs without pytest's import cost)
-
-
-def _free_port() -> int:
-    """A port free for both TCP and UDP on 127.0.0.1."""
-    while True:
-        with socket.socket() as t:
-            t.bind(("127.0.0.1", 0))
-            port = int(t.getsockname()[1])
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
-                try:
-                    u.bind(("127.0.0.1", port))
-                except OSError:
-                    continue
-        return port
+from support import free_port  # noqa: E402
 
 
 class Env:
@@ -233,7 +220,7 @@ class Env:
 
     def __init__(self, tmp: Path) -> None:
         self.tmp = tmp
-        self.ports = {p: _free_port() for p in PORTS}
+        self.ports = {p: free_port() for p in PORTS}
         self.sock_dir = Path(os.environ.get("TMPDIR", "/tmp")) / f"ssdoc-{os.getpid()}-{id(self)}"
         self.sock_dir.mkdir()  # short: sun_path holds 107 bytes, tmp_path can be longer
         self.work = tmp / "work"

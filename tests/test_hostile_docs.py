@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from support import free_port
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -28,12 +28,6 @@ def _block(doc: str, marker: str) -> str:
         if marker in body:
             return str(body)
     raise AssertionError(f"{doc}: no sh block with {marker!r}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _run(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
@@ -58,7 +52,7 @@ def _run(script: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     (Path(sys.executable).parent / "sockserve").exists(), "the installed sockserve script"
 )
 def test_readme_own_service_example_pasted_as_is(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     sock = tmp_path / "upper.sock"
     script = (
         _block("README.md", "upper:upper")
@@ -74,7 +68,7 @@ def test_readme_own_service_example_pasted_as_is(tmp_path: Path) -> None:
     (Path(sys.executable).parent / "sockserve").exists(), "the installed sockserve script"
 )
 def test_deployment_workers_example_pasted_as_is(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     script = _block("docs/deployment.md", "--workers 2 &").replace(
         "127.0.0.1:21567", f"127.0.0.1:{port}"
     )
