@@ -13,9 +13,9 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from sockserve._engine.stream import SessionProtocol
 from sockserve.endpoints import Endpoint
 from sockserve.server import ServerThread
-from sockserve.server.stream import SessionProtocol
 
 TIMEOUT = 5.0
 #: RFC 868: seconds from 1900-01-01 to 1970-01-01.

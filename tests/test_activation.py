@@ -19,8 +19,8 @@ from deploy_helpers import TESTS, Proc, request
 from strict import needs
 from support import free_port
 
+from sockserve.deploy.activation import listen_fds
 from sockserve.errors import ConfigError
-from sockserve.server.activation import listen_fds
 
 ACTIVATE = shutil.which("systemd-socket-activate") or "/usr/bin/systemd-socket-activate"
 needs_tool = needs(

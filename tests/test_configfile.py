@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from deploy_helpers import addr_of, request, serve_proc, udp_request, wait_for
 
+from sockserve.config import ServerConfig
+from sockserve.deploy.configfile import load_config_file
 from sockserve.errors import ConfigError
-from sockserve.server.config import ServerConfig
-from sockserve.server.configfile import load_config_file
 
 
 def write(path: Path, text: str) -> str:

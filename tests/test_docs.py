@@ -180,7 +180,7 @@ def serve_urls(argv: list[str]) -> list[str]:
     import argparse
 
     from sockserve.cli.serve import add_arguments
-    from sockserve.server.configfile import load_config_file
+    from sockserve.deploy.configfile import load_config_file
     from sockserve.server.server import DEFAULT_URLS
 
     p = argparse.ArgumentParser()
@@ -549,7 +549,7 @@ def check_text(block: Block) -> None:
 def check_toml(block: Block) -> None:
     import tomllib
 
-    from sockserve.server.configfile import parse_config
+    from sockserve.deploy.configfile import parse_config
 
     parse_config(tomllib.loads(block.text), block.where)
 

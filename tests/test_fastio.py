@@ -1,4 +1,4 @@
-"""The hot-path socket I/O (``sockserve/fastio.py``): the C helper and the pure-Python
+"""The hot-path socket I/O (``sockserve/_engine/fastio.py``): the C helper and the pure-Python
 fallback must keep the same contract, on real loopback sockets."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from faultkit import LoggedServer, addr_of, closed_by_peer
 from strict import ipv6_loopback_error, needs, require
 from support import ServerProcess
 
-from sockserve import fastio
+from sockserve._engine import fastio
 
 try:
     from sockserve import _speedups

@@ -35,12 +35,12 @@ from strict import needs_root
 from support import wait_for
 
 import sockserve
+from sockserve._engine.epoll import FastStream
+from sockserve._engine.requests import MAX_QUEUED
+from sockserve._engine.runtime import MAX_DATAGRAM_INFLIGHT
+from sockserve._engine.stream import StreamProtocol
+from sockserve.config import DEFAULT_WRITE_HIGH
 from sockserve.server import ServerThread
-from sockserve.server.config import DEFAULT_WRITE_HIGH
-from sockserve.server.epoll import FastStream
-from sockserve.server.requests import MAX_QUEUED
-from sockserve.server.runtime import MAX_DATAGRAM_INFLIGHT
-from sockserve.server.stream import StreamProtocol
 
 pytestmark = pytest.mark.timeout(90)
 

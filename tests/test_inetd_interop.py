@@ -36,8 +36,8 @@ from classic_helpers import (
 from netns import NETNS_ADDR, private_netns
 from strict import IS_ROOT, needs, tool
 
+from sockserve._engine.runtime import DatagramRuntime, StreamRuntime
 from sockserve.server import Server, ServerConfig, ServerThread, make_binding
-from sockserve.server.runtime import DatagramRuntime, StreamRuntime
 
 INETD = tool("inetd", "/usr/sbin/inetd")
 TCP_PORTS = {"echo": 7, "discard": 9, "daytime": 13, "chargen": 19, "time": 37}

@@ -20,10 +20,10 @@ from faultkit import LogTap, closed_by_peer
 from support import run_cli
 
 import sockserve
+from sockserve.config import parse_network
 from sockserve.errors import ConfigError, EndpointError, RemoteProtocolError
 from sockserve.framing.proxy import V2_SIGNATURE, encode_v1, encode_v2, parse_header
 from sockserve.server import Server, ServerConfig, ServerThread, make_binding
-from sockserve.server.config import parse_network
 from sockserve.server.listeners import adopt_socket
 
 pytestmark = pytest.mark.timeout(60)
@@ -422,7 +422,7 @@ def test_largest_v2_header_is_read_and_garbage_after_it_goes_to_the_service(
 
 
 def test_rules_meet_ipv4_clients_however_spelled() -> None:
-    from sockserve.server.access import AccessControl
+    from sockserve._engine.access import AccessControl
 
     acl = AccessControl(nets("::/0"), nets("2001:db8::/32"))
     assert acl.permits("2001:db9::1") and not acl.permits("2001:db8::1")

@@ -27,14 +27,14 @@ from strict import needs
 from support import wait_for
 
 import sockserve
-from sockserve.errors import EndpointError
-from sockserve.server import Server, ServerConfig, ServerThread, make_binding
-from sockserve.server.runtime import (
+from sockserve._engine.runtime import (
     LOOP_BURST,
     MAX_DATAGRAM_INFLIGHT,
     MAX_INFLIGHT_PER_SOURCE,
     DatagramRuntime,
 )
+from sockserve.errors import EndpointError
+from sockserve.server import Server, ServerConfig, ServerThread, make_binding
 
 Serve = Callable[..., ServerThread]
 ENGINES = ["auto", "asyncio"]

@@ -76,7 +76,7 @@ def _read_responses(s: socket.socket, n: int) -> list[bytes]:
 @pytest.fixture
 def metrics_http() -> Iterator[tuple[str, int]]:
     """The metrics HTTP server in this process: a short read timeout and room for 3 scrapers."""
-    from sockserve.server.metrics import MetricsThread
+    from sockserve.deploy.metrics import MetricsThread
 
     snap = [
         {

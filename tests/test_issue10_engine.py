@@ -146,7 +146,7 @@ def test_sigterm_drain_timeout_holds_while_a_sync_handler_blocks(block: str) -> 
     """A sync handler stuck in time.sleep(60) or a busy loop keeps the event loop from
     running: SIGTERM used to be ignored for as long (only SIGKILL worked). Now the
     process exits by the drain timeout plus EXIT_GRACE, with status 1, and says why."""
-    from sockserve.server.signals import EXIT_GRACE
+    from sockserve._engine.signals import EXIT_GRACE
 
     drain = 1.0
     with (
@@ -194,8 +194,8 @@ def test_a_second_sigint_exits_at_once_while_a_sync_handler_blocks(block: str) -
 def test_a_blocked_worker_obeys_the_supervisors_sigterm_by_the_drain_timeout() -> None:
     """--workers: the supervisor forwards SIGTERM; the worker stuck in a handler exits by
     its own drain timeout + EXIT_GRACE, before the supervisor's SIGKILL (drain + 5 s)."""
-    from sockserve.server.signals import EXIT_GRACE
-    from sockserve.server.supervisor import KILL_GRACE
+    from sockserve._engine.signals import EXIT_GRACE
+    from sockserve.deploy.supervisor import KILL_GRACE
 
     drain = 1.0
     with (

@@ -388,7 +388,7 @@ def test_pure_python_stream_recv_into_fills_the_buffer() -> None:
     """Mutation: fastio.stream_recv_into wired to a function that never fills the buffer.
     Checked through the module's own wiring, under SOCKSERVE_PURE_PYTHON=1."""
     code = (
-        "import socket; from sockserve import fastio\n"
+        "import socket; from sockserve._engine import fastio\n"
         "assert not fastio.HAVE_SPEEDUPS\n"
         "a, b = socket.socketpair(); a.sendall(b'hello')\n"
         "buf = bytearray(16); n = fastio.stream_recv_into(b.fileno(), buf)\n"

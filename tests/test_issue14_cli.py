@@ -17,9 +17,9 @@ import pytest
 
 from sockserve import Context
 from sockserve.cli.main import main
+from sockserve.config import DEFAULT_WRITE_HIGH
 from sockserve.endpoints import Endpoint
 from sockserve.server import Server, ServerConfig, ServerThread, make_binding
-from sockserve.server.config import DEFAULT_WRITE_HIGH
 from sockserve.server.listeners import Listener
 
 

@@ -255,7 +255,7 @@ def test_framings_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- access control -------------------------------------------------------------------------
 
-from sockserve.server.access import AccessControl  # noqa: E402
+from sockserve._engine.access import AccessControl  # noqa: E402
 
 
 def _nets(*texts: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -315,8 +315,8 @@ def test_access_ipv4_however_spelled() -> None:
 
 from pathlib import Path  # noqa: E402
 
+from sockserve.deploy.configfile import OPTION_KEYS, load_config_file, parse_config  # noqa: E402
 from sockserve.server import ServerConfig  # noqa: E402
-from sockserve.server.configfile import OPTION_KEYS, load_config_file, parse_config  # noqa: E402
 
 W = "f.toml: [[service]] #1 (echo)"
 
@@ -510,7 +510,7 @@ def test_line_codec_after_end_of_input_starts_afresh() -> None:
 
 # -- ServerConfig validation ----------------------------------------------------------------
 
-from sockserve.server.config import parse_mode, parse_network, parse_size  # noqa: E402
+from sockserve.config import parse_mode, parse_network, parse_size  # noqa: E402
 
 
 def test_server_config_defaults_are_the_documented_ones() -> None:
@@ -1254,10 +1254,10 @@ def test_chargen_connection_closed_by_the_client_logs_no_error(serve: object) ->
     assert tap.errors() == [] and not any("raised" in m for m in tap.messages())
 
 
-# -- the UDP guards (server/udpguard.py) ----------------------------------------------------
+# -- the UDP guards (_engine/udpguard.py) ----------------------------------------------------
 
-from sockserve.server import udpguard  # noqa: E402
-from sockserve.server.udpguard import TokenBuckets, UdpGuard  # noqa: E402
+from sockserve._engine import udpguard  # noqa: E402
+from sockserve._engine.udpguard import TokenBuckets, UdpGuard  # noqa: E402
 
 EPH = (32768, 60999)
 

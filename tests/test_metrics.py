@@ -8,7 +8,7 @@ import socket
 
 from deploy_helpers import addr_of, request, sample, scrape, serve_proc, udp_request, wait_for
 
-from sockserve.server.metrics import BUCKETS, MetricsState, Stats, merge, meter
+from sockserve.deploy.metrics import BUCKETS, MetricsState, Stats, merge, meter
 from sockserve.service import Service
 
 

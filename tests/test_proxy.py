@@ -12,6 +12,7 @@ from deploy_helpers import readable, whoami
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from sockserve.config import parse_network
 from sockserve.errors import RemoteProtocolError
 from sockserve.framing.proxy import (
     V1_MAX,
@@ -22,7 +23,6 @@ from sockserve.framing.proxy import (
     parse_header,
 )
 from sockserve.server import ServerThread
-from sockserve.server.config import parse_network
 
 # Examples as the spec (HAProxy's proxy-protocol.txt) writes them.
 V1_TCP4 = b"PROXY TCP4 192.168.0.1 192.168.0.11 56324 443\r\n"

@@ -11,9 +11,9 @@ __version__ = "0.1.0"
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:
-    from .aclient import AsyncClient, aconnect
     from .api import serve
-    from .client import Client, connect
+    from .client.aio import AsyncClient, aconnect
+    from .client.blocking import Client, connect
     from .endpoints import Endpoint, parse_endpoint
     from .errors import (
         ClientError,
@@ -61,8 +61,8 @@ _LAZY: dict[str, str] = {
     "Context": "sockserve.service",
     "Service": "sockserve.service",
     "StreamSession": "sockserve.service",
-    "AsyncClient": "sockserve.aclient",
-    "aconnect": "sockserve.aclient",
+    "AsyncClient": "sockserve.client.aio",
+    "aconnect": "sockserve.client.aio",
     "serve": "sockserve.api",
     "Server": "sockserve.server",
     "ServerConfig": "sockserve.server",

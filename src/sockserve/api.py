@@ -24,7 +24,7 @@ def serve(
     Logs its "listening on" lines to stderr as the CLI does, unless the program has
     configured logging itself.
     """
-    from .server.logs import ensure_logging
+    from .logs import ensure_logging
 
     ensure_logging()
     cfg = (config or ServerConfig()).replace(**options) if options else (config or ServerConfig())

@@ -189,7 +189,7 @@ def traced(service: Service) -> Service:
 def _traced_handler(handler: Handler | None) -> Handler | None:
     if handler is None:
         return None
-    from .server.logs import trace
+    from .logs import trace
 
     if is_async_handler(handler):
         ahandler: AsyncHandler = handler  # type: ignore[assignment]
@@ -219,7 +219,7 @@ class _TracedConnection:
         object.__setattr__(self, "_conn", conn)
 
     def write(self, data: bytes) -> None:
-        from .server.logs import trace
+        from .logs import trace
 
         conn: StreamConnection = object.__getattribute__(self, "_conn")
         trace(conn.ctx.local, conn.ctx.peer, "sent to", bytes(data))
@@ -235,7 +235,7 @@ class _TracedConnection:
 def _traced_session(cls: type[StreamSession] | None) -> type[StreamSession] | None:
     if cls is None:
         return None
-    from .server.logs import trace
+    from .logs import trace
 
     class Traced(cls):  # type: ignore[valid-type,misc]
         def __init__(self, conn: StreamConnection) -> None:

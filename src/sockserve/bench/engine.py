@@ -47,10 +47,10 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..client import Client
+from .._engine.fastio import stream_recv_into, stream_send
+from ..client.blocking import Client
 from ..endpoints import Endpoint
 from ..errors import ClientError, ConnectionClosed
-from ..fastio import stream_recv_into, stream_send
 from ..framing import DEFAULT_MAX_MESSAGE, LengthCodec, make_codec
 from .histogram import HALF, MAX_VALUE, SUB_BITS, Histogram
 

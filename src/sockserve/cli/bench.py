@@ -149,7 +149,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _spec(args: argparse.Namespace) -> object:
     from ..bench import LoadSpec, TlsOptions
-    from ..client import check_tls_files
+    from ..client.blocking import check_tls_files
     from ..endpoints import parse_endpoint
     from ..framing import DEFAULT_MAX_MESSAGE
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import os
 import sys
 
-from ..client import Client
+from ..client.blocking import Client
 from ..errors import SockserveError
 from .common import (
     Args,

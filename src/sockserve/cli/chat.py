@@ -12,7 +12,7 @@ import argparse
 import contextlib
 import sys
 
-from ..client import Client
+from ..client.blocking import Client
 from ..errors import SockserveError
 from .common import (
     EXIT_CODES_HELP,

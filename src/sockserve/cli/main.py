@@ -95,7 +95,7 @@ def _parser_options(mod: object, help_text: str) -> dict[str, Any]:
 def _version() -> str:
     """The version, and whether the C speedups are in use."""
     from .. import __version__
-    from ..fastio import SPEEDUPS_STATE
+    from .._engine.fastio import SPEEDUPS_STATE
 
     return f"{__version__} (C speedups: {SPEEDUPS_STATE})"
 

@@ -30,7 +30,7 @@ exit codes:
 
 def _size(text: str) -> int:
     """Bytes with an optional K/M/G suffix (binary): 64K, 1M."""
-    from ..server.config import parse_size
+    from ..config import parse_size
 
     try:
         value = parse_size(text)
@@ -58,7 +58,7 @@ def _workers(text: str) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from ..server.config import ServerConfig
+    from ..config import ServerConfig
 
     d = ServerConfig()
     p.add_argument(
@@ -278,7 +278,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def build_config(args: argparse.Namespace) -> object:
-    from ..server.config import ServerConfig, parse_mode, parse_network
+    from ..config import ServerConfig, parse_mode, parse_network
 
     return ServerConfig(
         framing=args.framing,
@@ -316,9 +316,9 @@ def _service_options(args: argparse.Namespace) -> dict[str, object]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ..server.activation import listen_fds
-    from ..server.app import AppSpec, make_runner
-    from ..server.logs import configure_logging
+    from ..deploy.activation import listen_fds
+    from ..deploy.app import AppSpec, make_runner
+    from ..logs import configure_logging
 
     if args.config and (args.service is not None or args.listen):
         given = " and ".join(
@@ -334,7 +334,7 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(args.log_format, args.log_level, args.access_log)
     try:
         if args.metrics is not None:  # checked now, not after the endpoints are bound
-            from ..server.metrics import parse_listen
+            from ..deploy.metrics import parse_listen
 
             parse_listen(args.metrics)
         spec = AppSpec(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .config import ServerConfig
+from ..config import ServerConfig
 from .server import DEFAULT_URLS, Binding, Server, ServerThread, make_binding
 
 __all__ = ["DEFAULT_URLS", "Binding", "Server", "ServerConfig", "ServerThread", "make_binding"]

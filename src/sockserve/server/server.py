@@ -17,18 +17,18 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._engine.epoll import HAVE_EPOLL, Hub
+from .._engine.proxywrap import warn_settings
+from .._engine.runtime import DatagramRuntime, StreamRuntime
+from .._engine.signals import StopSignals
+from ..config import ServerConfig
 from ..endpoints import Endpoint, parse_endpoint
 from ..errors import ConfigError, SockserveError
+from ..logs import server_log
 from ..service import Handler, Service, traced
 from ..services import as_service, load_service
-from .config import ServerConfig
-from .epoll import HAVE_EPOLL, Hub
 from .listeners import Listener, check_unix_mode, close_listener, open_listener
-from .logs import server_log
 from .loop import new_event_loop
-from .proxywrap import warn_settings
-from .runtime import DatagramRuntime, StreamRuntime
-from .signals import StopSignals
 from .tls import server_context
 
 DEFAULT_URLS = ("tcp://127.0.0.1:21567", "udp://127.0.0.1:21567")

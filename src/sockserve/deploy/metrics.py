@@ -33,7 +33,7 @@ from ..service import Context, Handler, Service, is_async_handler
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from .server import Binding, Server
+    from ..server.server import Binding, Server
 
 #: Upper bounds (seconds) of the duration buckets: 100 µs (a loopback echo) up to 10 s.
 BUCKETS = (
@@ -519,7 +519,7 @@ class _ScrapeProtocol(asyncio.Protocol):
         try:
             body = render()
         except Exception:
-            from .logs import server_log
+            from ..logs import server_log
 
             server_log.exception("metrics: rendering /metrics failed")
             self._respond(500, b"rendering metrics failed; see the server log\n")

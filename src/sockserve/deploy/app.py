@@ -27,19 +27,19 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from .._engine.access import AccessControl
+from .._engine.runtime import StreamRuntime
 from .._sighup import hold, take, take_stop
+from ..config import ServerConfig
 from ..endpoints import Endpoint, parse_endpoint
 from ..errors import ConfigError, SockserveError
-from .access import AccessControl
+from ..logs import server_log
+from ..server.listeners import Listener
+from ..server.loop import new_event_loop
+from ..server.server import DEFAULT_URLS, Binding, Server, _log_loop_exception, make_binding
+from ..server.tls import server_context
 from .activation import InheritedSocket
-from .config import ServerConfig
 from .configfile import ServiceEntry, load_config_file
-from .listeners import Listener
-from .logs import server_log
-from .loop import new_event_loop
-from .runtime import StreamRuntime
-from .server import DEFAULT_URLS, Binding, Server, _log_loop_exception, make_binding
-from .tls import server_context
 
 if TYPE_CHECKING:
     from .metrics import MetricsServer, MetricsState

@@ -29,9 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ..config import ServerConfig, parse_mode, parse_network, parse_size
 from ..endpoints import Endpoint, parse_endpoint
 from ..errors import ConfigError, EndpointError
-from .config import ServerConfig, parse_mode, parse_network, parse_size
 
 if sys.version_info >= (3, 11):
     import tomllib

@@ -19,7 +19,7 @@ from __future__ import annotations
 import ipaddress
 from functools import lru_cache
 
-from .config import Network
+from ..config import Network
 
 
 class AccessControl:

@@ -16,8 +16,8 @@ from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import ProtocolError
+from ..logs import fmt_peer, service_log
 from ..service import Context
-from .logs import fmt_peer, service_log
 from .signals import is_signal_interrupt
 
 if TYPE_CHECKING:

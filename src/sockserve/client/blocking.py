@@ -31,8 +31,8 @@ import errno
 import os
 import time
 
-from .endpoints import Endpoint, parse_endpoint
-from .errors import (
+from ..endpoints import Endpoint, parse_endpoint
+from ..errors import (
     ConnectError,
     ConnectionClosed,
     ProtocolError,
@@ -41,7 +41,7 @@ from .errors import (
     RequestTooLarge,
     TLSFileError,
 )
-from .framing import DEFAULT_MAX_MESSAGE, make_codec
+from ..framing import DEFAULT_MAX_MESSAGE, make_codec
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without the 6 ms import of typing
 if TYPE_CHECKING:
@@ -50,14 +50,14 @@ if TYPE_CHECKING:
     from collections.abc import Callable
     from typing import Any
 
-    from .framing import Codec
+    from ..framing import Codec
 else:
     # The socket module's C core. The Python layer on top adds enum and selectors, 6 ms of
     # imports, which would more than double a one-shot call's start-up; the client uses
     # nothing from it (ssl, for tls:// only, brings it in when needed).
     import _socket as socket
 
-    from .framing import Codec
+    from ..framing import Codec
 
 DEFAULT_TIMEOUT = 5.0
 #: First UDP retransmission after this long, doubling, until the timeout is spent.

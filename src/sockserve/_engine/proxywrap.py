@@ -22,12 +22,12 @@ from typing import TYPE_CHECKING, Any, cast
 from ..endpoints import Endpoint
 from ..errors import RemoteProtocolError
 from ..framing.proxy import ProxyHeader, ProxyHeaderReader
+from ..logs import conn_log, fmt_peer, server_log
 from ..service import Context
 from .access import AccessControl
-from .logs import conn_log, fmt_peer, server_log
 
 if TYPE_CHECKING:
-    from .config import ServerConfig
+    from ..config import ServerConfig
     from .runtime import StreamRuntime
     from .stream import AnyConn
 

@@ -11,8 +11,8 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from ..errors import ConfigError
-from ..framing import DEFAULT_MAX_MESSAGE, codec_factory
+from .errors import ConfigError
+from .framing import DEFAULT_MAX_MESSAGE, codec_factory
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 

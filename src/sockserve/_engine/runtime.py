@@ -21,16 +21,16 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, cast
 
+from ..config import ServerConfig
 from ..endpoints import Endpoint
 from ..errors import ConfigError
-from ..fastio import BATCH as DATAGRAM_BATCH
-from ..fastio import SendBatch, batch_io
+from ..logs import conn_log, fmt_peer, server_log, service_log
+from ..server.listeners import Listener
 from ..service import Context, Service, is_async_handler
 from .access import AccessControl
-from .config import ServerConfig
 from .epoll import FastStream, Hub
-from .listeners import Listener
-from .logs import conn_log, fmt_peer, server_log, service_log
+from .fastio import BATCH as DATAGRAM_BATCH
+from .fastio import SendBatch, batch_io
 from .stream import AnyConn, SessionProtocol, StreamProtocol, TrackedConn
 from .udpguard import CLASSIC_SERVICE_PORTS as CLASSIC_SERVICE_PORTS  # re-exported
 from .udpguard import (
@@ -44,7 +44,7 @@ from .udpguard import LOOP_BURST as LOOP_BURST
 from .udpguard import LOOP_RATE as LOOP_RATE
 
 if TYPE_CHECKING:
-    from .server import Server
+    from ..server.server import Server
 
 #: Connections accepted per wakeup before yielding to the loop (fairness vs. throughput).
 ACCEPT_BATCH = 256

@@ -1,4 +1,4 @@
-"""A worker process of the supervisor: ``python -m sockserve.server.worker`` (not for users).
+"""A worker process of the supervisor: ``python -m sockserve.deploy.worker`` (not for users).
 
 It reads its instructions pickled on stdin (from the parent, which is trusted:
 it started us), adopts the inherited sockets and runs an :class:`App`.
@@ -19,10 +19,10 @@ import socket  # noqa: E402
 import sys  # noqa: E402
 
 from ..errors import SockserveError  # noqa: E402
+from ..logs import configure_logging, server_log  # noqa: E402
+from ..server.listeners import adopt_socket  # noqa: E402
 from .activation import InheritedSocket  # noqa: E402
 from .app import App, Plan  # noqa: E402
-from .listeners import adopt_socket  # noqa: E402
-from .logs import configure_logging, server_log  # noqa: E402
 from .supervisor import EXIT_STARTUP  # noqa: E402
 
 

@@ -75,7 +75,7 @@ def send_loop(sock: socket.socket, items: Batch) -> list[tuple[int, int]] | None
 
 def _load() -> tuple[ModuleType | None, str]:
     try:
-        from . import _speedups
+        from .. import _speedups
     except ImportError:
         return None, "not built"
     if os.environ.get("SOCKSERVE_PURE_PYTHON", "0") not in ("", "0"):

@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import ProtocolError
 from ..framing import Codec, make_codec
+from ..logs import conn_log, fmt_peer, service_log
 from ..service import Context, StreamSession
 from .epoll import FastStream
-from .logs import conn_log, fmt_peer, service_log
 from .requests import PAUSE_WRITE, RequestQueue
 from .signals import is_signal_interrupt
 

@@ -7,7 +7,7 @@ port 0, and where ``SO_REUSEPORT`` is missing. For TCP port 0 the parent reserve
 a port (a bound, never-listening ``SO_REUSEPORT`` socket) so every worker, and
 every restarted one, binds the same port.
 
-Workers are fresh interpreters (``python -m sockserve.server.worker``), not forks:
+Workers are fresh interpreters (``python -m sockserve.deploy.worker``), not forks:
 the parent may be running the metrics thread, and forking a threaded process is
 unsafe. Each gets its instructions pickled on stdin, its sockets as inherited
 fds, and a socketpair on which the parent asks it for metrics.
@@ -36,10 +36,10 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from ..logs import server_log
+from ..server.listeners import Listener, _resolve, close_listener, open_listener
 from .activation import InheritedSocket
 from .app import AppSpec, Plan, build_binding, plan_units
-from .listeners import Listener, _resolve, close_listener, open_listener
-from .logs import server_log
 
 if TYPE_CHECKING:
     from .metrics import MetricsThread, Snapshot
@@ -149,7 +149,7 @@ class Supervisor:
         signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
         try:
             proc = subprocess.Popen(
-                [sys.executable, "-m", "sockserve.server.worker"],
+                [sys.executable, "-m", "sockserve.deploy.worker"],
                 stdin=subprocess.PIPE,
                 pass_fds=fds,
                 start_new_session=True,

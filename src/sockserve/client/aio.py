@@ -17,9 +17,8 @@ import errno
 import socket
 from typing import Any
 
-from .client import RAW_READ, check_tls_files, ssl_context
-from .endpoints import Endpoint, parse_endpoint
-from .errors import (
+from ..endpoints import Endpoint, parse_endpoint
+from ..errors import (
     ConnectError,
     ConnectionClosed,
     ProtocolError,
@@ -27,7 +26,8 @@ from .errors import (
     RequestTimeout,
     RequestTooLarge,
 )
-from .framing import DEFAULT_MAX_MESSAGE, Codec, make_codec
+from ..framing import DEFAULT_MAX_MESSAGE, Codec, make_codec
+from .blocking import RAW_READ, check_tls_files, ssl_context
 
 DEFAULT_TIMEOUT = 5.0
 UDP_FIRST_RETRY = 0.5

@@ -20,7 +20,7 @@ from collections.abc import MutableMapping
 from dataclasses import dataclass
 
 from ..errors import ConfigError, EndpointError
-from .listeners import Listener, adopt_socket
+from ..server.listeners import Listener, adopt_socket
 
 #: The first passed fd: 0-2 are stdin/stdout/stderr.
 SD_LISTEN_FDS_START = 3

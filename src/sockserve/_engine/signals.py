@@ -29,7 +29,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from .logs import server_log
+from ..logs import server_log
 
 #: After the first SIGTERM/SIGINT the process exits by drain timeout + this even if a
 #: handler blocks the loop: room for the graceful path to close what the drain left.

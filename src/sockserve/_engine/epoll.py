@@ -8,7 +8,7 @@ a batch before going back to sleep. A closed-loop client usually sends its
 next request within that window, so the server skips a sleep and a wake-up per
 request: that is where most of a request's latency goes on loopback and VMs.
 
-With the C helper (``sockserve.fastio``), the poll itself runs in C and answers
+With the C helper (``sockserve._engine.fastio``), the poll itself runs in C and answers
 plain raw requests there (``Hub.fast``): whatever it cannot finish comes back as
 an event for the same Python methods that serve it without the helper.
 
@@ -35,10 +35,10 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import ProtocolError
-from ..fastio import PollResult, poll_fast, stream_recv, stream_send
 from ..framing import Codec, make_codec
+from ..logs import server_log
 from ..service import Context
-from .logs import server_log
+from .fastio import PollResult, poll_fast, stream_recv, stream_send
 from .requests import PAUSE_WRITE, RequestQueue
 from .signals import is_signal_interrupt
 

@@ -1,6 +1,6 @@
 """The UDP guards' decisions, sans-IO: which datagram to drop, and how far to cut a reply.
 
-Kept apart from :class:`~sockserve.server.runtime.DatagramRuntime` (which reads, logs and
+Kept apart from :class:`~sockserve._engine.runtime.DatagramRuntime` (which reads, logs and
 sends) so that each comparison here, where one wrong ``<`` lets a reflection or a
 service loop through, is unit-tested and mutation-tested on its own. The rules are
 documented on ``DatagramRuntime``.
@@ -11,8 +11,8 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+from ..config import DEFAULT_UDP_RATE, ServerConfig
 from .access import AccessControl
-from .config import DEFAULT_UDP_RATE, ServerConfig
 
 #: Ports of the classic small services (echo, discard, daytime, qotd, chargen, time): a
 #: datagram from one is a service's reply, never a client's request (inetd drops them too).

@@ -1,0 +1,21 @@
+"""Clients: :class:`Client` (blocking, ``socket`` only, so ``sockserve call`` starts fast)
+and :class:`AsyncClient` (asyncio), imported only when used."""
+
+from __future__ import annotations
+
+from .blocking import Client, connect
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from .aio import AsyncClient, aconnect
+
+__all__ = ["AsyncClient", "Client", "aconnect", "connect"]
+
+
+def __getattr__(name: str) -> object:
+    # The asyncio client costs an asyncio import: only when asked for.
+    if name in ("AsyncClient", "aconnect"):
+        from . import aio
+
+        return getattr(aio, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
