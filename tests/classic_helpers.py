@@ -141,9 +141,8 @@ def session_buffers(st: ServerThread) -> list[tuple[int, bool]]:
         out = []
         for rt in st.server.streams:
             for conn in rt.conns:
-                transport = conn._transport
-                if isinstance(conn, SessionProtocol) and transport is not None:
-                    out.append((transport.get_write_buffer_size(), conn.writable))
+                if isinstance(conn, SessionProtocol) and conn._transport is not None:
+                    out.append((conn._transport.get_write_buffer_size(), conn.writable))
         return out
 
     result: list[tuple[int, bool]] = on_server_loop(st, probe)

@@ -29,12 +29,12 @@ def serve() -> Iterator[Callable[..., ServerThread]]:
 
 
 @pytest.fixture
-def sock_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def sock_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
     """A short temp dir for Unix sockets (sun_path holds 107 bytes)."""
     import tempfile
 
     d = Path(tempfile.mkdtemp(prefix="ss-", dir="/tmp"))
-    yield d  # type: ignore[misc]
+    yield d
     for p in d.iterdir():
         p.unlink()
     d.rmdir()

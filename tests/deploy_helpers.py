@@ -8,22 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import os
-import re
 import select
-import signal
 import socket
 import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from sockserve.service import Context
+from support import ServerProcess, wait_for
 
-TESTS = str(Path(__file__).resolve().parent)
-SOCKSERVE = [sys.executable, "-m", "sockserve"]
+from sockserve.service import Context
 
 
 def whoami(request: bytes, ctx: Context) -> bytes:
@@ -52,15 +46,6 @@ def lower(request: bytes, ctx: Context) -> bytes:
     return request.lower()
 
 
-def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
-    """Poll ``cond`` until true or fail after ``timeout`` (a readiness wait, not a sleep)."""
-    deadline = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
-
-
 def request(addr: Any, data: bytes, timeout: float = 5.0, source: str | None = None) -> bytes:
     """One request on a fresh TCP (or Unix, for a str address) connection; the reply up to EOF or 4 KiB."""
     family = (
@@ -84,86 +69,11 @@ def udp_request(addr: tuple[str, int], data: bytes, timeout: float = 5.0) -> byt
         return s.recv(65536)
 
 
-def addr_of(url: str) -> tuple[str, int]:
-    rest = url.split("://", 1)[1]
-    host, _, port = rest.rpartition(":")
-    return host.strip("[]"), int(port)
-
-
-class Proc:
-    """A subprocess whose stderr is read by a thread (so a chatty server never blocks on a full pipe)."""
-
-    def __init__(self, argv: list[str], env: dict[str, str] | None = None, **kw: Any) -> None:
-        full_env = {**os.environ, "PYTHONPATH": TESTS, **(env or {})}
-        self.proc = subprocess.Popen(
-            argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=full_env, **kw
-        )
-        self._lines: list[str] = []
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            with self._cond:
-                self._lines.append(raw.decode(errors="replace"))
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    @property
-    def log(self) -> str:
-        with self._cond:
-            return "".join(self._lines)
-
-    def wait_log(self, pattern: str, count: int = 1, timeout: float = 15.0) -> list[re.Match[str]]:
-        """Wait until ``pattern`` matched ``count`` log lines; return the matches."""
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                found = [m for line in self._lines if (m := rx.search(line))]
-                if len(found) >= count:
-                    return found
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(
-                        f"no {count} log line(s) matching {pattern!r}; exit={self.proc.poll()}; log:\n"
-                        + "".join(self._lines)
-                    )
-                self._cond.wait(min(left, 0.2))
-
-    def endpoints(self, count: int, timeout: float = 15.0) -> list[str]:
-        return [m.group(1) for m in self.wait_log(r"listening on (\S+)", count, timeout)][:count]
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 20.0) -> int:
-        return self.proc.wait(timeout)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
-        self._reader.join(5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-    def __enter__(self) -> Proc:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-
-def serve_proc(*args: str, env: dict[str, str] | None = None) -> Proc:
-    return Proc([*SOCKSERVE, "serve", *args], env=env)
+def serve_proc(*args: str, env: dict[str, str] | None = None) -> ServerProcess:
+    """``sockserve serve ARGS`` as the deployment tests run it: no wait at start (each test
+    waits for the lines it needs, ``wait_endpoints(workers)``), and SIGTERM on exit so a
+    supervisor reaps its workers."""
+    return ServerProcess(*args, env=env, ready=0, graceful=True)
 
 
 def readable(sock: socket.socket, timeout: float) -> bool:
@@ -188,7 +98,7 @@ def listening_socket(host: str = "127.0.0.1") -> socket.socket:
     return s
 
 
-class HAProxy(Proc):
+class HAProxy(ServerProcess):
     """HAProxy in the foreground on a config written to ``workdir``; frontends get inherited fds."""
 
     def __init__(self, workdir: Path, config: str, fds: list[int]) -> None:
@@ -201,7 +111,9 @@ class HAProxy(Proc):
             [exe, "-c", "-f", str(self.cfg)], capture_output=True, timeout=20, pass_fds=fds
         )
         assert check.returncode == 0, check.stdout + check.stderr
-        super().__init__([exe, "-db", "-f", str(self.cfg)], pass_fds=fds)
+        super().__init__(
+            argv=[exe, "-db", "-f", str(self.cfg)], pass_fds=fds, ready=0, graceful=True
+        )
 
     def command(self, cmd: str, timeout: float = 5.0) -> str:
         """Run one command on the admin socket (``show stat``, ``show servers state``...)."""

@@ -1,7 +1,7 @@
-"""Helpers for the fault-injection, access, TLS and shutdown tests.
+"""Helpers for the fault-injection, access, TLS and shutdown tests (the subprocess server is
+:class:`support.ServerProcess`).
 
-- :class:`LoggedServer`: ``sockserve serve`` in a subprocess whose stderr is read by a
-  thread (so a chatty server never blocks on a full pipe) and can be waited on line by line.
+- :class:`LogTap`: the server's log records in-process, waitable.
 - :func:`make_certs`: a throwaway PKI made with the ``openssl`` CLI.
 - :func:`assert_alive`: the "after each fault, a new client is answered" check.
 - Raw-socket helpers: reset (RST) a connection, read until the peer closes.
@@ -10,23 +10,17 @@
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import sockserve
 from sockserve.server import ServerThread
-
-SOCKSERVE = [sys.executable, "-m", "sockserve"]
-TESTS_DIR = Path(__file__).resolve().parent
 
 #: Runs the CLI under a lowered RLIMIT_NOFILE: ``python -c WRAPPER LIMIT serve ...``.
 RLIMIT_WRAPPER = (
@@ -36,107 +30,6 @@ RLIMIT_WRAPPER = (
     "from sockserve.cli.main import main\n"
     "sys.exit(main(sys.argv[2:]))\n"
 )
-
-
-class LoggedServer:
-    """``sockserve serve ARGS`` in a subprocess; every stderr line is kept in ``lines``."""
-
-    def __init__(
-        self,
-        *args: str,
-        prefix: Sequence[str] = (),
-        env: dict[str, str] | None = None,
-        ready: int = 1,
-        start_timeout: float = 15.0,
-    ) -> None:
-        argv = [*prefix, "serve", *args] if prefix else [*SOCKSERVE, "serve", *args]
-        pythonpath = os.pathsep.join(filter(None, [str(TESTS_DIR), os.environ.get("PYTHONPATH")]))
-        self.proc = subprocess.Popen(
-            argv,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})},
-        )
-        self.lines: list[str] = []
-        self._cond = threading.Condition()
-        self._reader = threading.Thread(target=self._read, name="server-stderr", daemon=True)
-        self._reader.start()
-        try:
-            self.wait_line("listening on ", count=ready, timeout=start_timeout)
-        except AssertionError:
-            self.kill()
-            raise
-        self.endpoints = [
-            line.split("listening on ", 1)[1].split(" ", 1)[0]
-            for line in self.lines
-            if "listening on " in line
-        ]
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in iter(self.proc.stderr.readline, b""):
-            with self._cond:
-                self.lines.append(raw.decode(errors="replace"))
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.notify_all()
-
-    def count(self, text: str) -> int:
-        with self._cond:
-            return sum(text in line for line in self.lines)
-
-    def wait_line(self, text: str, count: int = 1, timeout: float = 10.0) -> None:
-        """Wait until ``count`` log lines contain ``text``; fail naming it and showing the log."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while sum(text in line for line in self.lines) < count:
-                left = deadline - time.monotonic()
-                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
-                    raise AssertionError(
-                        f"server log never had {count} line(s) with {text!r}; log:\n" + self.log
-                    )
-                self._cond.wait(min(left, 0.1))
-
-    @property
-    def log(self) -> str:
-        return "".join(self.lines)
-
-    def url(self, scheme: str) -> str:
-        return next(u for u in self.endpoints if u.startswith(scheme + "://"))
-
-    def addr(self, scheme: str) -> tuple[str, int]:
-        ep = sockserve.parse_endpoint(self.url(scheme))
-        return ep.host, ep.port
-
-    def signal(self, sig: int) -> None:
-        self.proc.send_signal(sig)
-
-    def wait(self, timeout: float = 20.0) -> tuple[int, str]:
-        """Wait for exit; return (exit status, everything it logged)."""
-        try:
-            rc = self.proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.kill()
-            raise AssertionError(
-                f"server did not exit within {timeout}s; log:\n{self.log}"
-            ) from None
-        self._reader.join(5)
-        return rc, self.log
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-
-    def __enter__(self) -> LoggedServer:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.kill()
-        self._reader.join(5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
 
 
 # -- the liveness check that ends every fault test ----------------------------------------
@@ -178,11 +71,6 @@ def closed_by_peer(sock: socket.socket, timeout: float = 5.0) -> bool:
     except TimeoutError:
         return False
     return False
-
-
-def addr_of(url: str) -> tuple[str, int]:
-    ep = sockserve.parse_endpoint(url)
-    return ep.host, ep.port
 
 
 # -- a throwaway PKI ----------------------------------------------------------------------

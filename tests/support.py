@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+    from sockserve.endpoints import Endpoint
 
 SOCKSERVE = [sys.executable, "-m", "sockserve"]
+#: This directory: on PYTHONPATH for subprocesses, so they load handlers from the helpers here.
+TESTS_DIR = str(Path(__file__).resolve().parent)
 
 #: A timestamp reply: ``[ctime] request``.
 STAMP = re.compile(rb"^\[(\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4})\] (.*)$", re.S)
@@ -49,85 +60,167 @@ def run_cli(
 
 
 class ServerProcess:
-    """``sockserve serve`` in a subprocess; ``endpoints`` parsed from its 'listening on' lines."""
+    """A server (``sockserve serve ARGS``, or any ``argv``: a peer such as HAProxy) in a
+    subprocess, the one helper every subprocess test uses.
 
-    def __init__(self, *args: str, env: dict[str, str] | None = None, ready: int = 1) -> None:
+    Its stderr is read by a thread into ``lines`` (a chatty server never blocks on a full
+    pipe), so readiness is a wait on a log line: ``wait_line`` (a substring), ``wait_log`` (a
+    regex), ``wait_endpoints``. The start waits for ``ready`` "listening on" lines (0: no
+    wait) and keeps their URLs in ``endpoints``. ``tests/`` is put on ``PYTHONPATH`` so
+    handlers in ``fault_services``/``deploy_helpers`` load by ``module:attr``.
+
+    Resource handling: leaving the ``with`` block kills the process (SIGKILL), or with
+    ``graceful=True`` sends SIGTERM and kills only what is still running after 15 s (a
+    supervisor then reaps its workers).
+    """
+
+    def __init__(
+        self,
+        *args: str,
+        argv: Sequence[str] | None = None,
+        prefix: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,
+        ready: int = 1,
+        start_timeout: float = 15.0,
+        graceful: bool = False,
+        cwd: str | os.PathLike[str] | None = None,
+        pass_fds: Sequence[int] = (),
+    ) -> None:
+        if argv is None:
+            argv = [*(prefix or SOCKSERVE), "serve", *args]
+        elif args or prefix:
+            raise TypeError("ServerProcess: give either argv or serve arguments, not both")
+        pythonpath = os.pathsep.join(filter(None, [TESTS_DIR, os.environ.get("PYTHONPATH")]))
+        self.graceful = graceful
         self.proc = subprocess.Popen(
-            [*SOCKSERVE, "serve", *args],
+            list(argv),
+            stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
-            env={**os.environ, **(env or {})},
+            env={**os.environ, "PYTHONPATH": pythonpath, **(env or {})},
+            cwd=cwd,
+            pass_fds=pass_fds,
         )
         self.lines: list[str] = []
+        self._cond = threading.Condition()
+        self._reader = threading.Thread(target=self._read, name="server-stderr", daemon=True)
+        self._reader.start()
         self.endpoints: list[str] = []
-        self._pending = b""
-        assert self.proc.stderr is not None
-        os.set_blocking(self.proc.stderr.fileno(), True)
-        deadline = time.monotonic() + 15
-        while len(self.endpoints) < ready:
-            if time.monotonic() > deadline or self.proc.poll() is not None:
+        if ready:
+            try:
+                self.endpoints = self.wait_endpoints(ready, start_timeout)
+            except AssertionError as e:
                 self.kill()
-                raise RuntimeError("server did not start:\n" + "".join(self.lines) + self._rest())
-            line = self._readline(deadline)
-            if line is None:
-                continue
-            self.lines.append(line)
-            if "listening on " in line:
-                self.endpoints.append(line.split("listening on ", 1)[1].split(" ", 1)[0])
+                raise AssertionError(f"server did not start: {' '.join(argv)}\n{e}") from None
 
-    def _readline(self, deadline: float) -> str | None:
-        """One line of the server's stderr, read unbuffered so select() stays truthful."""
-        import select
-
+    def _read(self) -> None:
         assert self.proc.stderr is not None
-        fd = self.proc.stderr.fileno()
-        while b"\n" not in self._pending:
-            r, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-            if not r:
-                return None
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                return None
-            self._pending += chunk
-        line, _, self._pending = self._pending.partition(b"\n")
-        return line.decode(errors="replace") + "\n"
+        for raw in iter(self.proc.stderr.readline, b""):
+            with self._cond:
+                self.lines.append(raw.decode(errors="replace"))
+                self._cond.notify_all()
+        with self._cond:
+            self._cond.notify_all()
 
-    def _rest(self) -> str:
-        if self.proc.stderr is None:
-            return ""
-        try:
-            return self.proc.stderr.read().decode(errors="replace")
-        except Exception:
-            return ""
+    @property
+    def log(self) -> str:
+        """Everything logged so far."""
+        with self._cond:
+            return "".join(self.lines)
 
-    def url(self, scheme: str) -> str:
-        return next(u for u in self.endpoints if u.startswith(scheme + "://"))
+    def count(self, text: str) -> int:
+        """How many log lines contain ``text`` so far."""
+        with self._cond:
+            return sum(text in line for line in self.lines)
+
+    def wait_log(self, pattern: str, count: int = 1, timeout: float = 15.0) -> list[re.Match[str]]:
+        """Wait until ``pattern`` matched ``count`` log lines; return the matches. Fails naming
+        the pattern and showing the log on timeout or when the process has exited without it."""
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                found = [m for line in self.lines if (m := rx.search(line))]
+                if len(found) >= count:
+                    return found
+                left = deadline - time.monotonic()
+                if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
+                    raise AssertionError(
+                        f"no {count} log line(s) matching {pattern!r} "
+                        f"(exit status {self.proc.poll()}); log:\n" + "".join(self.lines)
+                    )
+                self._cond.wait(min(left, 0.1))
+
+    def wait_line(self, text: str, count: int = 1, timeout: float = 15.0) -> str:
+        """Wait until ``count`` log lines contain ``text``; return the last of them."""
+        return self.wait_log(re.escape(text), count, timeout)[count - 1].string
+
+    def wait_endpoints(self, count: int, timeout: float = 15.0) -> list[str]:
+        """The URLs of the first ``count`` "listening on" lines, waiting for them."""
+        found = self.wait_log(r"listening on (\S+)", count, timeout)
+        return [m.group(1) for m in found[:count]]
+
+    def url(self, scheme: str, timeout: float = 15.0) -> str:
+        """The first endpoint of ``scheme`` the server listens on (waits for its line)."""
+        return self.wait_log(rf"listening on ({re.escape(scheme)}://\S+)", 1, timeout)[0].group(1)
+
+    def addr(self, scheme: str) -> tuple[str, int]:
+        return addr_of(self.url(scheme))
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
 
-    def wait(self, timeout: float = 20) -> tuple[int, str]:
-        """Wait for exit; return (exit status, everything it logged)."""
+    def wait(self, timeout: float = 20.0) -> tuple[int, str]:
+        """Wait for exit; return (exit status, everything it logged). Kills it and fails with
+        the log if it is still running after ``timeout``."""
         try:
-            _, err = self.proc.communicate(timeout=timeout)
+            rc = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
-            raise
-        rest = self._pending + err
-        return self.proc.returncode, "".join(self.lines) + rest.decode(errors="replace")
+            raise AssertionError(
+                f"server did not exit within {timeout}s; log:\n{self.log}"
+            ) from None
+        self._reader.join(5)
+        return rc, self.log
+
+    def stop(self, timeout: float = 15.0) -> tuple[int, str]:
+        """SIGTERM, then SIGKILL if still running after ``timeout``; (exit status, log)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        self._reader.join(5)
+        return self.proc.wait(5), self.log
 
     def kill(self) -> None:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait(5)
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.kill()
+        if self.graceful:
+            self.stop()
+        else:
+            self.kill()
+        self._reader.join(5)
         if self.proc.stderr is not None:
             self.proc.stderr.close()
+
+
+def addr_of(where: str | Endpoint) -> tuple[str, int]:
+    """(host, port) of an inet endpoint (or its URL), typed as ``socket.connect`` wants it:
+    ``Endpoint.address()`` may also be a Unix path."""
+    from sockserve.endpoints import parse_endpoint
+
+    ep = parse_endpoint(where) if isinstance(where, str) else where
+    if not ep.is_inet:
+        raise ValueError(f"addr_of: {ep.url()} is not an inet endpoint")
+    return ep.host, ep.port
 
 
 def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
@@ -141,7 +234,7 @@ def wait_for(cond: Callable[[], bool], timeout: float = 10.0, what: str = "condi
 
 def recv_all(s: socket.socket) -> bytes:
     """Read until EOF (the socket's timeout bounds each recv)."""
-    chunks = []
+    chunks: list[bytes] = []
     while True:
         chunk = s.recv(65536)
         if not chunk:

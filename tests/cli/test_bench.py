@@ -263,7 +263,16 @@ def test_procs_merge_worker_results() -> None:
     assert data["procs"] == 2 and data["conns"] == 4
 
 
-OPENSSL_REQ = ("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1")
+OPENSSL_REQ: tuple[str, ...] = (
+    "openssl",
+    "req",
+    "-x509",
+    "-newkey",
+    "rsa:2048",
+    "-nodes",
+    "-days",
+    "1",
+)
 OPENSSL_REQ += ("-subj", "/CN=localhost")
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from strict import needs, tool
-from support import ServerProcess, check_stamp, run_cli
+from support import ServerProcess, addr_of, check_stamp, run_cli
 
 from sockserve.server import ServerThread
 
@@ -319,7 +319,7 @@ def test_no_command_prints_help() -> None:
 @pytest.mark.parametrize("framing", ["raw", "line"])
 def test_ncat_sends_a_line_then_closes(serve: Callable[..., ServerThread], framing: str) -> None:
     st = serve("timestamp", "tcp://127.0.0.1:0", framing=framing)
-    host, port = st.endpoints[0].address()  # type: ignore[misc]
+    host, port = addr_of(st.endpoints[0])
     proc = subprocess.run(
         ["ncat", "-w", "5", host, str(port)],
         input=b"hello from ncat\n",
@@ -335,7 +335,7 @@ def test_ncat_sends_a_line_then_closes(serve: Callable[..., ServerThread], frami
 def test_ncat_udp_and_unix(serve: Callable[..., ServerThread], sock_dir: Path) -> None:
     path = sock_dir / "nc.sock"
     st = serve("timestamp", "udp://127.0.0.1:0", f"unix://{path}")
-    host, port = st.endpoints[0].address()  # type: ignore[misc]
+    host, port = addr_of(st.endpoints[0])
     # ncat quits at stdin EOF over UDP, so keep its stdin open until the reply is read.
     nc = subprocess.Popen(
         ["ncat", "-u", host, str(port)], stdin=subprocess.PIPE, stdout=subprocess.PIPE

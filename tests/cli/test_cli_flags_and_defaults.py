@@ -9,11 +9,14 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from support import ServerProcess
 
 from sockserve import Context
 from sockserve.cli.main import main
@@ -142,43 +145,12 @@ def test_bench_exits_1_when_the_server_goes_away_mid_run(
     assert took < 20, "the run went on after every connection was lost"
 
 
-class _LimitedServer:
-    """``sockserve serve echo`` in a subprocess allowed only ``nofile`` descriptors; its
-    stderr lines are collected by a thread."""
+def _limited_server(nofile: int) -> ServerProcess:
+    """``sockserve serve echo`` in a subprocess allowed only ``nofile`` descriptors."""
+    from faultkit import RLIMIT_WRAPPER
 
-    def __init__(self, nofile: int) -> None:
-        import resource
-        import subprocess
-        import sys
-
-        def limit() -> None:
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "sockserve", "serve", "echo", "--listen", "tcp://127.0.0.1:0"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=limit,
-        )
-        self.lines: list[str] = []
-        self.ready = threading.Event()
-        threading.Thread(target=self._read, daemon=True).start()
-        assert self.ready.wait(15), "server did not start:\n" + "".join(self.lines)
-        url = next(x for x in self.lines if "listening on " in x).split("listening on ")[1]
-        host, port = url.split()[0].removeprefix("tcp://").rsplit(":", 1)
-        self.addr = (host, int(port))
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for raw in self.proc.stderr:
-            line = raw.decode(errors="replace")
-            self.lines.append(line)
-            if "listening on " in line:
-                self.ready.set()
-
-    def stop(self) -> None:
-        self.proc.kill()
-        self.proc.wait(10)
+    prefix = [sys.executable, "-c", RLIMIT_WRAPPER, str(nofile)]
+    return ServerProcess("echo", "--listen", "tcp://127.0.0.1:0", prefix=prefix)
 
 
 def _echoed(sock: socket.socket, timeout: float) -> bool:
@@ -195,13 +167,14 @@ def test_accept_retries_after_emfile_every_tenth_of_a_second_and_logs_once() -> 
     0.1 s of one being freed, and the accept error is logged once, not once per retry.
     Mutations: ACCEPT_RETRY_DELAY 1.0 (the client waits a second); the error logged on
     every retry (ten lines a second)."""
-    srv = _LimitedServer(nofile=48)
+    srv = _limited_server(nofile=48)
+    addr = srv.addr("tcp")
     served: list[socket.socket] = []
     try:
         # Fill the server: clients until one is left waiting in the backlog.
         stuck = None
         for _ in range(60):
-            s = socket.create_connection(srv.addr, timeout=5)
+            s = socket.create_connection(addr, timeout=5)
             s.sendall(b"x")
             if not _echoed(s, 1.0):
                 stuck = s
@@ -218,7 +191,7 @@ def test_accept_retries_after_emfile_every_tenth_of_a_second_and_logs_once() -> 
         served.append(stuck)
         # Full again. The next client meets EMFILE on arrival; free one at once: it gets in
         # on the retry 0.1 s later (a 1 s retry would keep it waiting a second).
-        late = socket.create_connection(srv.addr, timeout=5)
+        late = socket.create_connection(addr, timeout=5)
         t0 = time.monotonic()
         late.sendall(b"x")
         assert not _echoed(late, 0.05)
@@ -229,13 +202,13 @@ def test_accept_retries_after_emfile_every_tenth_of_a_second_and_logs_once() -> 
     finally:
         for s in served:
             s.close()
-        srv.stop()
+        srv.kill()
 
 
 REPLY = 8192
 
 
-def _served_before_pause(**cfg: object) -> int:
+def _served_before_pause(**cfg: Any) -> int:
     """Requests a line service with 8 KiB replies serves to a client that sends one request
     at a time and never reads, before it stops reading (its write buffer over the high
     water mark). The kernel's socket buffers take a few MB first, the same each time."""
@@ -278,7 +251,7 @@ SMALL_BUF = 16 * 1024
 
 
 def _small_buffer_server(
-    served: list[int], engine: str, **cfg: object
+    served: list[int], engine: str, **cfg: Any
 ) -> tuple[ServerThread, socket.socket]:
     """A line service with 8 KiB replies on a listener whose SO_SNDBUF/SO_RCVBUF are set
     before listen(), so the sockets it accepts inherit them (Linux): tens of KB of kernel
@@ -290,7 +263,7 @@ def _small_buffer_server(
 
     binding = make_binding(
         big, ["tcp://127.0.0.1:0"], ServerConfig(framing="line", engine=engine, **cfg)
-    )  # type: ignore[arg-type]
+    )
     ls = socket.socket()
     try:
         ls.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SMALL_BUF)
@@ -386,12 +359,10 @@ def test_cli_deny_meets_ipv4_clients_on_a_dual_stack_listener() -> None:
     """``serve -l tcp://*:0 -l udp://*:0 --deny``: IPv4 clients arrive as ::ffff:a.b.c.d
     and meet the rules whichever way they are written. Mutation: AccessControl not
     unmapping ::ffff: clients (they walk past --deny)."""
-    from faultkit import LoggedServer
-
     import sockserve
 
     args = ("-l", "tcp://*:0", "-l", "udp://*:0", "--deny", "127.0.0.2")
-    with LoggedServer("timestamp", *args, "--deny", "::ffff:127.0.0.3/128", ready=2) as srv:
+    with ServerProcess("timestamp", *args, "--deny", "::ffff:127.0.0.3/128", ready=2) as srv:
         for scheme in ("tcp", "udp"):
             port = srv.url(scheme).rsplit(":", 1)[1]
             url = f"{scheme}://127.0.0.1:{port}"

@@ -18,8 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from faultkit import LoggedServer, addr_of
-from support import SOCKSERVE, ServerProcess, run_cli
+from support import SOCKSERVE, ServerProcess, addr_of, run_cli
 
 import sockserve
 from sockserve.errors import MessageTooLarge, RequestTimeout
@@ -78,7 +77,7 @@ def test_idle_sweep_spares_a_connection_whose_request_is_still_running(tmp_path:
     """Mutation: the sweep closes a connection whose request runs longer than the timeout."""
     gate = tmp_path / "release"
     with (
-        LoggedServer(
+        ServerProcess(
             "fault_services:gated",
             "--listen",
             "tcp://127.0.0.1:0",
@@ -105,7 +104,7 @@ def test_sigterm_drain_answers_pipelined_requests_already_received(tmp_path: Pat
     """Mutation: the drain throws away what was received but not started (a\\nb\\nc\\n
     answered a only)."""
     gate = tmp_path / "release"
-    with LoggedServer(
+    with ServerProcess(
         "fault_services:gated",
         "--listen",
         "tcp://127.0.0.1:0",

@@ -7,19 +7,15 @@ loopback port 0; every wait is bounded.
 from __future__ import annotations
 
 import functools
-import os
-import select
-import signal
 import socket
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
-from support import run_cli
+from support import ServerProcess, run_cli
 
 import sockserve
 from sockserve.errors import ConfigError, ServiceError
@@ -40,64 +36,6 @@ def sockserve_script() -> list[str]:
     return [sys.executable, str(REPO / "scripts" / "sockserve")]
 
 
-class Proc:
-    """A command whose stderr is read line by line; ``wait_line`` is the readiness wait."""
-
-    def __init__(self, argv: list[str], cwd: Path | None = None) -> None:
-        self.proc = subprocess.Popen(
-            argv,
-            cwd=cwd,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        self.lines: list[str] = []
-        self._pending = b""
-
-    def wait_line(self, needle: str, timeout: float = 15) -> str:
-        assert self.proc.stderr is not None
-        fd = self.proc.stderr.fileno()
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\n" in self._pending:
-                raw, _, self._pending = self._pending.partition(b"\n")
-                line = raw.decode(errors="replace")
-                self.lines.append(line)
-                if needle in line:
-                    return line
-            left = deadline - time.monotonic()
-            r, _, _ = select.select([fd], [], [], max(0.0, left))
-            chunk = os.read(fd, 65536) if r else b""
-            if not chunk:
-                raise AssertionError(f"no line with {needle!r}; got:\n" + "\n".join(self.lines))
-            self._pending += chunk
-
-    def url(self, scheme: str) -> str:
-        line = self.wait_line(f"listening on {scheme}://")
-        return line.split("listening on ", 1)[1].split(" ", 1)[0]
-
-    def stop(self) -> tuple[int, str]:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-        try:
-            _, err = self.proc.communicate(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            _, err = self.proc.communicate(timeout=5)
-        rest = (self._pending + err).decode(errors="replace")
-        return self.proc.returncode, "\n".join(self.lines) + "\n" + rest
-
-    def __enter__(self) -> Proc:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(5)
-        if self.proc.stderr is not None:
-            self.proc.stderr.close()
-
-
 def request(url: str, data: bytes, **options: Any) -> bytes:
     with sockserve.connect(url, timeout=5, **options) as c:
         return c.request(data)
@@ -111,8 +49,10 @@ UPPER = "def upper(request, ctx):\n    return request.upper()\n"
 
 def test_script_imports_handler_from_cwd(tmp_path: Path) -> None:
     (tmp_path / "upper.py").write_text(UPPER)
-    with Proc(
-        [*sockserve_script(), "serve", "upper:upper", "-l", "tcp://127.0.0.1:0"], tmp_path
+    with ServerProcess(
+        argv=[*sockserve_script(), "serve", "upper:upper", "-l", "tcp://127.0.0.1:0"],
+        cwd=tmp_path,
+        ready=0,
     ) as p:
         assert request(p.url("tcp"), b"hello") == b"HELLO"
 
@@ -122,7 +62,7 @@ def test_app_dir_option(tmp_path: Path) -> None:
     app.mkdir()
     (app / "upper.py").write_text(UPPER)
     argv = [*sockserve_script(), "serve", "upper:upper", "-l", "tcp://127.0.0.1:0"]
-    with Proc([*argv, "--app-dir", "app"], tmp_path) as p:
+    with ServerProcess(argv=[*argv, "--app-dir", "app"], cwd=tmp_path, ready=0) as p:
         assert request(p.url("tcp"), b"abc") == b"ABC"
 
 
@@ -131,7 +71,9 @@ def test_config_service_imported_from_cwd(tmp_path: Path) -> None:
     (tmp_path / "s.toml").write_text(
         '[[service]]\nname = "upper:upper"\nlisten = ["tcp://127.0.0.1:0"]\n'
     )
-    with Proc([*sockserve_script(), "serve", "--config", "s.toml"], tmp_path) as p:
+    with ServerProcess(
+        argv=[*sockserve_script(), "serve", "--config", "s.toml"], cwd=tmp_path, ready=0
+    ) as p:
         assert request(p.url("tcp"), b"xyz") == b"XYZ"
 
 
@@ -152,8 +94,9 @@ def test_config_with_service_or_listen_is_a_usage_error(tmp_path: Path, extra: l
 
 
 def test_framing_on_stream_service_warns(tmp_path: Path) -> None:
-    with Proc(
-        [*sockserve_script(), "serve", "echo", "-l", "tcp://127.0.0.1:0", "--framing", "line"]
+    with ServerProcess(
+        argv=[*sockserve_script(), "serve", "echo", "-l", "tcp://127.0.0.1:0", "--framing", "line"],
+        ready=0,
     ) as p:
         line = p.wait_line("ignores framing")
         assert "WARNING" in line and "'line'" in line, line
@@ -226,7 +169,8 @@ def test_good_handlers_still_start(handler: Any, reply: bytes | None) -> None:
 def test_builtin_without_signature_is_taken_on_trust() -> None:
     with pytest.raises(ValueError):
         __import__("inspect").signature(max)
-    make_binding(max, ["tcp://127.0.0.1:0"])  # no signature to check: not refused
+    builtin: Any = max  # not a handler's type: what a careless user may pass
+    make_binding(builtin, ["tcp://127.0.0.1:0"])  # no signature to check: not refused
 
 
 # -- item 28: logging ------------------------------------------------------------------
@@ -236,7 +180,7 @@ def test_no_access_log(tmp_path: Path) -> None:
     base = [*sockserve_script(), "serve", "-l", "tcp://127.0.0.1:0"]
     outs = {}
     for flag in ([], ["--no-access-log"]):
-        with Proc(base + flag) as p:
+        with ServerProcess(argv=base + flag, ready=0) as p:
             url = p.url("tcp")
             assert request(url, b"hi").endswith(b"hi")
             # A denied-free, warning-free run: the only per-connection lines are open/close.
@@ -250,7 +194,7 @@ def test_no_access_log(tmp_path: Path) -> None:
 
 def test_verbose_is_debug() -> None:
     argv = [*sockserve_script(), "serve", "-l", "udp://127.0.0.1:0", "-v"]
-    with Proc([*argv, "--udp-min-source-port", "65535"]) as p:
+    with ServerProcess(argv=[*argv, "--udp-min-source-port", "65535"], ready=0) as p:
         host, port = p.url("udp").removeprefix("udp://").rsplit(":", 1)
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.sendto(b"x", (host, int(port)))  # from an ephemeral port < 65535: dropped
@@ -260,7 +204,7 @@ def test_verbose_is_debug() -> None:
 
 def test_quiet_is_warning() -> None:
     argv = [*sockserve_script(), "serve", "echo", "-l", "tcp://127.0.0.1:0", "--framing", "line"]
-    with Proc([*argv, "-q"]) as p:
+    with ServerProcess(argv=[*argv, "-q"], ready=0) as p:
         p.wait_line("ignores framing")  # the one warning: the server is up
         rc, out = p.stop()
     assert rc == 0 and " INFO " not in out and "listening on" not in out, out
@@ -279,7 +223,7 @@ API_SCRIPT = textwrap.dedent(
 def test_api_serve_logs_listening_lines(tmp_path: Path) -> None:
     script = tmp_path / "app.py"
     script.write_text(API_SCRIPT)
-    with Proc([sys.executable, str(script)]) as p:
+    with ServerProcess(argv=[sys.executable, str(script)], ready=0) as p:
         url = p.url("tcp")
         assert request(url, b"ab") == b"AB"
         rc, out = p.stop()
@@ -293,7 +237,7 @@ def test_api_serve_keeps_users_logging(tmp_path: Path) -> None:
         "logging.basicConfig(stream=sys.stderr, format='USER %(name)s %(message)s', level=logging.INFO)\n"
         + API_SCRIPT
     )
-    with Proc([sys.executable, str(script)]) as p:
+    with ServerProcess(argv=[sys.executable, str(script)], ready=0) as p:
         line = p.wait_line("listening on")
         assert line.startswith("USER sockserve.server listening on"), line
         p.stop()
@@ -366,7 +310,7 @@ def test_call_does_not_import_completion_or_shtab() -> None:
 def test_trace_hex_dump_every_transport(sock_dir: Path, engine: str) -> None:
     urls = ["tcp://127.0.0.1:0", "udp://127.0.0.1:0", f"unix://{sock_dir}/t.sock"]
     argv = [*sockserve_script(), "serve", "-l", urls[0], "-l", urls[1], "-l", urls[2]]
-    with Proc([*argv, "--trace", "--engine", engine]) as p:
+    with ServerProcess(argv=[*argv, "--trace", "--engine", engine], ready=0) as p:
         got = {s: p.url(s) for s in ("tcp", "udp", "unix")}
         for scheme, url in got.items():
             reply = request(url, b"\x00\xffhi " + scheme[:3].encode())
@@ -392,7 +336,9 @@ def test_trace_async_handler_stays_async_and_stream_service(sock_dir: Path) -> N
 
     t = traced(Service("x", handler=ah, datagram=sh))
     assert is_async_handler(t.handler) and not is_async_handler(t.datagram)
-    with Proc([*sockserve_script(), "serve", "echo", "-l", "tcp://127.0.0.1:0", "--trace"]) as p:
+    with ServerProcess(
+        argv=[*sockserve_script(), "serve", "echo", "-l", "tcp://127.0.0.1:0", "--trace"], ready=0
+    ) as p:
         url = p.url("tcp")
         host, port = url.removeprefix("tcp://").rsplit(":", 1)
         with socket.create_connection((host, int(port)), timeout=5) as s:
@@ -406,7 +352,9 @@ def test_trace_async_handler_stays_async_and_stream_service(sock_dir: Path) -> N
 
 
 def test_proxy_from_strings_are_converted_and_work() -> None:
-    cfg = ServerConfig(proxy_protocol=True, proxy_from=("127.0.0.0/8",), allow="127.0.0.0/8")
+    # Strings, as Python users write them; the field types are what they are converted to.
+    strings: dict[str, Any] = {"proxy_from": ("127.0.0.0/8",), "allow": "127.0.0.0/8"}
+    cfg = ServerConfig(proxy_protocol=True, **strings)
     assert all(hasattr(n, "network_address") for n in (*cfg.proxy_from, *cfg.allow))
     with ServerThread(Server(make_binding("timestamp", ["tcp://127.0.0.1:0"], cfg))) as st:
         host, port = st.url("tcp").removeprefix("tcp://").rsplit(":", 1)
@@ -434,7 +382,9 @@ def test_bad_values_name_the_field(options: dict[str, Any], field: str) -> None:
 
 
 def test_str_forms_converted() -> None:
-    cfg = ServerConfig(unix_mode="660", max_message="1K", tls_cert=Path("/c"), tls_key="k")
+    # Strings and paths, as the CLI and Python users hand them over.
+    given: dict[str, Any] = {"unix_mode": "660", "max_message": "1K", "tls_cert": Path("/c")}
+    cfg = ServerConfig(tls_key="k", **given)
     assert (cfg.unix_mode, cfg.max_message, cfg.tls_cert) == (0o660, 1024, "/c")
     assert isinstance(ConfigError("x"), ValueError)
 
@@ -478,7 +428,8 @@ def test_dualstack_serves_ipv4_and_ipv6(scheme: str) -> None:
 @pytest.mark.parametrize("scheme", ["tcp", "udp"])
 def test_dualstack_ipv4_clients_match_ipv4_rules(scheme: str) -> None:
     """An IPv4 client arrives as ::ffff:127.0.0.1; IPv4 allow/deny rules must apply to it."""
-    cfg = ServerConfig(allow=("127.0.0.1/32",), deny=("127.0.0.2/32",))
+    rules: dict[str, Any] = {"allow": ("127.0.0.1/32",), "deny": ("127.0.0.2/32",)}  # strings
+    cfg = ServerConfig(**rules)
     with ServerThread(Server(make_binding("timestamp", [f"{scheme}://*:0"], cfg))) as st:
         port = st.server.endpoints[0].port
         assert request(f"{scheme}://127.0.0.1:{port}", b"in").endswith(b"in")
@@ -495,7 +446,9 @@ def test_dualstack_ipv4_clients_match_ipv4_rules(scheme: str) -> None:
 
 
 def test_dualstack_from_cli() -> None:
-    with Proc([*sockserve_script(), "serve", "-l", "tcp://*:0", "--no-access-log"]) as p:
+    with ServerProcess(
+        argv=[*sockserve_script(), "serve", "-l", "tcp://*:0", "--no-access-log"], ready=0
+    ) as p:
         url = p.url("tcp")
         port = url.rsplit(":", 1)[1]
         assert request(f"tcp://127.0.0.1:{port}", b"a").endswith(b"a")
@@ -505,7 +458,7 @@ def test_dualstack_from_cli() -> None:
 def test_dualstack_with_workers() -> None:
     """The supervisor reserves a dual-stack port 0 and every worker serves both families."""
     argv = [*sockserve_script(), "serve", "-l", "tcp://*:0", "--workers", "2", "--no-access-log"]
-    with Proc(argv) as p:
+    with ServerProcess(argv=argv, ready=0) as p:
         port = p.url("tcp").rsplit(":", 1)[1]
         assert request(f"tcp://127.0.0.1:{port}", b"a").endswith(b"a")
         assert request(f"tcp://[::1]:{port}", b"b").endswith(b"b")
@@ -517,7 +470,9 @@ def test_trace_key_in_config_file(tmp_path: Path) -> None:
     (tmp_path / "s.toml").write_text(
         '[[service]]\nname = "timestamp"\nlisten = ["tcp://127.0.0.1:0"]\ntrace = true\n'
     )
-    with Proc([*sockserve_script(), "serve", "--config", "s.toml"], tmp_path) as p:
+    with ServerProcess(
+        argv=[*sockserve_script(), "serve", "--config", "s.toml"], cwd=tmp_path, ready=0
+    ) as p:
         request(p.url("tcp"), b"zz")
         line = p.wait_line("request from")
         assert "(2 bytes)" in line

@@ -7,7 +7,8 @@ import socket
 from pathlib import Path
 
 import pytest
-from deploy_helpers import addr_of, request, serve_proc, udp_request, wait_for
+from deploy_helpers import request, serve_proc, udp_request
+from support import addr_of, wait_for
 
 from sockserve.config import ServerConfig
 from sockserve.deploy.configfile import load_config_file
@@ -101,7 +102,7 @@ def test_errors_name_file_table_and_key(tmp_path: Path, text: str, message: str)
 
 def test_missing_file_is_a_usage_error_on_the_cli(tmp_path: Path) -> None:
     with serve_proc("--config", str(tmp_path / "nope.toml")) as p:
-        assert p.wait() == 2
+        assert p.wait()[0] == 2, p.log
         assert "nope.toml: cannot read config file" in p.log
 
 
@@ -121,12 +122,12 @@ framing = "line"
 """,
     )
     with serve_proc("--config", f) as p:
-        eps = p.endpoints(3)
+        eps = p.wait_endpoints(3)
         assert request(addr_of(eps[0]), b"abc") == b"ABC"
         assert udp_request(addr_of(eps[1]), b"abc") == b"ABC"
         assert request(str(sock), b"XYZ\n") == b"xyz\n"
         p.signal(signal.SIGTERM)
-        assert p.wait() == 0
+        assert p.wait()[0] == 0, p.log
 
 
 def test_sighup_reload_keeps_unchanged_sockets_and_open_connections(tmp_path: Path) -> None:
@@ -145,7 +146,7 @@ listen = ["unix://{gone}"]
 """,
     )
     with serve_proc("--config", str(cfg)) as p:
-        up = addr_of(p.endpoints(2)[0])
+        up = addr_of(p.wait_endpoints(2)[0])
         held = socket.create_connection(up, timeout=5)  # held open across every reload
         held.sendall(b"before")
         assert held.recv(100) == b"BEFORE"
@@ -168,7 +169,7 @@ listen = ["tcp://127.0.0.2:0"]
         held.sendall(b"after")
         assert held.recv(100) == b"AFTER"  # same connection, same process
         assert request(up, b"new") == b"NEW"  # same listening socket, same port
-        who = addr_of(p.endpoints(3)[2])
+        who = addr_of(p.wait_endpoints(3)[2])
         assert who[0] == "127.0.0.2" and request(who, b"x").startswith(b"127.0.0.1 ")
         wait_for(lambda: not gone.exists(), 5, "removed service's socket file to go")
 
@@ -189,7 +190,7 @@ listen = ["tcp://127.0.0.2:0"]
         )
         p.signal(signal.SIGHUP)
         p.wait_log(r"reloaded .*: 0 added, 0 removed, 1 changed, 1 unchanged")
-        assert addr_of(p.endpoints(4)[3]) == up  # re-listed on the very same port
+        assert addr_of(p.wait_endpoints(4)[3]) == up  # re-listed on the very same port
         held.sendall(b"kept")
         assert held.recv(100) == b"KEPT"  # still served, still raw framing
         held.close()
@@ -208,17 +209,17 @@ listen = ["tcp://127.0.0.2:0"]
 
         held.close()
         p.signal(signal.SIGTERM)
-        assert p.wait() == 0
+        assert p.wait()[0] == 0, p.log
 
 
 def test_sighup_without_config_is_ignored() -> None:
     with serve_proc("deploy_helpers:upper", "--listen", "tcp://127.0.0.1:0") as p:
-        addr = addr_of(p.endpoints(1)[0])
+        addr = addr_of(p.wait_endpoints(1)[0])
         p.signal(signal.SIGHUP)
         p.wait_log("no --config file to reload")
         assert request(addr, b"x") == b"X"
         p.signal(signal.SIGTERM)
-        assert p.wait() == 0
+        assert p.wait()[0] == 0, p.log
 
 
 def test_example_services_toml_parses() -> None:

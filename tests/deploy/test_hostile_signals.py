@@ -12,8 +12,7 @@ import signal
 import textwrap
 from pathlib import Path
 
-from faultkit import LoggedServer
-from support import wait_for
+from support import ServerProcess, wait_for
 
 SLOW_IMPORT = """
     import pathlib, time
@@ -49,9 +48,9 @@ def _module(tmp_path: Path, name: str, source: str) -> Path:
     return marker
 
 
-def _start(tmp_path: Path, name: str, sock: Path) -> LoggedServer:
+def _start(tmp_path: Path, name: str, sock: Path) -> ServerProcess:
     """The server, without waiting for 'listening on' (it is not there yet)."""
-    return LoggedServer(
+    return ServerProcess(
         f"{name}:handler",
         "--app-dir",
         str(tmp_path),
@@ -108,7 +107,7 @@ def test_drain_timeout_zero_with_nothing_open_is_no_warning(sock_dir: Path) -> N
     """``--drain-timeout 0`` and no client: a clean stop, not "drain timeout: closing 0
     connection(s) still open" at WARNING (the wait timed out before it could see that
     nothing was open)."""
-    with LoggedServer(
+    with ServerProcess(
         "--listen",
         "tcp://127.0.0.1:0",
         "--listen",

@@ -6,7 +6,8 @@ import os
 import signal
 import socket
 
-from deploy_helpers import addr_of, request, sample, scrape, serve_proc, udp_request, wait_for
+from deploy_helpers import request, sample, scrape, serve_proc, udp_request
+from support import addr_of, wait_for
 
 from sockserve.deploy.metrics import BUCKETS, MetricsState, Stats, merge, meter
 from sockserve.service import Service
@@ -26,7 +27,7 @@ def test_scrape_single_process() -> None:
         "--metrics",
         "127.0.0.1:0",
     ) as p:
-        tcp, udp = (addr_of(u) for u in p.endpoints(2))
+        tcp, udp = (addr_of(u) for u in p.wait_endpoints(2))
         url = p.wait_log(r"metrics on (\S+)")[0].group(1)
         for i in range(7):
             assert request(tcp, b"hello %d\n" % i) == b"hello %d\n" % i
@@ -61,7 +62,7 @@ def test_scrape_single_process() -> None:
             lambda: sample(scrape(url), "sockserve_connections", **tcp_l) == 0, 10, "gauge to drop"
         )
         p.signal(signal.SIGTERM)
-        assert p.wait() == 0
+        assert p.wait()[0] == 0, p.log
 
 
 def test_one_scrape_counts_every_worker() -> None:
@@ -74,7 +75,7 @@ def test_one_scrape_counts_every_worker() -> None:
         "--metrics",
         "127.0.0.1:0",
     ) as p:
-        tcp = addr_of(p.endpoints(2)[0])
+        tcp = addr_of(p.wait_endpoints(2)[0])
         url = p.wait_log(r"metrics on (\S+)")[0].group(1)
         pids = [request(tcp, b"?") for _ in range(60)]
         assert len(set(pids)) == 2  # both workers answered some
@@ -84,12 +85,12 @@ def test_one_scrape_counts_every_worker() -> None:
         os.kill(int(pids[0]), signal.SIGKILL)
         p.wait_log(r"was killed by SIGKILL; restarting")
         assert sample(scrape(url), "sockserve_requests_total", **labels) == 60
-        p.endpoints(3)
+        p.wait_endpoints(3)
         for _ in range(5):
             request(tcp, b"?")
         assert sample(scrape(url), "sockserve_requests_total", **labels) == 65
         p.signal(signal.SIGTERM)
-        assert p.wait() == 0
+        assert p.wait()[0] == 0, p.log
 
 
 def test_meter_counts_without_prometheus_in_the_path() -> None:
@@ -127,7 +128,7 @@ def test_metrics_port_in_use_is_reported() -> None:
     try:
         port = taken.getsockname()[1]
         with serve_proc("--listen", "tcp://127.0.0.1:0", "--metrics", f"127.0.0.1:{port}") as p:
-            assert p.wait() == 1
+            assert p.wait()[0] == 1, p.log
             assert f"metrics http://127.0.0.1:{port}/metrics: cannot bind" in p.log
     finally:
         taken.close()

@@ -22,19 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_helpers import (
-    SOCKSERVE,
-    TESTS,
-    Proc,
-    addr_of,
-    readable,
-    request,
-    sample,
-    scrape,
-    serve_proc,
-    threads_of,
-    wait_for,
-)
+from deploy_helpers import readable, request, sample, scrape, serve_proc, threads_of
+from support import SOCKSERVE, TESTS_DIR, ServerProcess, addr_of, wait_for
 
 # -- item 7: /metrics on the event loop --------------------------------------------------
 
@@ -156,7 +145,7 @@ def test_idle_metrics_connections_cost_no_thread(workers: str) -> None:
         "--metrics",
         "127.0.0.1:0",
     ) as p:
-        tcp = addr_of(p.endpoints(int(workers))[0])
+        tcp = addr_of(p.wait_endpoints(int(workers))[0])
         url = p.wait_log(r"metrics on (\S+)")[0].group(1)
         assert request(tcp, b"?")
         before = threads_of(p.proc.pid)
@@ -170,7 +159,7 @@ def test_idle_metrics_connections_cost_no_thread(workers: str) -> None:
             for s in idle:
                 s.close()
         p.signal(signal.SIGTERM)
-        assert p.wait() == 0
+        assert p.wait()[0] == 0, p.log
 
 
 # -- item 8: a slow or stopped worker keeps counting --------------------------------------
@@ -187,7 +176,7 @@ def test_a_busy_or_stopped_worker_keeps_its_metrics_channel() -> None:
         "--metrics",
         "127.0.0.1:0",
     ) as p:
-        tcp = addr_of(p.endpoints(2)[0])
+        tcp = addr_of(p.wait_endpoints(2)[0])
         url = p.wait_log(r"metrics on (\S+)")[0].group(1)
         pids = {request(tcp, b"?") for _ in range(40)}
         assert len(pids) == 2
@@ -214,7 +203,7 @@ def test_a_busy_or_stopped_worker_keeps_its_metrics_channel() -> None:
             "every worker's requests counted (frozen at 107 of 200 before)",
         )
         p.signal(signal.SIGTERM)
-        assert p.wait() == 0
+        assert p.wait()[0] == 0, p.log
 
 
 # -- items 13-15: reload ----------------------------------------------------------------
@@ -226,7 +215,7 @@ def _config(path: Path, body: str) -> None:
     tmp.replace(path)
 
 
-def _reload(p: Proc, n: int) -> None:
+def _reload(p: ServerProcess, n: int) -> None:
     p.signal(signal.SIGHUP)
     p.wait_log(r"reloaded ", n)
 
@@ -253,7 +242,7 @@ idle_timeout = {60 + i}
 
     write(0)
     with serve_proc("--config", str(cfg)) as p:
-        up, slow = (addr_of(u) for u in p.endpoints(2))
+        up, slow = (addr_of(u) for u in p.wait_endpoints(2))
         # Pipelined: three requests in one write to a slow handler, reloaded mid-way.
         piped = socket.create_connection(slow, timeout=10)
         piped.sendall(b"0.3 a\n0.3 b\n0.3 c\n")
@@ -286,7 +275,7 @@ idle_timeout = {60 + i}
         piped.close()
         assert p.log.count("open connections keep their settings") == 10
         p.signal(signal.SIGTERM)
-        assert p.wait() == 0
+        assert p.wait()[0] == 0, p.log
 
 
 def test_reload_applies_unix_mode_and_max_conns(tmp_path: Path) -> None:
@@ -313,7 +302,7 @@ max_conns = {max_conns}
 
     write("666", 100)
     with serve_proc("--config", str(cfg)) as p:
-        p.endpoints(1)
+        p.wait_endpoints(1)
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o666
         write("600", 1)
         _reload(p, 1)
@@ -331,7 +320,7 @@ max_conns = {max_conns}
         first.close()
         second.close()
         p.signal(signal.SIGTERM)
-        assert p.wait() == 0
+        assert p.wait()[0] == 0, p.log
 
 
 def _tls_conn(addr: tuple[str, int], ca: str) -> ssl.SSLSocket:
@@ -361,7 +350,7 @@ idle_timeout = {idle}
 
     write(cert, 60)
     with serve_proc("--config", str(cfg)) as p:
-        addr = addr_of(p.endpoints(1)[0])
+        addr = addr_of(p.wait_endpoints(1)[0])
         conns = [_tls_conn(addr, certs.ca) for _ in range(3)]
         for c in conns:
             c.sendall(b"x")
@@ -385,7 +374,7 @@ idle_timeout = {idle}
         for c in (*conns, fresh):
             c.close()
         p.signal(signal.SIGTERM)
-        assert p.wait() == 0
+        assert p.wait()[0] == 0, p.log
 
 
 # -- item 16: SIGHUP while starting ------------------------------------------------------
@@ -394,7 +383,7 @@ idle_timeout = {idle}
 def test_sighup_early_in_start_up_never_kills_a_single_process(tmp_path: Path) -> None:
     cfg = tmp_path / "s.toml"
     _config(cfg, '[[service]]\nname = "deploy_helpers:upper"\nlisten = ["tcp://127.0.0.1:0"]\n')
-    env = {**os.environ, "PYTHONPATH": TESTS}
+    env = {**os.environ, "PYTHONPATH": TESTS_DIR}
     for _ in range(3):
         proc = subprocess.Popen(
             [*SOCKSERVE, "serve", "--config", str(cfg)],
@@ -428,13 +417,13 @@ def test_sighup_storm_while_workers_start_kills_none(tmp_path: Path) -> None:
         while time.monotonic() < end:
             p.signal(signal.SIGHUP)
             time.sleep(0.03)  # the rhythm: SIGHUPs 30 ms apart
-        up = addr_of(p.endpoints(2)[0])
+        up = addr_of(p.wait_endpoints(2)[0])
         assert request(up, b"ok") == b"OK"
         p.wait_log(r"reloaded ", 2)
         assert "killed by SIGHUP" not in p.log
         assert p.log.count("worker 0 started") == 1 and p.log.count("worker 1 started") == 1
         p.signal(signal.SIGTERM)
-        assert p.wait() == 0
+        assert p.wait()[0] == 0, p.log
 
 
 def test_reload_that_denies_an_open_connection_answers_it_first(tmp_path: Path) -> None:
@@ -454,7 +443,7 @@ allow = [{allow}]
 
     write('"127.0.0.0/8"')
     with serve_proc("--config", str(cfg)) as p:
-        addr = addr_of(p.endpoints(1)[0])
+        addr = addr_of(p.wait_endpoints(1)[0])
         held = socket.create_connection(addr, timeout=10)
         held.sendall(b"0.5 a\n0.2 b\n")  # sent before the reload: both are answered
         write('"10.0.0.0/8"')
@@ -469,7 +458,7 @@ allow = [{allow}]
         with contextlib.suppress(ConnectionResetError):
             assert request(addr, b"0 c\n") == b""
         p.signal(signal.SIGTERM)
-        assert p.wait() == 0
+        assert p.wait()[0] == 0, p.log
 
 
 @pytest.mark.parametrize("engine", ["auto", "asyncio"])
@@ -495,7 +484,7 @@ allow = ["{allow}"]
     write("127.0.0.0/8")
     n = 400
     with serve_proc("--config", str(cfg), "--engine", engine) as p:
-        addr = addr_of(p.endpoints(1)[0])
+        addr = addr_of(p.wait_endpoints(1)[0])
         held = socket.create_connection(addr, timeout=10)
         held.sendall(b"".join(b"0.002 %d\n" % i for i in range(n)))
         got = held.recv(100)  # the first replies: the rest are queued or in the buffer
@@ -510,4 +499,4 @@ allow = ["{allow}"]
         assert got.count(b"\n") == n  # 64 of 400 before: the rest were dropped
         assert got.endswith(b"done 0.002 %d\n" % (n - 1))
         if how == "sigterm":
-            assert p.wait() == 0
+            assert p.wait()[0] == 0, p.log

@@ -15,9 +15,9 @@ import sys
 from pathlib import Path
 
 import pytest
-from deploy_helpers import TESTS, Proc, request
+from deploy_helpers import request
 from strict import needs
-from support import free_port
+from support import TESTS_DIR, ServerProcess, free_port
 
 from sockserve.deploy.activation import listen_fds
 from sockserve.errors import ConfigError
@@ -28,19 +28,21 @@ needs_tool = needs(
 )
 
 
-def activate(*tool_args: str, serve_args: tuple[str, ...] = ()) -> Proc:
-    p = Proc(
-        [
+def activate(*tool_args: str, serve_args: tuple[str, ...] = ()) -> ServerProcess:
+    p = ServerProcess(
+        argv=[
             ACTIVATE,
             *tool_args,
             "-E",
-            f"PYTHONPATH={TESTS}",
+            f"PYTHONPATH={TESTS_DIR}",
             sys.executable,
             "-m",
             "sockserve",
             "serve",
             *serve_args,
-        ]
+        ],
+        ready=0,
+        graceful=True,
     )
     p.wait_log(r"Listening on", count=tool_args.count("-l"))
     return p
@@ -55,12 +57,12 @@ def test_stream_sockets_tcp_and_unix(tmp_path: Path) -> None:
         # The first client wakes the service; its connection waits in the inherited backlog.
         reply = request(("127.0.0.1", port), b"hi", timeout=15)
         assert reply.startswith(b"127.0.0.1 ") and reply.endswith(b" hi")
-        eps = p.endpoints(2)
+        eps = p.wait_endpoints(2)
         assert eps == [f"tcp://127.0.0.1:{port}", f"unix://{path}"]
         assert request(path, b"unix").endswith(b" unix")
         assert "21567" not in p.log  # the default endpoints are not bound
         p.signal(signal.SIGTERM)
-        assert p.wait() == 0
+        assert p.wait()[0] == 0, p.log
         assert Path(path).exists()  # systemd's file: not ours to remove
 
 
@@ -74,7 +76,7 @@ def test_datagram_sockets_udp_and_unixgram(tmp_path: Path) -> None:
             u.settimeout(15)
             u.sendto(b"wake", ("127.0.0.1", port))
             assert u.recv(100) == b"WAKE"
-        assert p.endpoints(2) == [f"udp://127.0.0.1:{port}", f"unixgram://{path}"]
+        assert p.wait_endpoints(2) == [f"udp://127.0.0.1:{port}", f"unixgram://{path}"]
         client = str(tmp_path / "c.sock")
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as g:
             g.settimeout(5)
@@ -82,7 +84,7 @@ def test_datagram_sockets_udp_and_unixgram(tmp_path: Path) -> None:
             g.sendto(b"gram", path)
             assert g.recv(100) == b"GRAM"
         p.signal(signal.SIGTERM)
-        assert p.wait() == 0
+        assert p.wait()[0] == 0, p.log
 
 
 @needs_tool
@@ -107,11 +109,11 @@ listen = ["tcp://127.0.0.1:0"]
     with activate("-l", up, "-l", low, "--fdname=up:low", serve_args=("--config", str(cfg))) as p:
         assert request(up, b"Mixed", timeout=15) == b"MIXED"
         assert request(low, b"Mixed") == b"mixed"
-        eps = p.endpoints(3)
+        eps = p.wait_endpoints(3)
         assert eps[:2] == [f"unix://{up}", f"unix://{low}"]
         assert eps[2].startswith("tcp://127.0.0.1:")  # no socket named for it: binds its own
         p.signal(signal.SIGTERM)
-        assert p.wait() == 0
+        assert p.wait()[0] == 0, p.log
 
 
 @needs_tool
@@ -119,9 +121,9 @@ def test_activated_sockets_shared_by_workers(tmp_path: Path) -> None:
     path = str(tmp_path / "w.sock")
     with activate("-l", path, serve_args=("deploy_helpers:pid", "--workers", "2")) as p:
         assert request(path, b"?", timeout=15).isdigit()
-        p.endpoints(2)  # both workers serve the one inherited socket
+        p.wait_endpoints(2)  # both workers serve the one inherited socket
         p.signal(signal.SIGTERM)
-        assert p.wait() == 0
+        assert p.wait()[0] == 0, p.log
 
 
 @needs_tool
@@ -132,7 +134,7 @@ def test_unmatched_fdname_is_a_usage_error(tmp_path: Path) -> None:
     with activate("-l", path, "--fdname=other", serve_args=("--config", str(cfg))) as p:
         with socket.socket(socket.AF_UNIX) as s:
             s.connect(path)  # wakes it
-            assert p.wait() == 2
+            assert p.wait()[0] == 2, p.log
         assert "name 'other') matches no [[service]]; set socket = 'other' on one" in p.log
 
 

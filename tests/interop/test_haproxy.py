@@ -15,16 +15,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deploy_helpers import (
-    HAProxy,
-    addr_of,
-    haproxy_path,
-    listening_socket,
-    serve_proc,
-    wait_for,
-    whoami,
-)
+from deploy_helpers import HAProxy, haproxy_path, listening_socket, serve_proc, whoami
 from strict import needs
+from support import addr_of, wait_for
 
 from sockserve.server import ServerThread
 
@@ -103,7 +96,7 @@ def test_failover_stop_one_instance_under_load(tmp_path: Path) -> None:
     fe = listening_socket()
     fe_addr = fe.getsockname()
     try:
-        pa, pb = addr_of(a.endpoints(1)[0])[1], addr_of(b.endpoints(1)[0])[1]
+        pa, pb = addr_of(a.wait_endpoints(1)[0])[1], addr_of(b.wait_endpoints(1)[0])[1]
         cfg = (
             global_section(tmp_path)
             + DEFAULTS
@@ -153,7 +146,7 @@ backend be
                 stop.set()
                 for t in threads:
                     t.join(35)
-            assert a.wait() == 0
+            assert a.wait()[0] == 0, a.log
             after = [r for t, r in results if t > t_down]
             before = [r for t, r in results if t <= t_down]
             assert len(after) >= 300

@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from faultkit import LoggedServer, LogTap, addr_of, assert_alive, closed_by_peer
+from faultkit import LogTap, assert_alive, closed_by_peer
 from strict import needs_ipv6
-from support import run_cli
+from support import ServerProcess, addr_of, run_cli
 
 import sockserve
 from sockserve.server import ServerThread
@@ -102,7 +102,7 @@ def test_deny_and_allow_ipv6(serve: Serve) -> None:
 
 
 def test_cli_allow_deny_for_tcp_and_udp() -> None:
-    with LoggedServer(
+    with ServerProcess(
         "--listen",
         "tcp://127.0.0.1:0",
         "--listen",
@@ -137,7 +137,7 @@ def test_unix_mode_sets_socket_file_permissions(serve: Serve, sock_dir: Path, sc
 
 def test_cli_unix_mode(sock_dir: Path) -> None:
     path = sock_dir / "cli-mode.sock"
-    with LoggedServer("--listen", f"unix://{path}", "--unix-mode", "660") as srv:
+    with ServerProcess("--listen", f"unix://{path}", "--unix-mode", "660") as srv:
         assert stat.S_IMODE(os.stat(path).st_mode) == 0o660
         assert_alive(srv.url("unix"))
     done = run_cli("serve", "--listen", f"unix://{path}", "--unix-mode", "rw-rw----")

@@ -159,9 +159,9 @@ def test_warnings_at_start_name_what_proxy_protocol_leaves_open(
 
 
 def test_cli_warns_without_proxy_from() -> None:
-    from faultkit import LoggedServer
+    from support import ServerProcess
 
-    with LoggedServer("timestamp", "--listen", "tcp://127.0.0.1:0", "--proxy-protocol") as srv:
+    with ServerProcess("timestamp", "--listen", "tcp://127.0.0.1:0", "--proxy-protocol") as srv:
         srv.wait_line("WARNING")
         assert "--proxy-from" in srv.log
 

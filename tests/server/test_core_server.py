@@ -9,9 +9,10 @@ from pathlib import Path
 
 import pytest
 from strict import ipv6_loopback_error, require
-from support import check_stamp, recv_all, wait_for
+from support import addr_of, check_stamp, recv_all, wait_for
 
 from sockserve.server import ServerThread
+from sockserve.service import Context
 
 
 def test_textbook_tcp_client(serve: Callable[..., ServerThread]) -> None:
@@ -84,7 +85,7 @@ def test_textbook_ipv6_client(serve: Callable[..., ServerThread]) -> None:
 
 def test_25_clients_at_once(serve: Callable[..., ServerThread]) -> None:
     st = serve("timestamp", "tcp://127.0.0.1:0")
-    addr = st.endpoints[0].address()
+    addr = addr_of(st.endpoints[0])
     socks = [socket.create_connection(addr, timeout=5) for _ in range(25)]
     # All 25 are connected before any of them is answered: a one-at-a-time server would hang here.
     for i, s in enumerate(socks):
@@ -104,7 +105,7 @@ def test_concurrent_threads(serve: Callable[..., ServerThread]) -> None:
 
     def worker(n: int) -> None:
         try:
-            with socket.create_connection(st.endpoints[0].address(), timeout=5) as s:
+            with socket.create_connection(addr_of(st.endpoints[0]), timeout=5) as s:
                 for k in range(20):
                     msg = b"t%d-%d" % (n, k)
                     s.send(msg)
@@ -122,7 +123,7 @@ def test_concurrent_threads(serve: Callable[..., ServerThread]) -> None:
 
 def test_half_close_is_answered(serve: Callable[..., ServerThread]) -> None:
     st = serve("timestamp", "tcp://127.0.0.1:0")
-    s = socket.create_connection(st.endpoints[0].address(), timeout=5)
+    s = socket.create_connection(addr_of(st.endpoints[0]), timeout=5)
     s.sendall(b"before shutdown")
     s.shutdown(socket.SHUT_WR)
     data = recv_all(s)
@@ -133,7 +134,7 @@ def test_half_close_is_answered(serve: Callable[..., ServerThread]) -> None:
 @pytest.mark.parametrize("framing", ["line", "length"])
 def test_half_close_with_framing(serve: Callable[..., ServerThread], framing: str) -> None:
     st = serve("timestamp", "tcp://127.0.0.1:0", framing=framing)
-    s = socket.create_connection(st.endpoints[0].address(), timeout=5)
+    s = socket.create_connection(addr_of(st.endpoints[0]), timeout=5)
     if framing == "line":
         s.sendall(b"one\ntwo\r\nlast-without-newline")
     else:
@@ -159,7 +160,7 @@ def test_half_close_with_framing(serve: Callable[..., ServerThread], framing: st
 
 def test_line_framing_pipelined(serve: Callable[..., ServerThread]) -> None:
     st = serve("timestamp", "tcp://127.0.0.1:0", framing="line")
-    s = socket.create_connection(st.endpoints[0].address(), timeout=5)
+    s = socket.create_connection(addr_of(st.endpoints[0]), timeout=5)
     s.sendall(b"a\nb\nc\n")
     buf = b""
     while buf.count(b"\n") < 3:
@@ -207,15 +208,15 @@ def test_port_in_use_is_a_clear_error(serve: Callable[..., ServerThread]) -> Non
 def test_async_handler_and_ctx(serve: Callable[..., ServerThread]) -> None:
     import asyncio
 
-    seen = []
+    seen: list[Context] = []
 
-    async def handler(request: bytes, ctx: object) -> bytes:
+    async def handler(request: bytes, ctx: Context) -> bytes:
         await asyncio.sleep(0)
         seen.append(ctx)
-        return b"%s from %s" % (request, str(ctx.peer[0]).encode())  # type: ignore[attr-defined]
+        return b"%s from %s" % (request, str(ctx.peer[0]).encode())
 
     st = serve(handler, "tcp://127.0.0.1:0", "udp://127.0.0.1:0", framing="line")
-    with socket.create_connection(st.endpoints[0].address(), timeout=5) as s:
+    with socket.create_connection(addr_of(st.endpoints[0]), timeout=5) as s:
         s.sendall(b"one\ntwo\n")
         buf = b""
         while buf.count(b"\n") < 2:
@@ -234,7 +235,7 @@ def test_handler_returning_none_sends_nothing(serve: Callable[..., ServerThread]
         return None if request == b"skip" else request
 
     st = serve(quiet, "tcp://127.0.0.1:0")
-    with socket.create_connection(st.endpoints[0].address(), timeout=5) as s:
+    with socket.create_connection(addr_of(st.endpoints[0]), timeout=5) as s:
         s.send(b"skip")
         s.send(b"echo")  # raw framing may merge the two chunks; wait for the first to be consumed
         data = s.recv(100)
@@ -244,7 +245,7 @@ def test_handler_returning_none_sends_nothing(serve: Callable[..., ServerThread]
 def test_many_connections_counted_and_released(serve: Callable[..., ServerThread]) -> None:
     st = serve("timestamp", "tcp://127.0.0.1:0")
     for _ in range(3):
-        socks = [socket.create_connection(st.endpoints[0].address(), timeout=5) for _ in range(40)]
+        socks = [socket.create_connection(addr_of(st.endpoints[0]), timeout=5) for _ in range(40)]
         wait_for(lambda: st.server.conn_count == 40, what="40 connections registered")
         for s in socks:
             s.close()

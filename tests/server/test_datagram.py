@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultkit import LoggedServer, addr_of
 from strict import needs
-from support import wait_for
+from support import ServerProcess, addr_of, wait_for
 
 import sockserve
 from sockserve._engine.runtime import (
@@ -70,7 +69,7 @@ def _replies(sock: socket.socket, count: int, timeout: float = 5.0) -> list[byte
 def test_a_handler_raising_system_exit_drops_only_its_datagram(
     engine: str, build_env: dict[str, str], handler: str
 ) -> None:
-    with LoggedServer(
+    with ServerProcess(
         f"fault_services:{handler}", "--listen", "udp://127.0.0.1:0", "--engine", engine,
         env=build_env,
     ) as srv:  # fmt: skip
@@ -95,7 +94,7 @@ def test_keyboard_interrupt_in_a_batch_still_sends_the_replies_made_before_it(
 ) -> None:
     """What a KeyboardInterrupt then does is the signal handling's choice; the replies
     already made in its batch are sent either way (they used to be lost with it)."""
-    with LoggedServer(
+    with ServerProcess(
         "fault_services:interrupts", "--listen", "udp://127.0.0.1:0", "--engine", engine,
         env=build_env,
     ) as srv:  # fmt: skip
@@ -113,7 +112,7 @@ def test_a_datagram_from_an_unbound_unix_socket_is_served_without_reply(
     engine: str, build_env: dict[str, str], sock_dir: Path
 ) -> None:
     path = str(sock_dir / "g.sock")
-    with LoggedServer(
+    with ServerProcess(
         "echo", "--listen", f"unixgram://{path}", "--engine", engine, "--log-level", "debug",
         env=build_env,
     ) as srv:  # fmt: skip
@@ -197,7 +196,11 @@ def test_one_source_holding_requests_does_not_starve_the_others(serve: Serve, en
                 for _ in range(50):  # small batches, so the kernel buffer never drops them
                     hog.sendto(b"hold", addr)
                 sent += 50
-                wait_for(lambda n=sent: len(drt.inflight) + drt.dropped >= n, what="the batch")
+
+                def landed(n: int = sent) -> bool:  # n: this batch's total, bound now
+                    return len(drt.inflight) + drt.dropped >= n
+
+                wait_for(landed, what="the batch")
             hog_addr = hog.getsockname()
             assert drt.inflight_by_source == {hog_addr: MAX_INFLIGHT_PER_SOURCE}
             # Others are served while the hog's requests hang, and the hog is refused.
@@ -234,7 +237,11 @@ def test_the_global_async_cap_still_bounds_many_sources(serve: Serve, engine: st
             for _ in range(MAX_INFLIGHT_PER_SOURCE):
                 s.sendto(b"flood", addr)
             sent += MAX_INFLIGHT_PER_SOURCE
-            wait_for(lambda n=sent: len(drt.inflight) + drt.dropped >= n, what="the batch")
+
+            def landed(n: int = sent) -> bool:  # n: this batch's total, bound now
+                return len(drt.inflight) + drt.dropped >= n
+
+            wait_for(landed, what="the batch")
         assert len(drt.inflight) == MAX_DATAGRAM_INFLIGHT
         assert drt.dropped == sent - MAX_DATAGRAM_INFLIGHT
         assert max(drt.inflight_by_source.values()) == MAX_INFLIGHT_PER_SOURCE

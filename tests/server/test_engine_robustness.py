@@ -21,8 +21,8 @@ from typing import Any
 
 import fault_services
 import pytest
-from faultkit import Certs, LoggedServer, LogTap, addr_of, closed_by_peer
-from support import wait_for
+from faultkit import Certs, LogTap, closed_by_peer
+from support import ServerProcess, addr_of, wait_for
 
 import sockserve
 from sockserve.server import ServerThread
@@ -120,7 +120,7 @@ def test_the_cli_server_outlives_sys_exit_in_a_handler_and_a_real_sigint_still_d
     each close one connection (the process used to exit with status 2, or 130); a real
     SIGINT arriving while a handler runs still stops the server, after that request is
     answered (the drain), with status 0."""
-    with LoggedServer(
+    with ServerProcess(
         f"fault_services:{kind}", "--listen", "tcp://127.0.0.1:0", env=_pure_env(pure)
     ) as srv:
         addr = addr_of(srv.endpoints[0])
@@ -150,7 +150,7 @@ def test_sigterm_drain_timeout_holds_while_a_sync_handler_blocks(block: str) -> 
 
     drain = 1.0
     with (
-        LoggedServer(
+        ServerProcess(
             "fault_services:exits", "--listen", "tcp://127.0.0.1:0", "--drain-timeout", str(drain)
         ) as srv,
         socket.create_connection(addr_of(srv.endpoints[0]), timeout=5) as s,
@@ -173,7 +173,7 @@ def test_a_second_sigint_exits_at_once_while_a_sync_handler_blocks(block: str) -
     """Two SIGINTs used to be ignored while the handler blocked; the second now ends the
     process in under a second although the drain timeout is 120 s."""
     with (
-        LoggedServer(
+        ServerProcess(
             "fault_services:exits", "--listen", "tcp://127.0.0.1:0", "--drain-timeout", "120"
         ) as srv,
         socket.create_connection(addr_of(srv.endpoints[0]), timeout=5) as s,
@@ -199,7 +199,7 @@ def test_a_blocked_worker_obeys_the_supervisors_sigterm_by_the_drain_timeout() -
 
     drain = 1.0
     with (
-        LoggedServer(
+        ServerProcess(
             "fault_services:exits",
             "--listen",
             "tcp://127.0.0.1:0",
@@ -264,7 +264,7 @@ def test_waves_of_silent_tls_clients_leave_memory_flat(certs: Certs) -> None:
     Now at most --max-handshakes (256) are held at once, and memory is trimmed after a
     wave: 6 waves of 600 leave the server within 30 MB of where it started."""
     waves, per_wave, slack_mb = 6, 600, 30.0
-    with LoggedServer(
+    with ServerProcess(
         "echo",
         "--listen",
         "tls://127.0.0.1:0",

@@ -23,16 +23,14 @@ from typing import Any
 import pytest
 from faultkit import (
     RLIMIT_WRAPPER,
-    LoggedServer,
     LogTap,
-    addr_of,
     assert_alive,
     assert_thread_alive,
     closed_by_peer,
     reset,
 )
 from strict import needs_root
-from support import wait_for
+from support import ServerProcess, addr_of, wait_for
 
 import sockserve
 from sockserve._engine.epoll import FastStream
@@ -151,7 +149,7 @@ def test_whole_request_before_an_oversized_one_is_answered(
 
 def test_server_memory_does_not_grow_with_oversized_input() -> None:
     """Eight clients each try to push a 10 MB line; the server's peak RSS barely moves."""
-    with LoggedServer("--listen", "tcp://127.0.0.1:0", "--framing", "line") as srv:
+    with ServerProcess("--listen", "tcp://127.0.0.1:0", "--framing", "line") as srv:
         addr = srv.addr("tcp")
         assert_alive(srv.url("tcp"), "line")
         before = _peak_rss(srv.proc.pid)
@@ -280,7 +278,7 @@ def test_connection_limit_is_shared_and_freed_across_listeners(serve: Serve, soc
 def test_accept_emfile_is_logged_and_retried_not_fatal() -> None:
     """Run the server with RLIMIT_NOFILE=32 and open more clients than it has descriptors."""
     prefix = [sys.executable, "-c", RLIMIT_WRAPPER, "32"]
-    with LoggedServer("--listen", "tcp://127.0.0.1:0", prefix=prefix) as srv:
+    with ServerProcess("--listen", "tcp://127.0.0.1:0", prefix=prefix) as srv:
         addr = srv.addr("tcp")
         clients = [socket.create_connection(addr, timeout=5) for _ in range(40)]
         try:
@@ -577,7 +575,7 @@ def test_a_burst_of_connects_completes_in_the_backlog_while_the_server_is_full(
 
 
 def test_json_logs_one_object_per_line_for_each_event() -> None:
-    with LoggedServer(
+    with ServerProcess(
         "fault_services:raising",
         "--listen",
         "tcp://127.0.0.1:0",
@@ -632,7 +630,11 @@ def test_udp_flood_to_a_slow_async_handler_holds_a_bounded_number_of_requests(
                 for _ in range(50):  # small batches, so the kernel buffer never drops them
                     s.sendto(b"flood", addr_of(st.url("udp")))
                 sent += 50
-                wait_for(lambda n=sent: len(drt.inflight) + drt.dropped >= n, what="the batch")
+
+                def landed(n: int = sent) -> bool:  # n: this batch's total, bound now
+                    return len(drt.inflight) + drt.dropped >= n
+
+                wait_for(landed, what="the batch")
         assert len(drt.inflight) == MAX_DATAGRAM_INFLIGHT
         assert drt.dropped == sent - MAX_DATAGRAM_INFLIGHT
     finally:

@@ -19,8 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultkit import LoggedServer, addr_of
-from support import SOCKSERVE, wait_for
+from support import SOCKSERVE, ServerProcess, addr_of, wait_for
 
 from sockserve.server import ServerThread
 from sockserve.service import Service, StreamSession
@@ -72,7 +71,7 @@ def test_time_reply_survives_a_request_sent_before_the_close(
 @pytest.mark.parametrize("env", BUILDS, ids=["c-helper", "pure-python"])
 def test_call_hex_against_time_30_in_a_row(env: dict[str, str]) -> None:
     """The issue's own command, 30 times: every call exits 0 with the 4 bytes dumped."""
-    with LoggedServer("time", "--listen", "tcp://127.0.0.1:0", env=env) as srv:
+    with ServerProcess("time", "--listen", "tcp://127.0.0.1:0", env=env) as srv:
         url = srv.url("tcp")
         failed = []
         for _ in range(30):

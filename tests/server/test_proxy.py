@@ -11,12 +11,14 @@ import pytest
 from deploy_helpers import readable, whoami
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from support import addr_of
 
 from sockserve.config import parse_network
 from sockserve.errors import RemoteProtocolError
 from sockserve.framing.proxy import (
     V1_MAX,
     V2_SIGNATURE,
+    ProxyHeader,
     ProxyHeaderReader,
     encode_v1,
     encode_v2,
@@ -32,11 +34,13 @@ V1_UNKNOWN_LONGEST = (
 )
 
 
-def feed_bytewise(data: bytes) -> tuple[Any, bytes]:
+def feed_bytewise(data: bytes) -> tuple[ProxyHeader, bytes]:
+    """Feed ``data`` one byte at a time; the header it held and the bytes after it."""
     r = ProxyHeaderReader()
     header = None
     for i in range(len(data)):
         header = r.feed(data[i : i + 1])
+    assert header is not None, f"no whole header in {data!r}"
     return header, r.rest
 
 
@@ -45,10 +49,10 @@ def feed_bytewise(data: bytes) -> tuple[Any, bytes]:
 
 def test_v1_tcp4_whole_and_bytewise_with_trailing_data() -> None:
     data = V1_TCP4 + b"GET / HTTP/1.0\r\n"
-    for header, rest in ((parse_header(data), None), feed_bytewise(data)):
-        if rest is None:
-            header, used = header  # type: ignore[misc]
-            rest = data[used:]
+    parsed = parse_header(data)
+    assert parsed is not None
+    whole, used = parsed
+    for header, rest in ((whole, data[used:]), feed_bytewise(data)):
         assert header.version == 1 and header.command == "PROXY" and header.family == "TCP4"
         assert header.source == ("192.168.0.1", 56324)
         assert header.destination == ("192.168.0.11", 443)
@@ -175,7 +179,7 @@ def test_fuzz_only_remote_protocol_error(data: bytes, chunk: int) -> None:
     for prefix in (b"", V1_TCP4[:6], V2_SIGNATURE, V2_SIGNATURE + b"\x21\x11"):
         blob = prefix + data
         # The same outcome whatever the chunking: fed whole, fed in pieces.
-        outcomes = []
+        outcomes: list[str | tuple[ProxyHeader, bytes]] = []
         for size in (len(blob) or 1, chunk):
             r = ProxyHeaderReader()
             try:
@@ -222,14 +226,14 @@ def test_server_sees_real_client_v1_and_v2(
     serve: Callable[..., ServerThread], server_logs: Any
 ) -> None:
     srv = serve(whoami, "tcp://127.0.0.1:0", proxy_protocol=True)
-    addr = srv.endpoints[0].address()
-    reply = talk(addr, encode_v1(("203.0.113.9", 4711), ("198.51.100.1", 443)) + b"hi")  # type: ignore[arg-type]
+    addr = addr_of(srv.endpoints[0])
+    reply = talk(addr, encode_v1(("203.0.113.9", 4711), ("198.51.100.1", 443)) + b"hi")
     assert reply.split()[:4] == [b"203.0.113.9", b"4711", b"198.51.100.1", b"443"]
     assert reply.endswith(b" hi")
-    reply = talk(addr, encode_v2(("2001:db8::5", 99), ("2001:db8::1", 80)) + b"v2")  # type: ignore[arg-type]
+    reply = talk(addr, encode_v2(("2001:db8::5", 99), ("2001:db8::1", 80)) + b"v2")
     assert reply.split()[:4] == [b"2001:db8::5", b"99", b"2001:db8::1", b"80"]
     # LOCAL (a proxy's health check): the connection's own addresses.
-    reply = talk(addr, encode_v2(None, None) + b"local", source="127.0.0.3")  # type: ignore[arg-type]
+    reply = talk(addr, encode_v2(None, None) + b"local", source="127.0.0.3")
     assert reply.split()[0] == b"127.0.0.3"
     server_logs.wait_for("open from 203.0.113.9:4711")
     server_logs.wait_for("open from [2001:db8::5]:99")
@@ -240,7 +244,7 @@ def test_header_split_across_segments_and_trailing_request(
 ) -> None:
     srv = serve(whoami, "tcp://127.0.0.1:0", proxy_protocol=True, framing="line")
     data = encode_v1(("192.0.2.1", 1000), ("192.0.2.2", 21)) + b"one\ntwo\n"
-    with socket.create_connection(srv.endpoints[0].address(), timeout=5) as s:  # type: ignore[arg-type]
+    with socket.create_connection(addr_of(srv.endpoints[0]), timeout=5) as s:
         for i in range(len(data)):
             s.sendall(data[i : i + 1])
         got = b""
@@ -274,7 +278,7 @@ def test_no_header_is_refused_not_guessed(
     serve: Callable[..., ServerThread], server_logs: Any
 ) -> None:
     srv = serve(whoami, "tcp://127.0.0.1:0", proxy_protocol=True)
-    addr = srv.endpoints[0].address()
+    addr = addr_of(srv.endpoints[0])
     assert refused(addr, b"hello there\r\n") == b""
     assert refused(addr, b"PROXY TCP4 1.2.3.4 5.6.7.8 1 2\n") == b""
     server_logs.wait_for("PROXY header: no PROXY header", 1)
@@ -282,7 +286,7 @@ def test_no_header_is_refused_not_guessed(
     # the server still serves proper clients
     assert talk(addr, encode_v1(("192.0.2.8", 5), ("192.0.2.9", 6)) + b"x").startswith(
         b"192.0.2.8 "
-    )  # type: ignore[arg-type]
+    )
 
 
 def test_header_timeout(serve: Callable[..., ServerThread], server_logs: Any) -> None:
@@ -300,7 +304,7 @@ def test_proxy_from_refuses_other_sources(
         proxy_protocol=True,
         proxy_from=(parse_network("127.0.0.3/32"),),
     )
-    addr = srv.endpoints[0].address()
+    addr = addr_of(srv.endpoints[0])
     hdr = encode_v1(("192.0.2.1", 1), ("192.0.2.2", 2)) + b"x"
     assert refused(addr, hdr, source="127.0.0.1") == b""
     server_logs.wait_for("denied 127.0.0.1:")
@@ -316,7 +320,7 @@ def test_allow_deny_apply_to_the_real_client(
         proxy_protocol=True,
         allow=(parse_network("192.0.2.0/24"),),
     )
-    addr = srv.endpoints[0].address()
+    addr = addr_of(srv.endpoints[0])
     ok = encode_v1(("192.0.2.77", 1), ("127.0.0.1", 2)) + b"x"
     assert talk(addr, ok).startswith(b"192.0.2.77 ")
     bad = encode_v1(("198.51.100.1", 1), ("127.0.0.1", 2)) + b"x"
@@ -351,6 +355,6 @@ def test_plain_asyncio_loop_too() -> None:
     srv = Server(make_binding(whoami, ["tcp://127.0.0.1:0"], cfg))
     with ServerThread(srv, loop_kind="asyncio") as st:
         reply = talk(
-            st.endpoints[0].address(), encode_v2(("192.0.2.5", 50), ("192.0.2.6", 60)) + b"a"
-        )  # type: ignore[arg-type]
+            addr_of(st.endpoints[0]), encode_v2(("192.0.2.5", 50), ("192.0.2.6", 60)) + b"a"
+        )
         assert reply.startswith(b"192.0.2.5 50 192.0.2.6 60 ")

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from faultkit import LoggedServer, addr_of, closed_by_peer
-from support import wait_for
+from faultkit import closed_by_peer
+from support import ServerProcess, addr_of, wait_for
 
 import sockserve
 from sockserve.server import ServerThread
@@ -42,7 +42,7 @@ def _refused(addr: tuple[str, int]) -> bool:
 def test_sigterm_answers_all_20_in_flight_requests_then_exits_0(tmp_path: Path) -> None:
     gate = tmp_path / "release"
     env = {"FAULT_GATE": str(gate)}
-    with LoggedServer(
+    with ServerProcess(
         "fault_services:gated", "--listen", "tcp://127.0.0.1:0", "--framing", "line", env=env
     ) as srv:
         addr = srv.addr("tcp")
@@ -76,7 +76,7 @@ def test_sigterm_answers_all_20_in_flight_requests_then_exits_0(tmp_path: Path) 
 
 def test_sigterm_answers_udp_requests_in_flight(tmp_path: Path) -> None:
     gate = tmp_path / "release"
-    with LoggedServer(
+    with ServerProcess(
         "fault_services:gated", "--listen", "udp://127.0.0.1:0", env={"FAULT_GATE": str(gate)}
     ) as srv:
         addr = srv.addr("udp")
@@ -99,7 +99,7 @@ def test_sigterm_answers_udp_requests_in_flight(tmp_path: Path) -> None:
 
 
 def test_idle_connections_do_not_hold_up_shutdown() -> None:
-    with LoggedServer("--listen", "tcp://127.0.0.1:0", "--drain-timeout", "60") as srv:
+    with ServerProcess("--listen", "tcp://127.0.0.1:0", "--drain-timeout", "60") as srv:
         clients = [socket.create_connection(srv.addr("tcp"), timeout=10) for _ in range(10)]
         try:
             srv.wait_line("open from", count=10)
@@ -116,7 +116,7 @@ def test_idle_connections_do_not_hold_up_shutdown() -> None:
 
 def test_drain_timeout_closes_what_is_still_running(tmp_path: Path) -> None:
     env = {"FAULT_GATE": str(tmp_path / "never")}
-    with LoggedServer(
+    with ServerProcess(
         "fault_services:gated", "--listen", "tcp://127.0.0.1:0", "--drain-timeout", "0.5", env=env
     ) as srv:
         with socket.create_connection(srv.addr("tcp"), timeout=10) as s:
@@ -132,7 +132,7 @@ def test_drain_timeout_closes_what_is_still_running(tmp_path: Path) -> None:
 @pytest.mark.parametrize("scheme", ["tcp", "udp"])
 def test_second_sigint_forces_exit(tmp_path: Path, scheme: str) -> None:
     env = {"FAULT_GATE": str(tmp_path / "never")}
-    with LoggedServer(
+    with ServerProcess(
         "fault_services:gated",
         "--listen",
         f"{scheme}://127.0.0.1:0",
@@ -211,7 +211,7 @@ def test_python_api_serve_takes_the_same_settings_and_drains_on_sigterm(tmp_path
     answered before the server exits 0."""
     gate = tmp_path / "release"
     env = {"FAULT_GATE": str(gate)}
-    with LoggedServer(prefix=[sys.executable, "-c", API_SCRIPT], ready=2, env=env) as srv:
+    with ServerProcess(prefix=[sys.executable, "-c", API_SCRIPT], ready=2, env=env) as srv:
         url = srv.url("tcp")
         with sockserve.connect(url, framing="line", timeout=5) as c:
             assert c.request(b"api") == b"API"

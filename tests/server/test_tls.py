@@ -13,8 +13,8 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from faultkit import Certs, LoggedServer, LogTap, addr_of, closed_by_peer, reset
-from support import run_cli, wait_for
+from faultkit import Certs, LogTap, closed_by_peer, reset
+from support import ServerProcess, addr_of, run_cli, wait_for
 
 import sockserve
 from sockserve.server import ServerThread
@@ -122,7 +122,7 @@ def test_silent_client_on_the_tls_port_is_dropped_at_the_handshake_timeout(
 
 
 def test_cli_mutual_tls_serve_and_call(certs: Certs) -> None:
-    with LoggedServer(
+    with ServerProcess(
         "--listen",
         "tls://127.0.0.1:0",
         "--tls-cert",

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from faultkit import LoggedServer, addr_of, closed_by_peer
+from faultkit import closed_by_peer
 from strict import ipv6_loopback_error, needs, require
-from support import ServerProcess
+from support import ServerProcess, addr_of
 
 from sockserve._engine import fastio
 
@@ -232,16 +232,20 @@ def test_c_helper_validates_its_arguments(server: socket.socket) -> None:
         _speedups.recv_batch(fd, _speedups.MAX_BATCH + 1, 2048)
     with pytest.raises(ValueError, match="size"):
         _speedups.recv_batch(fd, 8, _speedups.MAX_SIZE + 1)
+    # Arguments of the wrong type on purpose (Any): the C side must refuse them.
+    no_address: Any = b"no address"
+    text: Any = "text"
+    read_only: Any = b"read-only"
     with pytest.raises(TypeError, match="item 0"):
-        _speedups.send_batch(fd, [b"no address"])
+        _speedups.send_batch(fd, [no_address])
     with pytest.raises(ValueError, match="numeric"):
         _speedups.send_batch(fd, [(b"x", ("localhost", 9))])
     with pytest.raises(OverflowError, match="port"):
         _speedups.send_batch(fd, [(b"x", ("127.0.0.1", 70000))])
     with pytest.raises(TypeError, match="bytes"):
-        _speedups.send(fd, "text")
+        _speedups.send(fd, text)
     with pytest.raises(BufferError):
-        _speedups.recv_into(fd, b"read-only")
+        _speedups.recv_into(fd, read_only)
 
 
 @needs_c
@@ -300,7 +304,7 @@ def test_every_exit_of_the_raw_fast_path(pure: str) -> None:
     reply does not fit the socket buffer, or the chunk is longer than one request may be.
     Each case must end as the pure-Python path ends it, and the server must go on serving."""
     env = {"SOCKSERVE_PURE_PYTHON": "1" if pure == "1" else ""}
-    with LoggedServer(
+    with ServerProcess(
         "fault_services:every_outcome",
         "--listen",
         "tcp://127.0.0.1:0",
