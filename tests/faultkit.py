@@ -93,15 +93,15 @@ def _openssl(*args: str, cwd: Path) -> None:
         raise RuntimeError(f"openssl {' '.join(args)} failed: {proc.stderr.decode()}")
 
 
+#: A new P-256 key without a passphrase, for ``openssl req``.
+NEW_EC_KEY = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+
+
 def _new_ca(d: Path, name: str) -> None:
     _openssl(
         "req",
         "-x509",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
+        *NEW_EC_KEY,
         "-keyout",
         f"{name}.key",
         "-out",
@@ -127,11 +127,7 @@ def _new_leaf(d: Path, name: str, ca: str, cn: str, ext: str) -> None:
     )
     _openssl(
         "req",
-        "-newkey",
-        "ec",
-        "-pkeyopt",
-        "ec_paramgen_curve:prime256v1",
-        "-nodes",
+        *NEW_EC_KEY,
         "-keyout",
         f"{name}.key",
         "-out",
