@@ -518,7 +518,7 @@ from sockserve.config import parse_mode, parse_network, parse_size  # noqa: E402
 def _config(name: str, value: Any) -> ServerConfig:
     """A ServerConfig with one setting given by name, of any type: these tests feed the
     run-time checks what the static types would refuse."""
-    return _config(name, value)
+    return ServerConfig(**{name: value})
 
 
 def test_server_config_defaults_are_the_documented_ones() -> None:
