@@ -134,9 +134,19 @@ class ServerProcess:
             return sum(text in line for line in self.lines)
 
     def wait_log(self, pattern: str, count: int = 1, timeout: float = 15.0) -> list[re.Match[str]]:
-        """Wait until ``pattern`` matched ``count`` log lines; return the matches. Fails naming
-        the pattern and showing the log on timeout or when the process has exited without it."""
-        rx = re.compile(pattern)
+        """Wait until ``pattern`` (a regex) matched ``count`` log lines; return the matches.
+        Fails naming the pattern and showing the log on timeout, or once the process has
+        exited without it."""
+        return self._wait(re.compile(pattern), count, timeout, f"matching {pattern!r}")
+
+    def wait_line(self, text: str, count: int = 1, timeout: float = 15.0) -> str:
+        """Wait until ``count`` log lines contain ``text``; return the last of them."""
+        found = self._wait(re.compile(re.escape(text)), count, timeout, f"with {text!r}")
+        return found[count - 1].string
+
+    def _wait(
+        self, rx: re.Pattern[str], count: int, timeout: float, what: str
+    ) -> list[re.Match[str]]:
         deadline = time.monotonic() + timeout
         with self._cond:
             while True:
@@ -146,14 +156,10 @@ class ServerProcess:
                 left = deadline - time.monotonic()
                 if left <= 0 or (self.proc.poll() is not None and not self._reader.is_alive()):
                     raise AssertionError(
-                        f"no {count} log line(s) matching {pattern!r} "
-                        f"(exit status {self.proc.poll()}); log:\n" + "".join(self.lines)
+                        f"no {count} log line(s) {what} (exit status {self.proc.poll()}); log:\n"
+                        + "".join(self.lines)
                     )
                 self._cond.wait(min(left, 0.1))
-
-    def wait_line(self, text: str, count: int = 1, timeout: float = 15.0) -> str:
-        """Wait until ``count`` log lines contain ``text``; return the last of them."""
-        return self.wait_log(re.escape(text), count, timeout)[count - 1].string
 
     def wait_endpoints(self, count: int, timeout: float = 15.0) -> list[str]:
         """The URLs of the first ``count`` "listening on" lines, waiting for them."""
