@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING
 from ..logs import server_log
 from ..server.listeners import Listener, _resolve, close_listener, open_listener
 from .activation import InheritedSocket
-from .app import AppSpec, Plan, build_binding, plan_units
+from .plan import AppSpec, Plan, build_binding, plan_units
 
 if TYPE_CHECKING:
     from .metrics import MetricsThread, Snapshot

@@ -84,13 +84,22 @@ class Server:
     """Serve one or more bindings. Use ``await start()/stop()``, ``serve()``, or :class:`ServerThread`."""
 
     def __init__(
-        self, *bindings: Binding, max_conns: int | None = None, drain_timeout: float | None = None
+        self,
+        *bindings: Binding,
+        max_conns: int | None = None,
+        drain_timeout: float | None = None,
+        config: ServerConfig | None = None,
     ) -> None:
         if not bindings:
             raise ConfigError("a server needs at least one service binding")
         self.bindings = list(bindings)
+        #: The server-wide settings (their scope in sockserve.settings says which); default:
+        #: the first binding's config, so older code keeps its limits.
+        self.config = config if config is not None else bindings[0].config
         #: Limits given here win; otherwise they follow the bindings, also across a reload.
         self._given_limits = (max_conns, drain_timeout)
+        if config is not None:
+            self._given_limits = (config.max_conns, config.drain_timeout)
         self.max_conns: int | None = None
         self.drain_timeout = 0.0
         self._update_limits()
@@ -127,6 +136,15 @@ class Server:
         timeouts = [b.config.drain_timeout for b in self.bindings]
         if drain_timeout is not None or timeouts:
             self.drain_timeout = drain_timeout if drain_timeout is not None else max(timeouts)
+
+    def reconfigure(self, config: ServerConfig) -> None:
+        """Take new server-wide settings (a reload): the connection limit and drain timeout
+        apply at once; listeners paused at a lower limit resume."""
+        self.config = config
+        self._given_limits = (config.max_conns, config.drain_timeout)
+        self._update_limits()
+        if self.streams:
+            self.streams[0]._slot_freed()
 
     def at_limit(self) -> bool:
         return self.max_conns is not None and self.conn_count >= self.max_conns
