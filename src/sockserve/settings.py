@@ -323,6 +323,16 @@ def not_reloadable(changed: Iterable[str]) -> list[str]:
     return [n for n in changed if n in BY_NAME and not BY_NAME[n].reloadable]
 
 
+def _shown(value: Any) -> str:
+    if value is None or value == () or value == {}:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return f"`{value}`"
+
+
 def settings_table() -> str:
     """The Markdown table of docs/configuration.md, generated so it cannot go stale."""
     rows = [
@@ -333,7 +343,7 @@ def settings_table() -> str:
         spelled = ", ".join(f"`{o}`" for o in s.options)
         keys = ", ".join(f"`{k}`" for k in (s.name, *s.toml_aliases))
         kind = "\\|".join(s.choices) if s.choices else s.kind.name
-        shown = "none" if s.default in (None, (), {}) else f"`{s.default!r}`"
+        shown = _shown(s.default)
         reload = "yes" if s.reloadable else "restart"
         text = s.help.replace("|", "\\|")
         rows.append(f"| {spelled} / {keys} | {kind} | {shown} | {s.scope} | {reload} | {text} |")

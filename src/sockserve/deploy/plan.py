@@ -175,7 +175,8 @@ def check(spec: AppSpec, inherited: list[InheritedSocket] | None = None) -> str:
     from ..errors import SockserveError
 
     units = plan_units(spec, Plan(inherited=inherited or []))
-    for entry in service_entries(spec):
+    entries = service_entries(spec)
+    for entry in entries:
         try:
             binding = make_binding(entry.spec, entry.endpoints or DEFAULT_URLS, entry.config)
             load_tls(binding)
@@ -185,5 +186,9 @@ def check(spec: AppSpec, inherited: list[InheritedSocket] | None = None) -> str:
             raise ConfigError(f"{entry.where}: service {entry.spec!r}: {exc}") from None
     server_config(spec, units)
     source = spec.config_file or "command line"
-    services = len({(u.spec, u.config) for u in units})
-    return f"{source}: OK ({services} services, {len(units)} endpoints; nothing bound)"
+    services = len(entries)
+    return f"{source}: OK ({_count(services, 'service')}, {_count(len(units), 'endpoint')}; nothing bound)"
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
