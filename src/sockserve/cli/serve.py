@@ -223,12 +223,7 @@ def run(args: argparse.Namespace) -> int:
             urls=tuple(args.listen or ()),
             config=build_config(args),
             config_file=args.config,
-            metrics=args.metrics,
-            workers=args.workers,
-            loop=args.loop,
-            log_format=args.log_format,
-            log_level=args.log_level,
-            access_log=args.access_log,
+            **{name: getattr(args, name) for name in _RUN_OPTIONS},
         )
         if args.check:
             return _check(spec, listen_fds())
@@ -245,6 +240,10 @@ def run(args: argparse.Namespace) -> int:
     except ImportError as exc:
         print(f"sockserve serve: {exc}", file=sys.stderr)
         return EXIT_FAIL
+
+
+#: AppSpec fields that are the options of the same name, as given.
+_RUN_OPTIONS = ("metrics", "workers", "loop", "log_format", "log_level", "access_log")
 
 
 def _check(spec: AppSpec, inherited: list[InheritedSocket]) -> int:
