@@ -11,73 +11,31 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-import ssl
-import threading
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 from .._engine.epoll import HAVE_EPOLL, Hub
 from .._engine.proxywrap import warn_settings
 from .._engine.runtime import DatagramRuntime, StreamRuntime
 from .._engine.signals import StopSignals
-from ..config import ServerConfig
-from ..endpoints import Endpoint, parse_endpoint
-from ..errors import ConfigError, SockserveError
+from ..endpoints import Endpoint
+from ..errors import ConfigError
 from ..logs import server_log
-from ..service import Handler, Service, traced
-from ..services import as_service, load_service
-from .listeners import Listener, check_unix_mode, close_listener, open_listener
-from .loop import new_event_loop
+from .binding import DEFAULT_URLS, Binding, make_binding
+from .listeners import Listener, close_listener, open_listener
+from .loop import log_loop_exception, new_event_loop
 from .tls import server_context
 
-DEFAULT_URLS = ("tcp://127.0.0.1:21567", "udp://127.0.0.1:21567")
+# The names deploy/ and older code import from here (their home is now binding.py / loop.py).
+__all__ = ["DEFAULT_URLS", "Binding", "Server", "make_binding"]
+_log_loop_exception = log_loop_exception
+
 #: How often idle connections are looked for: a quarter of the timeout, within [0.05 s, 1 s].
 _SWEEP_MIN, _SWEEP_MAX = 0.05, 1.0
 #: How often a partial drain (a binding removed on reload) checks for its last connection.
 _DRAIN_POLL = 0.05
 
 Runtime = StreamRuntime | DatagramRuntime
-
-
-@dataclass
-class Binding:
-    """One service on some endpoints with its options."""
-
-    service: Service
-    endpoints: Sequence[Endpoint]
-    config: ServerConfig
-    #: Sockets opened elsewhere (systemd, a supervisor, a reload hand-over), served instead of
-    #: binding the endpoint of the same key.
-    listeners: dict[Endpoint, Listener] = field(default_factory=dict)
-    #: The tls:// endpoints' context, when built beforehand (a reload checks the certificate
-    #: before it touches anything running); None: built from ``config`` at start.
-    ssl_context: ssl.SSLContext | None = None
-
-
-def make_binding(
-    service: Service | Handler | str,
-    urls: Iterable[str | Endpoint] = DEFAULT_URLS,
-    config: ServerConfig | None = None,
-) -> Binding:
-    if isinstance(service, str):
-        svc = load_service(service)
-    else:
-        svc = as_service(service, getattr(service, "__name__", "handler"))
-    eps = [u if isinstance(u, Endpoint) else parse_endpoint(u) for u in urls]
-    if not eps:
-        raise ConfigError("no endpoints to listen on")
-    cfg = config or ServerConfig()
-    for ep in eps:
-        check_unix_mode(ep, cfg.unix_mode)
-    if cfg.service_options:
-        if svc.configure is None:
-            names = ", ".join(sorted(cfg.service_options))
-            raise ConfigError(f"service {svc.name} takes no options (got {names})")
-        svc = svc.configure(dict(cfg.service_options))
-    if cfg.trace:
-        svc = traced(svc)
-    return Binding(svc, eps, cfg)
 
 
 class Server:
@@ -454,7 +412,7 @@ class Server:
         """Run until SIGTERM/SIGINT; exit status 0 graceful, 1 forced or an endpoint lost."""
         loop = new_event_loop(loop_kind)
         asyncio.set_event_loop(loop)
-        loop.set_exception_handler(_log_loop_exception)
+        loop.set_exception_handler(log_loop_exception)
         main = loop.create_task(self.serve())
         if handle_signals:
             self._install_signals(loop)
@@ -511,85 +469,3 @@ class Server:
                         st.st_ino,
                     ) == lst.unix_file:  # still ours, as close_listener checks
                         os.unlink(lst.endpoint.path)
-
-
-def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    exc = context.get("exception")
-    msg = context.get("message", "event loop error")
-    if exc is not None and isinstance(exc, (OSError, SockserveError)):
-        server_log.info("%s: %s", msg, exc)
-    else:
-        server_log.error("%s", msg, exc_info=exc if isinstance(exc, BaseException) else None)
-
-
-class ServerThread:
-    """Run a :class:`Server` on its own loop in a background thread (tests, embedding).
-
-    ``with ServerThread(server) as st: st.endpoints`` starts it, waits until it is
-    bound (raising its bind error if it failed), and stops it gracefully on exit.
-    """
-
-    def __init__(
-        self, server: Server, loop_kind: str = "auto", start_timeout: float = 10.0
-    ) -> None:
-        self.server = server
-        self._loop_kind = loop_kind
-        self._timeout = start_timeout
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="sockserve-server", daemon=True)
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def endpoints(self) -> list[Endpoint]:
-        return self.server.endpoints
-
-    def url(self, scheme: str | None = None) -> str:
-        for ep in self.server.endpoints:
-            if scheme is None or ep.scheme == scheme:
-                return ep.url()
-        raise LookupError(f"no {scheme} endpoint")
-
-    def start(self) -> ServerThread:
-        self._thread.start()
-        if not self._ready.wait(self._timeout):
-            raise TimeoutError("server did not start in time")
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def _main(self) -> None:
-        loop = new_event_loop(self._loop_kind)
-        self._loop = loop
-        loop.set_exception_handler(_log_loop_exception)
-        asyncio.set_event_loop(loop)
-
-        async def body() -> None:
-            try:
-                await self.server.start()
-            except BaseException as exc:
-                self._error = exc
-                self._ready.set()
-                return
-            self._ready.set()
-            assert self.server._stop_requested is not None
-            await self.server._stop_requested.wait()
-            await self.server.stop()
-
-        try:
-            loop.run_until_complete(body())
-        finally:
-            loop.close()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        loop = self._loop
-        if loop is not None and self._thread.is_alive():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self.server.request_stop)
-        self._thread.join(timeout)
-
-    def __enter__(self) -> ServerThread:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
