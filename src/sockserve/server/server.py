@@ -12,15 +12,18 @@ import asyncio
 import contextlib
 import os
 from collections.abc import Iterable
+from dataclasses import fields
 from typing import Any
 
 from .._engine.epoll import HAVE_EPOLL, Hub
 from .._engine.proxywrap import warn_settings
 from .._engine.runtime import DatagramRuntime, StreamRuntime
 from .._engine.signals import StopSignals
+from ..config import ServerConfig
 from ..endpoints import Endpoint
 from ..errors import ConfigError
 from ..logs import server_log
+from ..service import Handler, Service
 from .binding import DEFAULT_URLS, Binding, make_binding
 from .listeners import Listener, close_listener, open_listener
 from .loop import log_loop_exception, new_event_loop
@@ -39,16 +42,39 @@ Runtime = StreamRuntime | DatagramRuntime
 
 
 class Server:
-    """Serve one or more bindings. Use ``await start()/stop()``, ``serve()``, or :class:`ServerThread`."""
+    """Serve one or more bindings on one event loop.
+
+    ``Server(handler, "tcp://127.0.0.1:0", framing="line")`` serves one handler (a callable,
+    a :class:`~sockserve.Service`, a ``"module:attr"`` string or a built-in service name;
+    None is ``"timestamp"``) on the URLs given (default: TCP and UDP 127.0.0.1:21567) with
+    ``ServerConfig(**settings)``, or ``config.replace(**settings)``. ``Server(b1, b2)``
+    serves :class:`Binding` objects as they are; ``settings`` and ``config`` then give the
+    server-wide values (default: the first binding's).
+
+    Run it with ``async with server:`` (bound on entry, drained and closed on exit) and
+    ``await server.serve_forever()``, with ``await start()`` / ``await stop()``, with
+    :meth:`run` in the foreground, or in a thread with :class:`ServerThread`.
+
+    Error handling: a bad setting raises :class:`ConfigError` naming it, here; an endpoint
+    that cannot be bound raises :class:`EndpointError` from ``start`` (``__aenter__``),
+    after closing whatever it had bound.
+    """
 
     def __init__(
-        self, *bindings: Binding, max_conns: int | None = None, drain_timeout: float | None = None
+        self,
+        service_or_binding: Binding | Service | Handler | str | None = None,
+        /,
+        *urls_or_bindings: Binding | str | Endpoint,
+        config: ServerConfig | None = None,
+        **settings: Any,
     ) -> None:
-        if not bindings:
-            raise ConfigError("a server needs at least one service binding")
-        self.bindings = list(bindings)
-        #: Limits given here win; otherwise they follow the bindings, also across a reload.
-        self._given_limits = (max_conns, drain_timeout)
+        self.bindings, self.config = _bindings_and_config(
+            service_or_binding, urls_or_bindings, config, settings
+        )
+        #: Server-wide values given here win; otherwise they follow the bindings, also
+        #: across a reload.
+        given = settings if config is None else {**vars(config), **settings}
+        self._given_limits = (given.get("max_conns"), given.get("drain_timeout"))
         self.max_conns: int | None = None
         self.drain_timeout = 0.0
         self._update_limits()
@@ -68,6 +94,7 @@ class Server:
         self._sweep_period = _SWEEP_MAX
         self._all_closed: asyncio.Event | None = None
         self._stopping = False
+        self._stopped = asyncio.Event()
         #: The epoll engine's hub, when any binding uses it (created in start).
         self.hub: Hub | None = None
         #: (endpoint as configured, runtime) per binding, by id(binding): for add/remove_binding.
@@ -337,11 +364,25 @@ class Server:
             self._stop_requested.set()
 
     async def stop(self, drain_timeout: float | None = None) -> None:
-        """Stop accepting now; let in-flight requests finish up to the drain timeout; close."""
+        """Stop accepting now; let in-flight requests finish up to the drain timeout; close.
+
+        Safe to call more than once and from several tasks: every caller returns when the
+        one drain has ended. :meth:`serve_forever` returns then too.
+        """
         if self._stopping:
+            await self._stopped.wait()
             return
         self._stopping = True
-        timeout = self.drain_timeout if drain_timeout is None else drain_timeout
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+        try:
+            await self._drain_and_close(
+                self.drain_timeout if drain_timeout is None else drain_timeout
+            )
+        finally:
+            self._stopped.set()
+
+    async def _drain_and_close(self, timeout: float) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
         for rt in self.streams:
@@ -397,14 +438,37 @@ class Server:
             self._signals.disarm()  # stopped in time: the watchdog must not end the process
         server_log.info("stopped", extra={"event": "stopped"})
 
-    async def serve(self) -> None:
-        """Start, wait until :meth:`request_stop`, then stop gracefully."""
-        await self.start()
+    async def serve_forever(self) -> None:
+        """Serve until :meth:`stop` or :meth:`request_stop` is called, or this is cancelled.
+
+        Starts the server first if it is not running (``async with`` already started it);
+        either way it has drained and closed when this returns.
+        """
+        if self._stop_requested is None:
+            await self.start()
         assert self._stop_requested is not None
         try:
             await self._stop_requested.wait()
         finally:
             await self.stop()
+
+    #: The older name of :meth:`serve_forever`.
+    serve = serve_forever
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def url(self, scheme: str | None = None) -> str:
+        """The URL of the first bound endpoint (of ``scheme``, e.g. ``"tcp"``), real port included."""
+        for ep in self.endpoints:
+            if scheme is None or ep.scheme == scheme:
+                return ep.url()
+        bound = ", ".join(ep.url() for ep in self.endpoints) or "none (not started)"
+        raise LookupError(f"no {scheme} endpoint; bound: {bound}")
 
     # -- running in the foreground with signals ------------------------------------------
 
@@ -413,7 +477,7 @@ class Server:
         loop = new_event_loop(loop_kind)
         asyncio.set_event_loop(loop)
         loop.set_exception_handler(log_loop_exception)
-        main = loop.create_task(self.serve())
+        main = loop.create_task(self.serve_forever())
         if handle_signals:
             self._install_signals(loop)
         try:
@@ -469,3 +533,42 @@ class Server:
                         st.st_ino,
                     ) == lst.unix_file:  # still ours, as close_listener checks
                         os.unlink(lst.endpoint.path)
+
+
+#: The settings that act on the whole server, not on one binding: given to ``Server`` beside
+#: Bindings, they set ``server.config``.
+SERVER_WIDE = frozenset({"max_conns", "drain_timeout", "busy_poll_us"})
+_SETTINGS = frozenset(f.name for f in fields(ServerConfig))
+
+
+def _bindings_and_config(
+    first: Binding | Service | Handler | str | None,
+    rest: tuple[Binding | str | Endpoint, ...],
+    config: ServerConfig | None,
+    settings: dict[str, Any],
+) -> tuple[list[Binding], ServerConfig]:
+    """What ``Server(...)`` serves, and its server-wide config; ConfigError naming what is wrong."""
+    unknown = sorted(set(settings) - _SETTINGS)
+    if unknown:
+        raise ConfigError(f"Server: unknown setting {unknown[0]!r} (not a ServerConfig field)")
+    if not isinstance(first, Binding):
+        urls = [u for u in rest if not isinstance(u, Binding)]
+        if len(urls) < len(rest):
+            raise ConfigError("Server: Bindings go first; a service takes URLs, not Bindings")
+        cfg = (config or ServerConfig()).replace(**settings)
+        service = "timestamp" if first is None else first
+        return [make_binding(service, urls or DEFAULT_URLS, cfg)], cfg
+    bindings = [first]
+    for b in rest:
+        if not isinstance(b, Binding):
+            raise ConfigError(
+                f"Server: {b!r} given after a Binding; give Bindings, or a service and its URLs"
+            )
+        bindings.append(b)
+    local = sorted(set(settings) - SERVER_WIDE)
+    if local:
+        raise ConfigError(
+            f"Server: {local[0]} is a per-service setting: give it to make_binding() (beside "
+            f"Bindings, Server takes only the server-wide {', '.join(sorted(SERVER_WIDE))})"
+        )
+    return bindings, (config or first.config).replace(**settings)

@@ -5,23 +5,46 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+from typing import Any
 
+from ..config import ServerConfig
 from ..endpoints import Endpoint
+from ..errors import ConfigError
+from ..service import Handler, Service
+from .binding import Binding
 from .loop import log_loop_exception, new_event_loop
 from .server import Server
 
 
 class ServerThread:
-    """Run a :class:`Server` on its own loop in a background thread (tests, embedding).
+    """A :class:`Server` on its own event loop in a background thread, for sync code and tests.
 
-    ``with ServerThread(server) as st: st.endpoints`` starts it, waits until it is
-    bound (raising its bind error if it failed), and stops it gracefully on exit.
+    ``ServerThread(handler, *urls, **settings)`` takes what ``Server`` takes (the URLs
+    default to TCP and UDP on 127.0.0.1:21567; use port 0 in tests), or a ``Server``.
+    ``with ServerThread(...) as st:`` starts it and returns once it is bound, raising its
+    bind error if it failed; ``st.endpoints`` / ``st.url("tcp")`` then hold the real ports.
+    Leaving the block stops it gracefully (drained like SIGTERM).
     """
 
     def __init__(
-        self, server: Server, loop_kind: str = "auto", start_timeout: float = 10.0
+        self,
+        server_or_service: Server | Binding | Service | Handler | str | None = None,
+        /,
+        *urls_or_bindings: Binding | str | Endpoint,
+        loop_kind: str = "auto",
+        start_timeout: float = 10.0,
+        config: ServerConfig | None = None,
+        **settings: Any,
     ) -> None:
-        self.server = server
+        if isinstance(server_or_service, Server):
+            if urls_or_bindings or config is not None or settings:
+                raise ConfigError(
+                    "ServerThread: give URLs and settings to Server(...), or pass them "
+                    "here instead of a Server, not both"
+                )
+            self.server = server_or_service
+        else:
+            self.server = Server(server_or_service, *urls_or_bindings, config=config, **settings)
         self._loop_kind = loop_kind
         self._timeout = start_timeout
         self._ready = threading.Event()
@@ -31,18 +54,18 @@ class ServerThread:
 
     @property
     def endpoints(self) -> list[Endpoint]:
+        """The bound endpoints, in the order given, with the real ports of port-0 URLs."""
         return self.server.endpoints
 
     def url(self, scheme: str | None = None) -> str:
-        for ep in self.server.endpoints:
-            if scheme is None or ep.scheme == scheme:
-                return ep.url()
-        raise LookupError(f"no {scheme} endpoint")
+        """See :meth:`Server.url`."""
+        return self.server.url(scheme)
 
     def start(self) -> ServerThread:
+        """Start the thread and wait until the server is bound; raise its error if binding failed."""
         self._thread.start()
         if not self._ready.wait(self._timeout):
-            raise TimeoutError("server did not start in time")
+            raise TimeoutError(f"server did not start within {self._timeout:g}s")
         if self._error is not None:
             raise self._error
         return self
@@ -61,9 +84,7 @@ class ServerThread:
                 self._ready.set()
                 return
             self._ready.set()
-            assert self.server._stop_requested is not None
-            await self.server._stop_requested.wait()
-            await self.server.stop()
+            await self.server.serve_forever()
 
         try:
             loop.run_until_complete(body())
@@ -71,6 +92,7 @@ class ServerThread:
             loop.close()
 
     def stop(self, timeout: float = 30.0) -> None:
+        """Ask the server to stop, and wait up to ``timeout`` for its drain to end."""
         loop = self._loop
         if loop is not None and self._thread.is_alive():
             with contextlib.suppress(RuntimeError):
