@@ -571,4 +571,5 @@ def _bindings_and_config(
             f"Server: {local[0]} is a per-service setting: give it to make_binding() (beside "
             f"Bindings, Server takes only the server-wide {', '.join(sorted(SERVER_WIDE))})"
         )
-    return bindings, (config or first.config).replace(**settings)
+    base = config or first.config
+    return bindings, base.replace(**settings) if settings else base
