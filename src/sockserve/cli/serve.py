@@ -317,7 +317,8 @@ def _service_options(args: argparse.Namespace) -> dict[str, object]:
 
 def run(args: argparse.Namespace) -> int:
     from ..deploy.activation import listen_fds
-    from ..deploy.app import AppSpec, make_runner
+    from ..deploy.app import AppSpec
+    from ..deploy.runner import make_runner
     from ..logs import configure_logging
 
     if args.config and (args.service is not None or args.listen):

@@ -43,7 +43,6 @@ from .configfile import ServiceEntry, load_config_file
 
 if TYPE_CHECKING:
     from .metrics import MetricsServer, MetricsState
-    from .supervisor import Supervisor
 
 
 @dataclass
@@ -241,14 +240,7 @@ class App:
         assert metrics is not None and self.spec.metrics is not None
         render = registry_for(lambda: metrics.snapshot(self.server))
         self.metrics_http = MetricsServer(open_metrics_socket(self.spec.metrics), render)
-        await self.metrics_http.start()
-        host, port = self.metrics_http.address
-        server_log.info(
-            "metrics on http://%s:%d/metrics",
-            f"[{host}]" if ":" in host else host,
-            port,
-            extra={"event": "metrics"},
-        )
+        await self.metrics_http.start()  # logs its URL
 
     def _serve_channel(self) -> None:
         """Answer the supervisor's snapshot requests: each byte in, one length-prefixed JSON out.
@@ -486,16 +478,4 @@ def _close_denied(runtimes: Sequence[object], config: ServerConfig) -> None:
                 conn.drain()
 
 
-def make_runner(spec: AppSpec, inherited: list[InheritedSocket] | None = None) -> App | Supervisor:
-    """Check ``spec`` and build what runs it: this process, or a supervisor of workers.
-
-    Raises the library's errors (bad config, unknown service) before anything is bound.
-    """
-    if spec.workers != 1:
-        from .supervisor import Supervisor
-
-        return Supervisor(spec, inherited or [])
-    return App(spec, Plan(inherited=inherited or []))
-
-
-__all__ = ["App", "AppSpec", "Plan", "Unit", "make_runner", "plan_units"]
+__all__ = ["App", "AppSpec", "Plan", "Unit", "plan_units"]
