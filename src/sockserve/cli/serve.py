@@ -18,9 +18,7 @@ from .main import EXIT_FAIL, EXIT_OK, EXIT_USAGE
 if TYPE_CHECKING:
     from ..config import ServerConfig
     from ..deploy.activation import InheritedSocket
-    from ..deploy.app import App
     from ..deploy.plan import AppSpec
-    from ..deploy.supervisor import Supervisor
 
 EPILOG = """\
 examples:
@@ -199,6 +197,7 @@ def build_config(args: argparse.Namespace) -> ServerConfig:
 def run(args: argparse.Namespace) -> int:
     from ..deploy.activation import listen_fds
     from ..deploy.plan import AppSpec
+    from ..deploy.runner import make_runner
     from ..logs import configure_logging
 
     if args.config and (args.service is not None or args.listen):
@@ -252,21 +251,6 @@ def _check(spec: AppSpec, inherited: list[InheritedSocket]) -> int:
 
     print(f"sockserve serve: {check(spec, inherited)}")
     return EXIT_OK
-
-
-def make_runner(spec: AppSpec, inherited: list[InheritedSocket] | None = None) -> App | Supervisor:
-    """Check ``spec`` and build what runs it: this process, or a supervisor of workers.
-
-    Raises the library's errors (bad config, unknown service) before anything is bound.
-    """
-    if spec.workers != 1:
-        from ..deploy.supervisor import Supervisor
-
-        return Supervisor(spec, inherited or [])
-    from ..deploy.app import App
-    from ..deploy.plan import Plan
-
-    return App(spec, Plan(inherited=inherited or []))
 
 
 def _add_app_dir(app_dir: str) -> None:

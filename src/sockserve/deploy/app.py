@@ -138,14 +138,7 @@ class App:
         assert metrics is not None and self.spec.metrics is not None
         render = registry_for(lambda: metrics.snapshot(self.server))
         self.metrics_http = MetricsServer(open_metrics_socket(self.spec.metrics), render)
-        await self.metrics_http.start()
-        host, port = self.metrics_http.address
-        server_log.info(
-            "metrics on http://%s:%d/metrics",
-            f"[{host}]" if ":" in host else host,
-            port,
-            extra={"event": "metrics"},
-        )
+        await self.metrics_http.start()  # logs its URL
 
     def _serve_channel(self) -> None:
         """Answer the supervisor's snapshot requests: each byte in, one length-prefixed JSON out.
