@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from ..config import ServerConfig
 from ..endpoints import Endpoint, parse_endpoint
 from ..errors import ConfigError
 from ..service import Handler, Service, traced
 from ..services import as_service, load_service
+from ..settings import SERVER_WIDE as DECLARED_SERVER_WIDE
 from .listeners import Listener, check_unix_mode
 
 DEFAULT_URLS = ("tcp://127.0.0.1:21567", "udp://127.0.0.1:21567")
@@ -54,3 +56,43 @@ def make_binding(
     if cfg.trace:
         svc = traced(svc)
     return Binding(svc, eps, cfg)
+
+
+#: The settings that act on the whole server, not on one binding: given to ``Server`` beside
+#: Bindings, they set ``server.config``.
+SERVER_WIDE = frozenset(s.name for s in DECLARED_SERVER_WIDE)  # their scope is "server"
+_SETTINGS = frozenset(f.name for f in fields(ServerConfig))
+
+
+def bindings_and_config(
+    first: Binding | Service | Handler | str | None,
+    rest: tuple[Binding | str | Endpoint, ...],
+    config: ServerConfig | None,
+    settings: dict[str, Any],
+) -> tuple[list[Binding], ServerConfig]:
+    """What ``Server(...)`` serves, and its server-wide config; ConfigError naming what is wrong."""
+    unknown = sorted(set(settings) - _SETTINGS)
+    if unknown:
+        raise ConfigError(f"Server: unknown setting {unknown[0]!r} (not a ServerConfig field)")
+    if not isinstance(first, Binding):
+        urls = [u for u in rest if not isinstance(u, Binding)]
+        if len(urls) < len(rest):
+            raise ConfigError("Server: Bindings go first; a service takes URLs, not Bindings")
+        cfg = (config or ServerConfig()).replace(**settings)
+        service = "timestamp" if first is None else first
+        return [make_binding(service, urls or DEFAULT_URLS, cfg)], cfg
+    bindings = [first]
+    for b in rest:
+        if not isinstance(b, Binding):
+            raise ConfigError(
+                f"Server: {b!r} given after a Binding; give Bindings, or a service and its URLs"
+            )
+        bindings.append(b)
+    local = sorted(set(settings) - SERVER_WIDE)
+    if local:
+        raise ConfigError(
+            f"Server: {local[0]} is a per-service setting: give it to make_binding() (beside "
+            f"Bindings, Server takes only the server-wide {', '.join(sorted(SERVER_WIDE))})"
+        )
+    base = config or first.config
+    return bindings, base.replace(**settings) if settings else base

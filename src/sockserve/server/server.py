@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 from collections.abc import Iterable
-from dataclasses import fields
 from typing import Any
 
 from .._engine.epoll import HAVE_EPOLL, Hub
@@ -24,9 +22,8 @@ from ..endpoints import Endpoint
 from ..errors import ConfigError
 from ..logs import server_log
 from ..service import Handler, Service
-from ..settings import SERVER_WIDE as DECLARED_SERVER_WIDE
-from .binding import DEFAULT_URLS, Binding, make_binding
-from .listeners import Listener, close_listener, open_listener
+from .binding import DEFAULT_URLS, Binding, bindings_and_config, make_binding
+from .listeners import Listener, close_listener, open_listener, unlink_socket_file
 from .loop import log_loop_exception, new_event_loop
 from .tls import server_context
 
@@ -69,7 +66,7 @@ class Server:
         config: ServerConfig | None = None,
         **settings: Any,
     ) -> None:
-        self.bindings, self.config = _bindings_and_config(
+        self.bindings, self.config = bindings_and_config(
             service_or_binding, urls_or_bindings, config, settings
         )
         #: Server-wide values given here win; otherwise they follow the bindings, also
@@ -535,51 +532,4 @@ class Server:
     def _remove_socket_files(self) -> None:
         """Before a hard exit: unlink our Unix socket files, as a graceful stop does."""
         for lst in list(self.listeners):
-            if lst.unix_file is not None:
-                with contextlib.suppress(OSError):
-                    st = os.stat(lst.endpoint.path)
-                    if (
-                        st.st_dev,
-                        st.st_ino,
-                    ) == lst.unix_file:  # still ours, as close_listener checks
-                        os.unlink(lst.endpoint.path)
-
-
-#: The settings that act on the whole server, not on one binding: given to ``Server`` beside
-#: Bindings, they set ``server.config``.
-SERVER_WIDE = frozenset(s.name for s in DECLARED_SERVER_WIDE)  # their scope is "server"
-_SETTINGS = frozenset(f.name for f in fields(ServerConfig))
-
-
-def _bindings_and_config(
-    first: Binding | Service | Handler | str | None,
-    rest: tuple[Binding | str | Endpoint, ...],
-    config: ServerConfig | None,
-    settings: dict[str, Any],
-) -> tuple[list[Binding], ServerConfig]:
-    """What ``Server(...)`` serves, and its server-wide config; ConfigError naming what is wrong."""
-    unknown = sorted(set(settings) - _SETTINGS)
-    if unknown:
-        raise ConfigError(f"Server: unknown setting {unknown[0]!r} (not a ServerConfig field)")
-    if not isinstance(first, Binding):
-        urls = [u for u in rest if not isinstance(u, Binding)]
-        if len(urls) < len(rest):
-            raise ConfigError("Server: Bindings go first; a service takes URLs, not Bindings")
-        cfg = (config or ServerConfig()).replace(**settings)
-        service = "timestamp" if first is None else first
-        return [make_binding(service, urls or DEFAULT_URLS, cfg)], cfg
-    bindings = [first]
-    for b in rest:
-        if not isinstance(b, Binding):
-            raise ConfigError(
-                f"Server: {b!r} given after a Binding; give Bindings, or a service and its URLs"
-            )
-        bindings.append(b)
-    local = sorted(set(settings) - SERVER_WIDE)
-    if local:
-        raise ConfigError(
-            f"Server: {local[0]} is a per-service setting: give it to make_binding() (beside "
-            f"Bindings, Server takes only the server-wide {', '.join(sorted(SERVER_WIDE))})"
-        )
-    base = config or first.config
-    return bindings, base.replace(**settings) if settings else base
+            unlink_socket_file(lst)
