@@ -22,24 +22,8 @@ from typing import Any
 
 from ..endpoints import Endpoint
 from ..errors import ClientError, ProtocolError
-from .common import (
-    RAW_READ,
-    UDP_FIRST_RETRY,
-    ClientSettings,
-    bad_reply,
-    cannot_resolve,
-    closed_after,
-    closed_before_reply,
-    connect_failed,
-    connect_timed_out,
-    connection_lost,
-    datagram_failed,
-    datagram_reply_too_large,
-    incomplete,
-    raw_reply_too_large,
-    timed_out,
-    tls_failed,
-)
+from . import common
+from .common import RAW_READ, UDP_FIRST_RETRY, ClientSettings
 
 
 class _DatagramReceiver(asyncio.DatagramProtocol):
@@ -80,11 +64,11 @@ class AsyncClient(ClientSettings):
         except ClientError:
             raise
         except (asyncio.TimeoutError, TimeoutError):
-            raise connect_timed_out(self.name, self.timeout, ep.scheme == "tls") from None
+            raise common.connect_timed_out(self.name, self.timeout, ep.scheme == "tls") from None
         except socket.gaierror as exc:
-            raise cannot_resolve(self.name, ep.host, exc) from None
+            raise common.cannot_resolve(self.name, ep.host, exc) from None
         except OSError as exc:
-            raise connect_failed(self.name, exc) from None
+            raise common.connect_failed(self.name, exc) from None
 
     async def _open(self, ep: Endpoint) -> None:
         if ep.is_stream:
@@ -130,7 +114,7 @@ class AsyncClient(ClientSettings):
                 local_addr=self.source,
             )
         except ssl.SSLError as exc:
-            raise tls_failed(self.name, exc) from None
+            raise common.tls_failed(self.name, exc) from None
 
     # -- requests ----------------------------------------------------------------------
 
@@ -148,7 +132,7 @@ class AsyncClient(ClientSettings):
         try:
             await asyncio.wait_for(lock.acquire(), left())
         except asyncio.TimeoutError:
-            raise timed_out(self.name, self.timeout, "no turn on the connection") from None
+            raise common.timed_out(self.name, self.timeout, "no turn on the connection") from None
         try:
             if not self._open_now():
                 await self._connect(left())
@@ -175,15 +159,15 @@ class AsyncClient(ClientSettings):
             raise
         except (asyncio.TimeoutError, TimeoutError):
             raw = self.raw_to_close
-            what = incomplete(self._received) if raw else "no reply"
-            raise timed_out(self.name, self.timeout, what, raw) from None
+            what = common.incomplete(self._received) if raw else "no reply"
+            raise common.timed_out(self.name, self.timeout, what, raw) from None
         except ProtocolError as exc:
-            raise bad_reply(self.name, exc) from None
+            raise common.bad_reply(self.name, exc) from None
         except OSError as exc:
             if self._dgram is not None:
                 sock = self._dgram.get_extra_info("socket")
-                raise datagram_failed(self.endpoint, exc, len(data), sock) from None
-            raise connection_lost(self.name, exc) from None
+                raise common.datagram_failed(self.endpoint, exc, len(data), sock) from None
+            raise common.connection_lost(self.name, exc) from None
 
     async def _stream_request(self, data: bytes) -> bytes:
         assert self._reader is not None and self._writer is not None
@@ -192,17 +176,10 @@ class AsyncClient(ClientSettings):
         codec = self._codec
         self._writer.write(codec.encode(data))
         await self._writer.drain()
-        while True:
-            msg = codec.next_message()
-            if msg is not None:
-                return msg
-            chunk = await self._reader.read(RAW_READ)
-            if not chunk:
-                last = codec.end_of_input()
-                if last is not None:
-                    return last
-                raise closed_before_reply(self.name)
-            codec.feed(chunk)
+        reply = codec.next_message()
+        while reply is None:
+            reply = common.feed_reply(codec, await self._reader.read(RAW_READ), self.name)
+        return reply
 
     async def _raw_request(self, data: bytes) -> bytes:
         """One request per connection: send, half-close, the reply runs to the server's close."""
@@ -221,12 +198,12 @@ class AsyncClient(ClientSettings):
                     break
                 self._received += len(chunk)
                 if self._received > self.max_message:
-                    raise raw_reply_too_large(self.name, self.max_message)
+                    raise common.raw_reply_too_large(self.name, self.max_message)
                 chunks.append(chunk)
         finally:
             await self._close_stream()
         if not self._received:
-            raise closed_before_reply(self.name)
+            raise common.closed_before_reply(self.name)
         return b"".join(chunks)
 
     async def _sized_request(self, data: bytes) -> bytes:
@@ -238,7 +215,7 @@ class AsyncClient(ClientSettings):
         try:
             return await self._reader.readexactly(size)
         except asyncio.IncompleteReadError as exc:
-            raise closed_after(self.name, len(exc.partial), size) from None
+            raise common.closed_after(self.name, len(exc.partial), size) from None
 
     async def _datagram_request(self, data: bytes) -> bytes:
         assert self._dgram is not None and self._receiver is not None
@@ -256,7 +233,7 @@ class AsyncClient(ClientSettings):
             if isinstance(got, Exception):
                 raise got
             if len(got) > self.max_message:
-                raise datagram_reply_too_large(self.name, self.max_message)
+                raise common.datagram_reply_too_large(self.name, self.max_message)
             return got
 
     async def _close_stream(self) -> None:

@@ -36,29 +36,8 @@ import time
 
 from ..endpoints import Endpoint
 from ..errors import ClientError, ProtocolError
-from .common import (
-    DEFAULT_TIMEOUT,
-    RAW_READ,
-    UDP_FIRST_RETRY,
-    ClientSettings,
-    bad_reply,
-    cannot_resolve,
-    check_tls_files,
-    closed_after,
-    closed_before_reply,
-    connect_failed,
-    connect_timed_out,
-    connection_lost,
-    datagram_failed,
-    datagram_reply_too_large,
-    incomplete,
-    raw_reply_too_large,
-    request_too_large,
-    sized_reply_too_large,
-    ssl_context,
-    timed_out,
-    tls_failed,
-)
+from . import common
+from .common import DEFAULT_TIMEOUT, RAW_READ, UDP_FIRST_RETRY, ClientSettings, check_tls_files
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without the 6 ms import of typing
 if TYPE_CHECKING:
@@ -71,7 +50,8 @@ else:
     # nothing from it (ssl, for tls:// only, brings it in when needed).
     import _socket as socket
 
-__all__ = ["DEFAULT_TIMEOUT", "Client", "check_tls_files", "connect", "ssl_context"]
+# check_tls_files: re-exported, cli.bench takes it from here.
+__all__ = ["DEFAULT_TIMEOUT", "Client", "check_tls_files", "connect"]
 
 
 class Client(ClientSettings):
@@ -100,9 +80,9 @@ class Client(ClientSettings):
         except ClientError:
             raise
         except TimeoutError:
-            raise connect_timed_out(self.name, self.timeout, ep.scheme == "tls") from None
+            raise common.connect_timed_out(self.name, self.timeout, ep.scheme == "tls") from None
         except OSError as exc:
-            raise connect_failed(self.name, exc) from None
+            raise common.connect_failed(self.name, exc) from None
         self._sock = sock
         return self
 
@@ -127,7 +107,7 @@ class Client(ClientSettings):
         try:
             infos = socket.getaddrinfo(host, ep.port, socket.AF_UNSPEC, socktype)
         except socket.gaierror as exc:
-            raise cannot_resolve(self.name, ep.host, exc) from None
+            raise common.cannot_resolve(self.name, ep.host, exc) from None
         last: OSError | None = None
         for family, stype, proto, _, addr in infos:
             sock = socket.socket(family, stype, proto)
@@ -165,7 +145,7 @@ class Client(ClientSettings):
             return ctx.wrap_socket(sock, server_hostname=self.server_hostname)
         except ssl.SSLError as exc:
             sock.close()
-            raise tls_failed(self.name, exc) from None
+            raise common.tls_failed(self.name, exc) from None
         except BaseException:
             sock.close()
             raise
@@ -221,11 +201,11 @@ class Client(ClientSettings):
             else:
                 sock.send(data)
         except TimeoutError:
-            raise timed_out(self.name, self.timeout, "request not sent") from None
+            raise common.timed_out(self.name, self.timeout, "request not sent") from None
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE:
-                raise request_too_large(self.endpoint, len(data), sock) from None
-            raise connection_lost(self.name, exc) from None
+                raise common.request_too_large(self.endpoint, len(data), sock) from None
+            raise common.connection_lost(self.name, exc) from None
 
     def _left(self, sock: socket.socket, deadline: float | None) -> None:
         """Give the next socket call only what is left of the request's deadline."""
@@ -266,16 +246,18 @@ class Client(ClientSettings):
                     sink(chunk)
                     continue
                 if size > cap:
-                    raise raw_reply_too_large(self.name, cap)
+                    raise common.raw_reply_too_large(self.name, cap)
                 chunks.append(chunk)
         except TimeoutError:
-            raise timed_out(self.name, self.timeout, incomplete(size), raw=True) from None
+            raise common.timed_out(
+                self.name, self.timeout, common.incomplete(size), raw=True
+            ) from None
         except OSError as exc:
-            raise connection_lost(self.name, exc) from None
+            raise common.connection_lost(self.name, exc) from None
         finally:
             self.close()  # half-closed: the next request opens a connection of its own
         if not size:
-            raise closed_before_reply(self.name)
+            raise common.closed_before_reply(self.name)
         return b"".join(chunks)
 
     def _stream_request(self, sock: socket.socket, data: bytes, deadline: float | None) -> bytes:
@@ -285,24 +267,17 @@ class Client(ClientSettings):
             if self.framing == "raw":
                 return self._sized_request(sock, data, deadline)
             sock.sendall(codec.encode(data))
-            while True:
-                msg = codec.next_message()
-                if msg is not None:
-                    return msg
+            reply = codec.next_message()
+            while reply is None:
                 self._left(sock, deadline)
-                chunk = sock.recv(RAW_READ)
-                if not chunk:
-                    last = codec.end_of_input()
-                    if last is not None:
-                        return last
-                    raise closed_before_reply(self.name)
-                codec.feed(chunk)
+                reply = common.feed_reply(codec, sock.recv(RAW_READ), self.name)
+            return reply
         except TimeoutError:
-            raise timed_out(self.name, self.timeout) from None
+            raise common.timed_out(self.name, self.timeout) from None
         except ProtocolError as exc:
-            raise bad_reply(self.name, exc) from None
+            raise common.bad_reply(self.name, exc) from None
         except OSError as exc:
-            raise connection_lost(self.name, exc) from None
+            raise common.connection_lost(self.name, exc) from None
 
     def _sized_request(self, sock: socket.socket, data: bytes, deadline: float | None) -> bytes:
         """Raw framing with ``reply_size``: the reply is exactly that many bytes.
@@ -313,17 +288,17 @@ class Client(ClientSettings):
         size = self.reply_size
         assert size is not None
         if self._pending(sock):
-            raise sized_reply_too_large(self.name, size, before=True)
+            raise common.sized_reply_too_large(self.name, size, before=True)
         sock.sendall(data)
         buf = bytearray()
         while len(buf) < size:
             self._left(sock, deadline)
             chunk = sock.recv(size - len(buf))
             if not chunk:
-                raise closed_after(self.name, len(buf), size)
+                raise common.closed_after(self.name, len(buf), size)
             buf += chunk
         if self._pending(sock):
-            raise sized_reply_too_large(self.name, size, before=False)
+            raise common.sized_reply_too_large(self.name, size, before=False)
         return bytes(buf)
 
     def _pending(self, sock: socket.socket) -> bool:
@@ -358,12 +333,12 @@ class Client(ClientSettings):
                     wait *= 2  # lost request or reply: send it again
                     continue
                 if len(reply) > cap:
-                    raise datagram_reply_too_large(self.name, cap)
+                    raise common.datagram_reply_too_large(self.name, cap)
                 return reply
         except TimeoutError:
-            raise timed_out(self.name, self.timeout) from None
+            raise common.timed_out(self.name, self.timeout) from None
         except OSError as exc:
-            raise datagram_failed(self.endpoint, exc, len(data), sock) from None
+            raise common.datagram_failed(self.endpoint, exc, len(data), sock) from None
         finally:
             sock.settimeout(self.timeout)
 
@@ -374,9 +349,9 @@ class Client(ClientSettings):
         try:
             return sock.recv(bufsize)
         except TimeoutError:
-            raise timed_out(self.name, self.timeout, "nothing received") from None
+            raise common.timed_out(self.name, self.timeout, "nothing received") from None
         except OSError as exc:
-            raise connection_lost(self.name, exc) from None
+            raise common.connection_lost(self.name, exc) from None
 
 
 def connect(url: str | Endpoint, **options: Any) -> Client:

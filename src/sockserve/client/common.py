@@ -214,6 +214,18 @@ def incomplete(received: int) -> str:
     return "no reply" if not received else f"reply not complete ({received} bytes)"
 
 
+def feed_reply(codec: Codec, chunk: bytes, name: str) -> bytes | None:
+    """Feed what one read returned (b"": the server closed) to ``codec``: a whole reply, or
+    None while more is needed; ConnectionClosed if the server closed before the reply."""
+    if chunk:
+        codec.feed(chunk)
+        return codec.next_message()
+    last = codec.end_of_input()
+    if last is None:
+        raise closed_before_reply(name)
+    return last
+
+
 def closed_before_reply(name: str) -> ConnectionClosed:
     return ConnectionClosed(name, "server closed the connection before replying")
 
