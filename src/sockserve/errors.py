@@ -41,20 +41,38 @@ class LocalProtocolError(ProtocolError):
 
 
 class ClientError(SockserveError):
-    """A client-side failure talking to one endpoint; ``endpoint`` names it."""
+    """A client-side failure talking to one endpoint; ``endpoint`` names it.
 
-    def __init__(self, endpoint: str, reason: str) -> None:
+    ``errno`` is the OS error's that caused it, or None. Its subclasses that are also
+    builtin OS errors (``ConnectError``, ``RequestTimeout``) keep ``str(exc)`` as
+    ``"ENDPOINT: REASON"``.
+    """
+
+    errno: int | None
+
+    def __init__(self, endpoint: str, reason: str, errno: int | None = None) -> None:
         super().__init__(f"{endpoint}: {reason}")
         self.endpoint = endpoint
         self.reason = reason
+        self.errno = errno
+
+    def __reduce__(self) -> tuple[type[ClientError], tuple[str, str, int | None]]:
+        # The default rebuilds from ``args`` (the one formatted message): not our signature.
+        return type(self), (self.endpoint, self.reason, self.errno)
 
 
-class ConnectError(ClientError):
-    """Could not reach the endpoint: refused, unreachable, no such socket file, TLS failure."""
+class ConnectError(ClientError, ConnectionError):
+    """Could not reach the endpoint: refused, unreachable, no such socket file, TLS failure,
+    or no answer within the timeout (a connect timeout: nothing was sent).
+
+    Also a builtin :class:`ConnectionError`, so ``except ConnectionError`` catches it."""
 
 
-class RequestTimeout(ClientError):
-    """No (complete) reply came within the timeout."""
+class RequestTimeout(ClientError, TimeoutError):
+    """Connected, but no (complete) reply came within the timeout.
+
+    Also a builtin :class:`TimeoutError`, so ``except TimeoutError`` catches it. A connect
+    that times out is a :class:`ConnectError` instead: the server was never reached."""
 
 
 class ConnectionClosed(ClientError):

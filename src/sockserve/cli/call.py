@@ -29,7 +29,7 @@ from .common import (
     positive_int,
     silence_stdout,
 )
-from .main import EXIT_FAIL, EXIT_OK, EXIT_USAGE
+from .exits import EXIT_FAIL, EXIT_OK, EXIT_USAGE
 
 TYPE_CHECKING = False
 if TYPE_CHECKING:

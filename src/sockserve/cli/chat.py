@@ -23,10 +23,7 @@ from .common import (
     help_epilog,
     silence_stdout,
 )
-from .main import EXIT_FAIL, EXIT_OK, EXIT_USAGE
-
-#: Exit status of a command ended by Ctrl-C (128 + SIGINT), as shells report it.
-EXIT_INTERRUPTED = 130
+from .exits import EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK, EXIT_USAGE
 
 EXAMPLES = """\
   sockserve chat tcp://127.0.0.1:21567                 # type requests, read replies

@@ -12,7 +12,7 @@ from ..errors import (
     RequestTooLarge,
     SockserveError,
 )
-from .main import EXIT_CLOSED, EXIT_CONNECT, EXIT_FAIL, EXIT_TIMEOUT, EXIT_USAGE
+from .exits import EXIT_CLOSED, EXIT_CONNECT, EXIT_FAIL, EXIT_TIMEOUT, EXIT_USAGE
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without importing typing
 if TYPE_CHECKING:
@@ -62,6 +62,11 @@ def positive_int(text: str) -> int:
 
 
 def exit_code(exc: SockserveError) -> int:
+    """The exit code for a library error: what kind of failure, not which exception class.
+
+    ConnectError is tested before RequestTimeout: a connect that times out is "cannot
+    connect" (3), whatever else it also is.
+    """
     if isinstance(exc, RequestTooLarge):
         return EXIT_USAGE
     if isinstance(exc, ConnectError):
@@ -115,8 +120,9 @@ EXIT_CODES_HELP = """exit codes:
   0  every request answered
   1  runtime failure (a reply longer than --max-message, output not writable)
   2  usage error: bad URL or option, missing TLS file, a request too large to send
-  3  cannot connect (refused, unreachable, no such socket file, TLS handshake)
-  4  timed out (no complete reply within --timeout)
+  3  cannot connect (refused, unreachable, no such socket file, TLS handshake,
+     or no connection within --timeout)
+  4  timed out: connected, but no complete reply within --timeout
   5  the server closed the connection before the reply was complete
   130  interrupted (Ctrl-C)"""
 

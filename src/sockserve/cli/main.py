@@ -1,7 +1,8 @@
 """``sockserve`` entry point: dispatch to a subcommand module, imported only when used.
 
-Exit codes shared by every subcommand: 0 ok, 1 runtime failure, 2 usage error;
-``call`` adds 3 (cannot connect), 4 (timed out) and 5 (closed early).
+Exit codes shared by every subcommand (:mod:`sockserve.cli.exits`): 0 ok, 1 runtime
+failure, 2 usage error; ``call`` adds 3 (cannot connect, a connect timeout included),
+4 (connected, no reply in time) and 5 (closed early).
 
 ``sockserve call`` must start about as fast as ``python -c pass``, so this module
 imports nothing at the top (argparse alone costs ~4 ms), and a plain ``call``
@@ -13,18 +14,35 @@ from __future__ import annotations
 
 import sys
 
+from .exits import (  # re-exported: the subcommands imported them from here
+    EXIT_CLOSED,
+    EXIT_CONNECT,
+    EXIT_FAIL,
+    EXIT_INTERRUPTED,
+    EXIT_OK,
+    EXIT_TIMEOUT,
+    EXIT_USAGE,
+)
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Sequence
     from typing import Any
 
-EXIT_OK = 0
-EXIT_FAIL = 1
-EXIT_USAGE = 2
-EXIT_CONNECT = 3
-EXIT_TIMEOUT = 4
-EXIT_CLOSED = 5
+
+__all__ = [
+    "EXIT_CLOSED",
+    "EXIT_CONNECT",
+    "EXIT_FAIL",
+    "EXIT_INTERRUPTED",
+    "EXIT_OK",
+    "EXIT_TIMEOUT",
+    "EXIT_USAGE",
+    "build_parser",
+    "exit_with",
+    "main",
+]
 
 COMMANDS = {
     "serve": (
@@ -50,8 +68,9 @@ examples:
   sockserve COMMAND --help                         # a command's options
 
 exit codes:
-  0 ok, 1 runtime failure, 2 usage error; call, chat and bench add 3 cannot connect,
-  4 timed out, 5 closed early
+  0 ok, 1 runtime failure, 2 usage error; call, chat and bench add 3 cannot connect
+  (refused, unreachable, TLS failure, or no connection within --timeout), 4 connected
+  but no reply within --timeout, 5 closed early
 """
 
 
@@ -117,7 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
         return int(args._module.run(args))
     except KeyboardInterrupt:  # Ctrl-C while importing or starting: no traceback
-        return 130
+        return EXIT_INTERRUPTED
     except BrokenPipeError:  # `| head` left before the output ended: nothing left to say
         from .common import silence_stdout
 
@@ -146,7 +165,7 @@ def _run_command(name: str, argv: list[str]) -> int:
     try:
         return int(mod.run(args))
     except KeyboardInterrupt:
-        return 130
+        return EXIT_INTERRUPTED
 
 
 def exit_with(code: int) -> None:

@@ -1,5 +1,6 @@
 """Clients: :class:`Client` (blocking, ``socket`` only, so ``sockserve call`` starts fast)
-and :class:`AsyncClient` (asyncio), imported only when used."""
+and :class:`AsyncClient` (asyncio), imported only when used. ``common`` holds what both
+share: their settings, the TLS context and the wording of every error they raise."""
 
 from __future__ import annotations
 

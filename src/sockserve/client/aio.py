@@ -1,8 +1,12 @@
 """The asyncio client: ``async with aconnect(url) as c: reply = await c.request(b"hi")``.
 
-Same endpoints, framings, errors, timeouts and reply rules as the blocking client
-(see :mod:`sockserve.client`): ``timeout`` is a deadline for the whole request,
-raw framing without ``reply_size`` gives each request a connection of its own.
+Same options, endpoints, framings, errors, timeouts and reply rules as the blocking
+client (:mod:`sockserve.client.blocking`; the settings, TLS context and error
+wording are shared in :mod:`sockserve.client.common`): ``timeout`` is a deadline
+for the whole request, a connect that fails or runs out of time is a ConnectError,
+raw framing without ``reply_size`` gives each request a connection of its own, and
+a failed stream request closes its connection so a late reply is never taken for
+the next request's.
 
 Several tasks may call :meth:`AsyncClient.request` on one client at once: a lock
 lets one request at a time use the connection, so every task gets its own reply
@@ -13,24 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import socket
 from typing import Any
 
-from ..endpoints import Endpoint, parse_endpoint
-from ..errors import (
-    ConnectError,
-    ConnectionClosed,
-    ProtocolError,
-    ReplyTooLarge,
-    RequestTimeout,
-    RequestTooLarge,
-)
-from ..framing import DEFAULT_MAX_MESSAGE, Codec, make_codec
-from .blocking import RAW_READ, check_tls_files, ssl_context
-
-DEFAULT_TIMEOUT = 5.0
-UDP_FIRST_RETRY = 0.5
+from ..endpoints import Endpoint
+from ..errors import ClientError, ProtocolError
+from . import common
+from .common import RAW_READ, UDP_FIRST_RETRY, ClientSettings
 
 
 class _DatagramReceiver(asyncio.DatagramProtocol):
@@ -44,140 +37,153 @@ class _DatagramReceiver(asyncio.DatagramProtocol):
         self.queue.put_nowait(exc)
 
 
-class AsyncClient:
-    def __init__(
-        self,
-        url: str | Endpoint,
-        *,
-        framing: str = "raw",
-        timeout: float | None = DEFAULT_TIMEOUT,
-        max_message: int = DEFAULT_MAX_MESSAGE,
-        tls_ca: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        tls_verify: bool = True,
-        server_hostname: str | None = None,
-        reply_size: int | None = None,
-    ) -> None:
-        self.endpoint = url if isinstance(url, Endpoint) else parse_endpoint(url)
-        self.timeout = timeout
-        self.framing = framing
-        self.max_message = max_message
-        if reply_size is not None and reply_size < 1:
-            raise ValueError("reply_size must be at least 1")
-        self.reply_size = reply_size
-        self._codec: Codec = make_codec(framing, max_message)
-        check_tls_files(tls_ca, tls_cert, tls_key)
-        self._tls = (tls_ca, tls_cert, tls_key, tls_verify, server_hostname)
-        self._lock = asyncio.Lock()
-        self._reader: asyncio.StreamReader | None = None
-        self._writer: asyncio.StreamWriter | None = None
-        self._dgram: asyncio.DatagramTransport | None = None
-        self._receiver: _DatagramReceiver | None = None
+class AsyncClient(ClientSettings):
+    """A connection to one endpoint, for asyncio; takes the blocking client's options."""
+
+    _lock: asyncio.Lock | None = None
+    _reader: asyncio.StreamReader | None = None
+    _writer: asyncio.StreamWriter | None = None
+    _dgram: asyncio.DatagramTransport | None = None
+    _receiver: _DatagramReceiver | None = None
+    #: Bytes of the current raw reply received so far (for the timeout's message).
+    _received = 0
+
+    def _open_now(self) -> bool:
+        return (self._writer if self.endpoint.is_stream else self._dgram) is not None
 
     async def connect(self) -> AsyncClient:
-        ep = self.endpoint
-        name = ep.url()
-        try:
-            await asyncio.wait_for(self._open(ep), self.timeout)
-        except asyncio.TimeoutError:
-            raise RequestTimeout(name, f"connect timed out after {self.timeout:g}s") from None
-        except OSError as exc:
-            raise ConnectError(name, exc.strerror or str(exc)) from None
+        """Open the connection (no-op when open); ConnectError if it cannot be opened in time."""
+        if not self._open_now():
+            await self._connect(self.timeout)
         return self
 
+    async def _connect(self, timeout: float | None) -> None:
+        ep = self.endpoint
+        try:
+            await asyncio.wait_for(self._open(ep), timeout)
+        except ClientError:
+            raise
+        except (asyncio.TimeoutError, TimeoutError):
+            raise common.connect_timed_out(self.name, self.timeout, ep.scheme == "tls") from None
+        except socket.gaierror as exc:
+            raise common.cannot_resolve(self.name, ep.host, exc) from None
+        except OSError as exc:
+            raise common.connect_failed(self.name, exc) from None
+
     async def _open(self, ep: Endpoint) -> None:
+        if ep.is_stream:
+            await self._open_stream(ep)
+            return
         loop = asyncio.get_running_loop()
         receiver = _DatagramReceiver()
-        if ep.is_stream:
-            if ep.is_unix:
-                self._reader, self._writer = await asyncio.open_unix_connection(ep.address())  # type: ignore[arg-type]
-            else:
-                ssl_ctx = None
-                if ep.scheme == "tls":
-                    import ssl
-
-                    ca, cert, key, verify, _ = self._tls
-                    ssl_ctx = ssl_context(ca, cert, key)
-                    if not verify:
-                        ssl_ctx.check_hostname = False
-                        ssl_ctx.verify_mode = ssl.CERT_NONE
-                self._reader, self._writer = await asyncio.open_connection(
-                    ep.host,
-                    ep.port,
-                    ssl=ssl_ctx,
-                    server_hostname=(self._tls[4] or ep.host) if ssl_ctx else None,
-                )
-        else:
-            self._receiver = receiver
-            if ep.is_unix:
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-                sock.bind("")
+        if ep.is_unix:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+            try:
+                sock.bind("")  # Linux autobind: an address of our own for the replies
                 sock.connect(ep.address())
                 sock.setblocking(False)
-                transport, _ = await loop.create_datagram_endpoint(lambda: receiver, sock=sock)
-            else:
-                transport, _ = await loop.create_datagram_endpoint(
-                    lambda: receiver,
-                    remote_addr=(ep.host, ep.port),
-                )
-            self._dgram = transport
+            except BaseException:
+                sock.close()
+                raise
+            transport, _ = await loop.create_datagram_endpoint(lambda: receiver, sock=sock)
+        else:
+            transport, _ = await loop.create_datagram_endpoint(
+                lambda: receiver, remote_addr=(ep.host, ep.port), local_addr=self.source
+            )
+        self._receiver = receiver
+        self._dgram = transport
+
+    async def _open_stream(self, ep: Endpoint) -> None:
+        if ep.is_unix:
+            path = ep.address()  # str, or bytes for an abstract name (connect takes both)
+            self._reader, self._writer = await asyncio.open_unix_connection(path)  # type: ignore[arg-type]
+            return
+        if ep.scheme != "tls":
+            self._reader, self._writer = await asyncio.open_connection(
+                ep.host, ep.port, local_addr=self.source
+            )
+            return
+        import ssl
+
+        try:
+            self._reader, self._writer = await asyncio.open_connection(
+                ep.host,
+                ep.port,
+                ssl=self.ssl_context(),
+                server_hostname=self.server_hostname,
+                local_addr=self.source,
+            )
+        except ssl.SSLError as exc:
+            raise common.tls_failed(self.name, exc) from None
+
+    # -- requests ----------------------------------------------------------------------
 
     async def request(self, data: bytes) -> bytes:
         """Send one request and return its whole reply; safe to call from several tasks."""
-        name = self.endpoint.url()
-        try:
-            return await asyncio.wait_for(self._locked_request(data), self.timeout)
-        except asyncio.TimeoutError:
-            raise RequestTimeout(name, f"no reply within {self.timeout:g}s") from None
-        except ProtocolError as exc:
-            raise ConnectionClosed(name, f"bad reply: {exc}") from None
-        except ConnectionRefusedError:
-            raise ConnectError(name, "connection refused") from None
-        except OSError as exc:
-            if exc.errno == errno.EMSGSIZE:
-                raise RequestTooLarge(
-                    name, f"a {len(data)}-byte request does not fit in one datagram"
-                ) from None
-            raise ConnectionClosed(name, exc.strerror or str(exc)) from None
+        loop = asyncio.get_running_loop()
+        deadline = None if self.timeout is None else loop.time() + self.timeout
 
-    async def _locked_request(self, data: bytes) -> bytes:
-        async with self._lock:
-            if self.endpoint.is_stream:
-                return await self._stream_request(data)
-            if self._dgram is None:
-                await self._open(self.endpoint)
-            return await self._datagram_request(data)
+        def left() -> float | None:
+            return None if deadline is None else max(0.0, deadline - loop.time())
+
+        if self._lock is None:
+            self._lock = asyncio.Lock()
+        lock = self._lock
+        try:
+            await asyncio.wait_for(lock.acquire(), left())
+        except asyncio.TimeoutError:
+            raise common.timed_out(self.name, self.timeout, "no turn on the connection") from None
+        try:
+            if not self._open_now():
+                await self._connect(left())
+            return await self._exchange(data, left())
+        finally:
+            lock.release()
+
+    async def _exchange(self, data: bytes, timeout: float | None) -> bytes:
+        """One request on the open connection, translating its failures."""
+        self._received = 0
+        try:
+            if not self.endpoint.is_stream:
+                return await asyncio.wait_for(self._datagram_request(data), timeout)
+            if self.raw_to_close:
+                return await asyncio.wait_for(self._raw_request(data), timeout)
+            try:
+                return await asyncio.wait_for(self._stream_request(data), timeout)
+            except BaseException:
+                # The reply's rest may still come: on this connection it would pass for the next.
+                await self._close_stream()
+                self._reset_codec()
+                raise
+        except ClientError:
+            raise
+        except (asyncio.TimeoutError, TimeoutError):
+            raw = self.raw_to_close
+            what = common.incomplete(self._received) if raw else "no reply"
+            raise common.timed_out(self.name, self.timeout, what, raw) from None
+        except ProtocolError as exc:
+            raise common.bad_reply(self.name, exc) from None
+        except OSError as exc:
+            if self._dgram is not None:
+                sock = self._dgram.get_extra_info("socket")
+                raise common.datagram_failed(self.endpoint, exc, len(data), sock) from None
+            raise common.connection_lost(self.name, exc) from None
 
     async def _stream_request(self, data: bytes) -> bytes:
-        if self._writer is None:
-            await self._open(self.endpoint)
         assert self._reader is not None and self._writer is not None
         if self.framing == "raw":
-            if self.reply_size is None:
-                return await self._raw_request(data)
             return await self._sized_request(data)
         codec = self._codec
         self._writer.write(codec.encode(data))
         await self._writer.drain()
-        while True:
-            msg = codec.next_message()
-            if msg is not None:
-                return msg
-            chunk = await self._reader.read(RAW_READ)
-            if not chunk:
-                last = codec.end_of_input()
-                if last is not None:
-                    return last
-                raise ConnectionClosed(
-                    self.endpoint.url(), "server closed the connection before replying"
-                )
-            codec.feed(chunk)
+        reply = codec.next_message()
+        while reply is None:
+            reply = common.feed_reply(codec, await self._reader.read(RAW_READ), self.name)
+        return reply
 
     async def _raw_request(self, data: bytes) -> bytes:
         """One request per connection: send, half-close, the reply runs to the server's close."""
         assert self._reader is not None and self._writer is not None
-        name = self.endpoint.url()
         try:
             self._writer.write(data)
             await self._writer.drain()
@@ -186,23 +192,18 @@ class AsyncClient:
             else:  # TLS: a TCP half-close under the TLS layer, as the blocking client does
                 self._writer.get_extra_info("socket").shutdown(socket.SHUT_WR)
             chunks: list[bytes] = []
-            size = 0
             while True:
                 chunk = await self._reader.read(RAW_READ)
                 if not chunk:
                     break
-                size += len(chunk)
-                if size > self.max_message:
-                    raise ReplyTooLarge(
-                        name,
-                        f"reply longer than the {self.max_message}-byte limit (raw framing "
-                        "reads to the server's close): raise max_message, or use line/length",
-                    )
+                self._received += len(chunk)
+                if self._received > self.max_message:
+                    raise common.raw_reply_too_large(self.name, self.max_message)
                 chunks.append(chunk)
         finally:
             await self._close_stream()
-        if not size:
-            raise ConnectionClosed(name, "server closed the connection before replying")
+        if not self._received:
+            raise common.closed_before_reply(self.name)
         return b"".join(chunks)
 
     async def _sized_request(self, data: bytes) -> bytes:
@@ -214,15 +215,12 @@ class AsyncClient:
         try:
             return await self._reader.readexactly(size)
         except asyncio.IncompleteReadError as exc:
-            raise ConnectionClosed(
-                self.endpoint.url(),
-                f"server closed the connection after {len(exc.partial)} of {size} bytes",
-            ) from None
+            raise common.closed_after(self.name, len(exc.partial), size) from None
 
     async def _datagram_request(self, data: bytes) -> bytes:
         assert self._dgram is not None and self._receiver is not None
         queue = self._receiver.queue
-        while not queue.empty():  # a late reply to an earlier, timed-out request
+        while not queue.empty():  # late replies to a timed-out or retransmitted request
             queue.get_nowait()
         wait = UDP_FIRST_RETRY
         while True:
@@ -230,15 +228,12 @@ class AsyncClient:
             try:
                 got = await asyncio.wait_for(queue.get(), wait)
             except asyncio.TimeoutError:
-                wait *= 2
+                wait *= 2  # lost request or reply: send it again
                 continue
             if isinstance(got, Exception):
                 raise got
             if len(got) > self.max_message:
-                raise ReplyTooLarge(
-                    self.endpoint.url(),
-                    f"reply datagram longer than the {self.max_message}-byte limit (max_message)",
-                )
+                raise common.datagram_reply_too_large(self.name, self.max_message)
             return got
 
     async def _close_stream(self) -> None:

@@ -19,10 +19,13 @@ Where a reply ends (the rule ``sockserve call`` documents too):
 ``timeout`` is a deadline for the whole request (connect, send and every read),
 not a limit per ``recv``: a server trickling one byte at a time cannot stretch it.
 
-Error handling: OS errors are translated at this edge into ConnectError (could
-not reach), RequestTimeout (no reply in time), ConnectionClosed (the server
-hung up early), ReplyTooLarge / RequestTooLarge (sizes), each naming the
-endpoint; a missing TLS file raises TLSFileError naming the file.
+Error handling: OS errors are translated at this edge (wording in
+:mod:`sockserve.client.common`) into ConnectError (could not reach, or no
+connection within the timeout), RequestTimeout (connected, no reply in time),
+ConnectionClosed (the server hung up early), ReplyTooLarge / RequestTooLarge
+(sizes), each naming the endpoint; a missing TLS file raises TLSFileError naming
+the file. After a failed stream request the connection is closed (the next
+request opens another), so a late reply is never taken for the next one's.
 """
 
 from __future__ import annotations
@@ -31,108 +34,71 @@ import errno
 import os
 import time
 
-from ..endpoints import Endpoint, parse_endpoint
-from ..errors import (
-    ConnectError,
-    ConnectionClosed,
-    ProtocolError,
-    ReplyTooLarge,
-    RequestTimeout,
-    RequestTooLarge,
-    TLSFileError,
-)
-from ..framing import DEFAULT_MAX_MESSAGE, make_codec
+from ..endpoints import Endpoint
+from ..errors import ClientError, ProtocolError
+from . import common
+from .common import DEFAULT_TIMEOUT, RAW_READ, UDP_FIRST_RETRY, ClientSettings, check_tls_files
 
 TYPE_CHECKING = False  # typing.TYPE_CHECKING without the 6 ms import of typing
 if TYPE_CHECKING:
     import socket
-    import ssl
     from collections.abc import Callable
     from typing import Any
-
-    from ..framing import Codec
 else:
     # The socket module's C core. The Python layer on top adds enum and selectors, 6 ms of
     # imports, which would more than double a one-shot call's start-up; the client uses
     # nothing from it (ssl, for tls:// only, brings it in when needed).
     import _socket as socket
 
-    from ..framing import Codec
-
-DEFAULT_TIMEOUT = 5.0
-#: First UDP retransmission after this long, doubling, until the timeout is spent.
-UDP_FIRST_RETRY = 0.5
-#: Read size: like the textbook client's recv(1024), but big enough for any datagram.
-RAW_READ = 65536
-#: The largest UDP payload: 65535 minus the IP and UDP headers (IPv6 without jumbograms: 65527).
-UDP_MAX_PAYLOAD = {False: 65507, True: 65527}
-#: What to say when raw replies cannot be delimited.
-RAW_HINT = "raw replies have no boundaries: use --framing line/length or --reply-size"
+# check_tls_files: re-exported, cli.bench takes it from here.
+__all__ = ["DEFAULT_TIMEOUT", "Client", "check_tls_files", "connect"]
 
 
-class Client:
-    """A connection to one endpoint. Not thread-safe; one request at a time."""
+class Client(ClientSettings):
+    """A connection to one endpoint. Not thread-safe; one request at a time.
 
-    def __init__(
-        self,
-        url: str | Endpoint,
-        *,
-        framing: str = "raw",
-        timeout: float | None = DEFAULT_TIMEOUT,
-        max_message: int = DEFAULT_MAX_MESSAGE,
-        tls_ca: str | None = None,
-        tls_cert: str | None = None,
-        tls_key: str | None = None,
-        tls_verify: bool = True,
-        server_hostname: str | None = None,
-        source: tuple[str, int] | None = None,
-        reply_size: int | None = None,
-    ) -> None:
-        self.endpoint = url if isinstance(url, Endpoint) else parse_endpoint(url)
-        self.framing = framing
-        self.timeout = timeout
-        self.max_message = max_message
-        if reply_size is not None and reply_size < 1:
-            raise ValueError("reply_size must be at least 1")
-        #: Raw framing: every reply is this many bytes (None: a reply ends at the server's close).
-        self.reply_size = reply_size
-        self._codec: Codec = make_codec(framing, max_message)
-        check_tls_files(tls_ca, tls_cert, tls_key)
-        self._tls = (tls_ca, tls_cert, tls_key, tls_verify, server_hostname)
-        self._source = source
-        self._sock: socket.socket | None = None
-        self._unlink: str | None = None
+    Takes the options of :class:`~sockserve.client.common.ClientSettings`.
+    Resource handling: the socket opens on :meth:`connect` (or the first request)
+    and closes on :meth:`close` or leaving the ``with`` block.
+    """
+
+    _sock: socket.socket | None = None
+    _unlink: str | None = None  # a unixgram client's own socket file, where autobind failed
 
     # -- connection --------------------------------------------------------------------
 
     def connect(self) -> Client:
+        """Open the connection (no-op when open); ConnectError if it cannot be opened in time."""
         if self._sock is not None:
             return self
         ep = self.endpoint
-        name = ep.url()
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
         try:
-            if ep.is_unix:
-                sock = socket.socket(
-                    socket.AF_UNIX, socket.SOCK_STREAM if ep.is_stream else socket.SOCK_DGRAM
-                )
-                try:
-                    sock.settimeout(self.timeout)
-                    if not ep.is_stream:
-                        self._bind_unixgram(sock)
-                    sock.connect(ep.address())
-                except BaseException:
-                    sock.close()
-                    raise
-            else:
-                sock = self._connect_inet(ep)
+            sock = self._connect_unix(ep) if ep.is_unix else self._connect_inet(ep)
             if ep.scheme == "tls":
-                sock = self._wrap_tls(sock)
+                sock = self._wrap_tls(sock, deadline)
+        except ClientError:
+            raise
         except TimeoutError:
-            raise RequestTimeout(name, f"connect timed out after {self.timeout:g}s") from None
+            raise common.connect_timed_out(self.name, self.timeout, ep.scheme == "tls") from None
         except OSError as exc:
-            raise ConnectError(name, _reason(exc)) from None
+            raise common.connect_failed(self.name, exc) from None
         self._sock = sock
         return self
+
+    def _connect_unix(self, ep: Endpoint) -> socket.socket:
+        sock = socket.socket(
+            socket.AF_UNIX, socket.SOCK_STREAM if ep.is_stream else socket.SOCK_DGRAM
+        )
+        try:
+            sock.settimeout(self.timeout)
+            if not ep.is_stream:
+                self._bind_unixgram(sock)
+            sock.connect(ep.address())
+        except BaseException:
+            sock.close()
+            raise
+        return sock
 
     def _connect_inet(self, ep: Endpoint) -> socket.socket:
         socktype = socket.SOCK_STREAM if ep.is_stream else socket.SOCK_DGRAM
@@ -141,14 +107,14 @@ class Client:
         try:
             infos = socket.getaddrinfo(host, ep.port, socket.AF_UNSPEC, socktype)
         except socket.gaierror as exc:
-            raise ConnectError(ep.url(), f"cannot resolve {ep.host!r}: {exc.strerror}") from None
+            raise common.cannot_resolve(self.name, ep.host, exc) from None
         last: OSError | None = None
         for family, stype, proto, _, addr in infos:
             sock = socket.socket(family, stype, proto)
             try:
                 sock.settimeout(self.timeout)
-                if self._source is not None:
-                    sock.bind(self._source)
+                if self.source is not None:
+                    sock.bind(self.source)
                 sock.connect(addr)
                 if ep.is_stream:
                     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -156,7 +122,7 @@ class Client:
             except OSError as exc:
                 sock.close()
                 last = exc
-                if isinstance(exc, socket.timeout):
+                if isinstance(exc, TimeoutError):
                     raise
         assert last is not None
         raise last
@@ -170,25 +136,16 @@ class Client:
             sock.bind(path)
             self._unlink = path
 
-    def _wrap_tls(self, sock: socket.socket) -> socket.socket:
+    def _wrap_tls(self, sock: socket.socket, deadline: float | None) -> socket.socket:
         import ssl
 
-        ca, cert, key, verify, hostname = self._tls
         try:
-            ctx = ssl_context(ca, cert, key)
-        except BaseException:
-            sock.close()
-            raise
-        if not verify:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        try:
-            return ctx.wrap_socket(sock, server_hostname=hostname or self.endpoint.host)
+            ctx = self.ssl_context()
+            self._left(sock, deadline)  # the handshake gets what the TCP connect left
+            return ctx.wrap_socket(sock, server_hostname=self.server_hostname)
         except ssl.SSLError as exc:
             sock.close()
-            raise ConnectError(
-                self.endpoint.url(), f"TLS handshake failed: {exc.reason or exc}"
-            ) from None
+            raise common.tls_failed(self.name, exc) from None
         except BaseException:
             sock.close()
             raise
@@ -224,9 +181,15 @@ class Client:
         assert sock is not None
         if not self.endpoint.is_stream:
             return self._datagram_request(sock, data, deadline)
-        if self.framing == "raw" and self.reply_size is None:
+        if self.raw_to_close:
             return self._raw_request(sock, data, deadline, sink)
-        return self._stream_request(sock, data, deadline)
+        try:
+            return self._stream_request(sock, data, deadline)
+        except BaseException:
+            # The reply's rest may still come: on this connection it would pass for the next.
+            self.close()
+            self._reset_codec()
+            raise
 
     def send(self, data: bytes) -> None:
         """Send one request without waiting for a reply (for services that never reply)."""
@@ -238,11 +201,11 @@ class Client:
             else:
                 sock.send(data)
         except TimeoutError:
-            raise RequestTimeout(self.endpoint.url(), "timed out sending") from None
+            raise common.timed_out(self.name, self.timeout, "request not sent") from None
         except OSError as exc:
             if exc.errno == errno.EMSGSIZE:
-                raise self._too_large(sock, len(data)) from None
-            raise ConnectionClosed(self.endpoint.url(), _reason(exc)) from None
+                raise common.request_too_large(self.endpoint, len(data), sock) from None
+            raise common.connection_lost(self.name, exc) from None
 
     def _left(self, sock: socket.socket, deadline: float | None) -> None:
         """Give the next socket call only what is left of the request's deadline."""
@@ -260,7 +223,6 @@ class Client:
         sink: Callable[[bytes], object] | None,
     ) -> bytes:
         """Raw framing, one request per connection: send, half-close, read to the close."""
-        name = self.endpoint.url()
         cap = self.max_message
         chunks: list[bytes] = []
         size = 0
@@ -284,53 +246,38 @@ class Client:
                     sink(chunk)
                     continue
                 if size > cap:
-                    raise ReplyTooLarge(
-                        name,
-                        f"reply longer than the {cap}-byte limit (raw framing reads to the "
-                        "server's close): raise --max-message, or use --framing line/length",
-                    )
+                    raise common.raw_reply_too_large(self.name, cap)
                 chunks.append(chunk)
         except TimeoutError:
-            what = "no reply" if not size else f"reply not complete ({size} bytes)"
-            raise RequestTimeout(
-                name,
-                f"{what} within {self.timeout:g}s: raw framing waits for the server to "
-                "close the connection; use --framing line/length or --reply-size",
+            raise common.timed_out(
+                self.name, self.timeout, common.incomplete(size), raw=True
             ) from None
         except OSError as exc:
-            raise ConnectionClosed(name, _reason(exc)) from None
+            raise common.connection_lost(self.name, exc) from None
         finally:
             self.close()  # half-closed: the next request opens a connection of its own
         if not size:
-            raise ConnectionClosed(name, "server closed the connection before replying")
+            raise common.closed_before_reply(self.name)
         return b"".join(chunks)
 
     def _stream_request(self, sock: socket.socket, data: bytes, deadline: float | None) -> bytes:
-        name = self.endpoint.url()
         codec = self._codec
         try:
             self._left(sock, deadline)
             if self.framing == "raw":
                 return self._sized_request(sock, data, deadline)
             sock.sendall(codec.encode(data))
-            while True:
-                msg = codec.next_message()
-                if msg is not None:
-                    return msg
+            reply = codec.next_message()
+            while reply is None:
                 self._left(sock, deadline)
-                chunk = sock.recv(RAW_READ)
-                if not chunk:
-                    last = codec.end_of_input()
-                    if last is not None:
-                        return last
-                    raise ConnectionClosed(name, "server closed the connection before replying")
-                codec.feed(chunk)
+                reply = common.feed_reply(codec, sock.recv(RAW_READ), self.name)
+            return reply
         except TimeoutError:
-            raise RequestTimeout(name, f"no reply within {self.timeout:g}s") from None
+            raise common.timed_out(self.name, self.timeout) from None
         except ProtocolError as exc:
-            raise ConnectionClosed(name, f"bad reply: {exc}") from None
+            raise common.bad_reply(self.name, exc) from None
         except OSError as exc:
-            raise ConnectionClosed(name, _reason(exc)) from None
+            raise common.connection_lost(self.name, exc) from None
 
     def _sized_request(self, sock: socket.socket, data: bytes, deadline: float | None) -> bytes:
         """Raw framing with ``reply_size``: the reply is exactly that many bytes.
@@ -338,23 +285,20 @@ class Client:
         Bytes already waiting before the request is sent, or right after the reply, mean
         the replies are longer than ``reply_size``: fail rather than mis-assign them.
         """
-        name = self.endpoint.url()
         size = self.reply_size
         assert size is not None
         if self._pending(sock):
-            raise ReplyTooLarge(name, f"the server sent more than --reply-size {size} bytes")
+            raise common.sized_reply_too_large(self.name, size, before=True)
         sock.sendall(data)
         buf = bytearray()
         while len(buf) < size:
             self._left(sock, deadline)
             chunk = sock.recv(size - len(buf))
             if not chunk:
-                raise ConnectionClosed(
-                    name, f"server closed the connection after {len(buf)} of {size} bytes"
-                )
+                raise common.closed_after(self.name, len(buf), size)
             buf += chunk
         if self._pending(sock):
-            raise ReplyTooLarge(name, f"reply longer than --reply-size {size} bytes")
+            raise common.sized_reply_too_large(self.name, size, before=False)
         return bytes(buf)
 
     def _pending(self, sock: socket.socket) -> bool:
@@ -369,10 +313,11 @@ class Client:
             sock.settimeout(timeout)
 
     def _datagram_request(self, sock: socket.socket, data: bytes, deadline: float | None) -> bytes:
-        name = self.endpoint.url()
         wait = UDP_FIRST_RETRY
         cap = self.max_message
         try:
+            while self._pending(sock):  # late replies to a timed-out or retransmitted request
+                sock.recv(cap + 1)
             while True:
                 sock.send(data)
                 left = None if deadline is None else deadline - time.monotonic()
@@ -388,31 +333,14 @@ class Client:
                     wait *= 2  # lost request or reply: send it again
                     continue
                 if len(reply) > cap:
-                    raise ReplyTooLarge(
-                        name, f"reply datagram longer than the {cap}-byte limit (--max-message)"
-                    )
+                    raise common.datagram_reply_too_large(self.name, cap)
                 return reply
         except TimeoutError:
-            raise RequestTimeout(name, f"no reply within {self.timeout:g}s") from None
+            raise common.timed_out(self.name, self.timeout) from None
         except OSError as exc:
-            if exc.errno == errno.EMSGSIZE:
-                raise self._too_large(sock, len(data)) from None
-            if exc.errno in (errno.ECONNREFUSED, errno.ENOENT):
-                raise ConnectError(name, _reason(exc)) from None
-            raise ConnectionClosed(name, _reason(exc)) from None
+            raise common.datagram_failed(self.endpoint, exc, len(data), sock) from None
         finally:
             sock.settimeout(self.timeout)
-
-    def _too_large(self, sock: socket.socket, n: int) -> RequestTooLarge:
-        ep = self.endpoint
-        if ep.is_inet:
-            limit = f"UDP carries at most {UDP_MAX_PAYLOAD[ep.is_ipv6]} bytes"
-        else:
-            buf = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-            limit = f"the socket's send buffer (SO_SNDBUF) is {buf} bytes"
-        return RequestTooLarge(
-            ep.url(), f"a {n}-byte request does not fit in one datagram: {limit}"
-        )
 
     def recv_stream(self, bufsize: int = RAW_READ) -> bytes:
         """Read whatever the server sends next (b"" at end) for streaming services."""
@@ -421,62 +349,11 @@ class Client:
         try:
             return sock.recv(bufsize)
         except TimeoutError:
-            raise RequestTimeout(
-                self.endpoint.url(), f"nothing received within {self.timeout:g}s"
-            ) from None
+            raise common.timed_out(self.name, self.timeout, "nothing received") from None
         except OSError as exc:
-            raise ConnectionClosed(self.endpoint.url(), _reason(exc)) from None
-
-
-def check_tls_files(ca: str | None, cert: str | None, key: str | None) -> None:
-    """Raise TLSFileError naming a TLS file that is missing or unreadable, before connecting."""
-    for option, path in (("--tls-ca", ca), ("--tls-cert", cert), ("--tls-key", key)):
-        if path is None:
-            continue
-        try:
-            with open(path, "rb"):
-                pass
-        except OSError as exc:
-            raise TLSFileError(option, path, exc.strerror or str(exc)) from None
-
-
-def ssl_context(ca: str | None, cert: str | None, key: str | None) -> ssl.SSLContext:
-    """A client TLS context; a file it cannot load raises TLSFileError naming the file."""
-    import ssl
-
-    try:
-        ctx = ssl.create_default_context(cafile=ca)
-    except (OSError, ssl.SSLError) as exc:
-        raise TLSFileError("--tls-ca", str(ca), _tls_reason(exc)) from None
-    if cert:
-        try:
-            ctx.load_cert_chain(cert, key)
-        except (OSError, ssl.SSLError) as exc:
-            names = f"{cert} / {key}" if key else cert
-            raise TLSFileError("--tls-cert/--tls-key", names, _tls_reason(exc)) from None
-    return ctx
-
-
-def _tls_reason(exc: Exception) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror
-    return getattr(exc, "reason", None) or str(exc)
+            raise common.connection_lost(self.name, exc) from None
 
 
 def connect(url: str | Endpoint, **options: Any) -> Client:
     """Open a blocking client to ``url``; use it as a context manager."""
     return Client(url, **options).connect()
-
-
-def _reason(exc: OSError) -> str:
-    reasons = {
-        errno.ECONNREFUSED: "connection refused (is the server running?)",
-        errno.ENOENT: "no such socket file",
-        errno.ECONNRESET: "connection reset by the server",
-        errno.EPIPE: "server closed the connection",
-        errno.EHOSTUNREACH: "host unreachable",
-        errno.ENETUNREACH: "network unreachable",
-        errno.EACCES: "permission denied",
-        errno.ECONNABORTED: "connection aborted",
-    }
-    return reasons.get(exc.errno or 0, exc.strerror or str(exc) or type(exc).__name__)
