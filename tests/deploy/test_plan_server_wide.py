@@ -42,7 +42,7 @@ def test_reload_names_the_settings_only_a_restart_applies(tmp_path: Path) -> Non
 
     config('engine = "asyncio"\nbusy_poll_us = 10\n')
     with serve_proc("--config", str(cfg)) as p:
-        p.endpoints(1)
+        p.wait_endpoints(1)
         config('engine = "auto"\nbusy_poll_us = 20\nidle_timeout = 5\n')
         p.signal(signal.SIGHUP)
         p.wait_log(r"reloaded ")
@@ -54,4 +54,5 @@ def test_reload_names_the_settings_only_a_restart_applies(tmp_path: Path) -> Non
         p.wait_log(r"reloaded ", 2)
         assert p.log.count("only after a restart") == 1  # idle_timeout applies: no warning
         p.signal(signal.SIGTERM)
-        assert p.wait() == 0
+        rc, log = p.wait()
+        assert rc == 0, log
