@@ -8,6 +8,7 @@ paths in tmp_path; every wait is bounded.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import signal
@@ -380,18 +381,43 @@ idle_timeout = {idle}
 # -- item 16: SIGHUP while starting ------------------------------------------------------
 
 
-def test_sighup_early_in_start_up_never_kills_a_single_process(tmp_path: Path) -> None:
+def _catches_sighup(pid: int) -> bool:
+    """Whether process ``pid`` has a handler for SIGHUP (its SigCgt mask in /proc)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("SigCgt:"):
+                return bool(int(line.split()[1], 16) & (1 << (signal.SIGHUP - 1)))
+    return False
+
+
+@pytest.mark.parametrize("start", ["blocked-at-exec", "caught-while-importing"])
+def test_sighup_early_in_start_up_never_kills_a_single_process(tmp_path: Path, start: str) -> None:
+    """A SIGHUP that lands while the process still imports is remembered and replayed as a
+    reload once it serves.
+
+    ``blocked-at-exec``: sent at once to a process started with SIGHUP blocked (as the
+    supervisor starts its workers), so it is pending from the first instruction: red when
+    nothing catches and unblocks it, or unblocks it before catching. ``caught-while-importing``:
+    sent as soon as the entry point has caught it (before that the interpreter itself is
+    starting, where SIGHUP's default action ends any program; a fixed delay raced that on a
+    loaded machine)."""
     cfg = tmp_path / "s.toml"
     _config(cfg, '[[service]]\nname = "deploy_helpers:upper"\nlisten = ["tcp://127.0.0.1:0"]\n')
     env = {**os.environ, "PYTHONPATH": TESTS_DIR}
+
+    def block_sighup() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+
     for _ in range(3):
         proc = subprocess.Popen(
             [*SOCKSERVE, "serve", "--config", str(cfg)],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             env=env,
+            preexec_fn=block_sighup if start == "blocked-at-exec" else None,
         )
-        time.sleep(0.05)  # the issue's figure: 50 ms after start, while importing
+        if start == "caught-while-importing":
+            wait_for(functools.partial(_catches_sighup, proc.pid), 20, "SIGHUP caught")
         proc.send_signal(signal.SIGHUP)
         try:
             assert proc.stderr is not None
