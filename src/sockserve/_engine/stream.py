@@ -16,7 +16,7 @@ from ..errors import ProtocolError
 from ..framing import Codec, make_codec
 from ..logs import conn_log, fmt_peer, service_log
 from ..service import Context, StreamSession
-from .epoll import FastStream
+from .faststream import FastStream
 from .requests import PAUSE_WRITE, RequestQueue
 from .signals import is_signal_interrupt
 

@@ -1,6 +1,6 @@
 """The UDP guards' decisions, sans-IO: which datagram to drop, and how far to cut a reply.
 
-Kept apart from :class:`~sockserve._engine.runtime.DatagramRuntime` (which reads, logs and
+Kept apart from :class:`~sockserve._engine.datagram.DatagramRuntime` (which reads, logs and
 sends) so that each comparison here, where one wrong ``<`` lets a reflection or a
 service loop through, is unit-tested and mutation-tested on its own. The rules are
 documented on ``DatagramRuntime``.

@@ -17,9 +17,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._engine.datagram import DatagramRuntime
 from .._engine.epoll import HAVE_EPOLL, Hub
 from .._engine.proxywrap import warn_settings
-from .._engine.runtime import DatagramRuntime, StreamRuntime
+from .._engine.runtime import StreamRuntime
 from .._engine.signals import StopSignals
 from ..config import ServerConfig
 from ..endpoints import Endpoint, parse_endpoint

@@ -1,0 +1,362 @@
+"""One request/reply stream connection served straight from the epoll hub (:mod:`.epoll`).
+
+Error handling: OS errors on the socket close that connection, logged with its
+reason. Resource handling: reading stops while unsent replies exceed the
+high-water mark or async requests queue up, exactly like the transport path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import socket
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ProtocolError
+from ..framing import Codec, make_codec
+from ..service import Context
+from .epoll import _ERR, _IN, _IN_OR_ERR, _OUT, Hub
+from .fastio import stream_recv, stream_send
+from .requests import PAUSE_WRITE, RequestQueue
+from .signals import is_signal_interrupt
+
+if TYPE_CHECKING:
+    from .runtime import StreamRuntime
+
+#: Bytes read per recv: a whole 64 KiB message in one call, like uvloop's read size.
+READ_SIZE = 65536
+
+
+class FastStream(RequestQueue):
+    """One request/reply stream connection served straight from the hub.
+
+    Offers what the runtime's bookkeeping needs, like the transport-based
+    ``StreamProtocol``: ``ctx``, ``active``/``idle_since``/``busy`` for the idle
+    sweeper, ``close``/``drain``/``abort``.
+    """
+
+    __slots__ = (
+        "_async",
+        "_codec",
+        "_eof",
+        "_events",
+        "_fast",
+        "_handler",
+        "_high",
+        "_low",
+        "_max",
+        "_out",
+        "_out_size",
+        "_paused",
+        "_queue",
+        "_worker",
+        "active",
+        "closing",
+        "ctx",
+        "fd",
+        "hub",
+        "idle_since",
+        "rt",
+        "sock",
+    )
+
+    def __init__(self, rt: StreamRuntime, hub: Hub, sock: socket.socket, peer: Any) -> None:
+        cfg = rt.config
+        self.rt = rt
+        self.hub = hub
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.ctx = Context(peer, rt.endpoint)
+        self._handler = rt.handler
+        self._async = rt.is_async
+        self._max = cfg.max_message
+        # raw framing with a sync handler: each chunk answered inline, no codec (made lazily).
+        self._fast = cfg.framing == "raw" and not rt.is_async
+        self._codec: Codec | None = None if self._fast else make_codec(cfg.framing, cfg.max_message)
+        self._high = cfg.write_high_water
+        self._low = cfg.write_low_water
+        self._out: list[bytes] | None = None
+        self._out_size = 0
+        self._queue: deque[bytes] | None = None
+        self._worker: asyncio.Task[None] | None = None
+        self._paused = 0
+        self._eof = False
+        self._events = _IN
+        self.closing = False
+        self.active = True
+        self.idle_since = 0.0
+        hub.add(self.fd, self, _IN)
+        rt.opened(self)
+
+    # -- events ------------------------------------------------------------------------
+
+    def fast_spec(self) -> tuple[FastStream, Any, Context, int] | None:
+        """What the C helper needs to answer this connection's plain requests itself."""
+        return (self, self._handler, self.ctx, self._max) if self._fast else None
+
+    def on_fast_result(self, extra: object) -> None:
+        """Finish what the C helper began for a readable event (see ``poll_fast``)."""
+        if type(extra) is bytes:
+            self._received(extra)  # end of stream, or longer than one request
+        elif type(extra) is int:
+            self._finish(OSError(extra, os.strerror(extra)))
+        elif type(extra) is tuple:
+            reply, sent = extra
+            if type(reply) is not bytes:
+                self._send(reply)
+            elif sent < 0 and -sent not in (errno.EAGAIN, errno.EWOULDBLOCK):
+                self._finish(OSError(-sent, os.strerror(-sent)))
+            else:
+                self._hold(reply[max(sent, 0) :])
+        elif isinstance(extra, BaseException):  # the handler raised it (SystemExit too)
+            if is_signal_interrupt(extra):
+                raise extra
+            try:
+                raise extra
+            except BaseException:
+                self._handler_failed()
+
+    def on_event(self, events: int) -> None:
+        if self._events == _IN and events & _IN:
+            # The hot path, inlined: reading, nothing queued to send.
+            try:
+                data = stream_recv(self.fd, READ_SIZE)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._finish(exc)
+                return
+            if data and self._fast and len(data) <= self._max:
+                self.active = True  # a whole request (framed input counts only when complete)
+                try:
+                    reply = self._handler(data, self.ctx)
+                except BaseException as exc:  # SystemExit too: it ends this connection only
+                    if is_signal_interrupt(exc):
+                        raise
+                    self._handler_failed()
+                    return
+                if type(reply) is not bytes:
+                    if reply is not None:
+                        self._send(reply)
+                    return
+                try:
+                    sent = stream_send(self.fd, reply)
+                except (BlockingIOError, InterruptedError):
+                    sent = 0
+                except OSError as exc:
+                    self._finish(exc)
+                    return
+                if sent != len(reply):
+                    self._hold(reply[sent:])
+                return
+            self._received(data)
+            return
+        if self._events & _IN and events & _IN_OR_ERR:
+            self._on_readable()
+        elif events & _ERR:
+            # Reset or hung up while we were not reading: a pending reply cannot be delivered.
+            if self._out:
+                self._flush()  # raises inside: ends the connection with the real error
+            if self.fd >= 0 and events & _ERR:
+                self._finish(None)
+            return
+        if events & _OUT and self.fd >= 0:
+            self._flush()
+
+    def _on_readable(self) -> None:
+        try:
+            data = stream_recv(self.fd, READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._finish(exc)
+            return
+        self._received(data)
+
+    def _received(self, data: bytes) -> None:
+        if not data:
+            self._on_eof()
+            return
+        if self._fast and len(data) <= self._max:
+            self.active = True  # a whole request (framed input counts only when complete)
+            try:
+                reply = self._handler(data, self.ctx)
+            except BaseException as exc:  # SystemExit too: it ends this connection only
+                if is_signal_interrupt(exc):
+                    raise
+                self._handler_failed()
+                return
+            if type(reply) is bytes:
+                self._write(reply)
+            elif reply is not None:
+                self._send(reply)
+            return
+        codec = self._get_codec()
+        try:
+            codec.feed(data)
+            self._drain_codec()
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+
+    def _get_codec(self) -> Codec:
+        if self._codec is None:
+            self._codec = make_codec(self.rt.config.framing, self._max)
+        return self._codec
+
+    def _on_eof(self) -> None:
+        self._eof = True
+        self._set_reading(False)
+        codec = self._codec  # None: raw fast path, nothing buffered, nothing left to answer
+        if codec is not None:
+            try:
+                while not self.closing and (msg := codec.next_message()) is not None:
+                    self._dispatch(msg)
+                last = codec.end_of_input()
+            except ProtocolError as exc:
+                self._protocol_error(exc)
+                return
+            if last is not None and not self.closing:
+                self._dispatch(last)
+        if not self.busy:
+            self.close()  # flush what is written, then close
+
+    # -- requests ----------------------------------------------------------------------
+
+    def _send(self, reply: object) -> None:
+        if reply is None or self.fd < 0:
+            return
+        if not isinstance(reply, (bytes, bytearray, memoryview)):
+            self._bad_reply(reply)
+            return
+        codec = self._codec
+        self._write(codec.encode(bytes(reply)) if codec is not None else bytes(reply))
+
+    # -- writing and flow control ------------------------------------------------------
+
+    def _write(self, data: bytes) -> None:
+        if self._out:
+            self._out.append(data)
+            self._out_size += len(data)
+            if self._out_size > self._high:
+                self._pause(PAUSE_WRITE)
+            return
+        try:
+            sent = stream_send(self.fd, data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._finish(exc)
+            return
+        if sent < len(data):
+            self._hold(data[sent:])
+
+    def _hold(self, rest: bytes) -> None:
+        """Keep what the kernel did not take; send it when the socket is writable."""
+        self._out = [rest]
+        self._out_size = len(rest)
+        self._update_events()
+        if self._out_size > self._high:
+            self._pause(PAUSE_WRITE)
+
+    def _flush(self) -> None:
+        out = self._out
+        if not out:
+            return
+        data = out[0] if len(out) == 1 else b"".join(out)
+        try:
+            sent = stream_send(self.fd, data)
+        except (BlockingIOError, InterruptedError):
+            sent = 0
+        except OSError as exc:
+            self._finish(exc)
+            return
+        if sent < len(data):
+            self._out = [data[sent:]]
+            self._out_size = len(data) - sent
+        else:
+            self._out = None
+            self._out_size = 0
+        if self._out_size <= self._low and self._paused & PAUSE_WRITE:
+            self._resume(PAUSE_WRITE)
+        if not self._out:
+            if self.closing and not self.busy:
+                self._finish(None)
+                return
+            self._update_events()
+
+    def _pause(self, why: int) -> None:
+        self._paused |= why
+        self._set_reading(False)
+
+    def _can_resume(self) -> bool:
+        return not self.closing and self.fd >= 0
+
+    def _start_reading(self) -> None:
+        if not self._eof:
+            self._set_reading(True)
+
+    def _codec_now(self) -> Codec:
+        return self._get_codec()
+
+    def _set_reading(self, on: bool) -> None:
+        want = (_IN if on else 0) | (self._events & _OUT)
+        if want != self._events and self.fd >= 0:
+            self._events = want
+            self.hub.modify(self.fd, want)
+
+    def _update_events(self) -> None:
+        want = (self._events & _IN) | (_OUT if self._out else 0)
+        if want != self._events and self.fd >= 0:
+            self._events = want
+            self.hub.modify(self.fd, want)
+
+    @property
+    def write_buffer_size(self) -> int:
+        """Reply bytes accepted but not yet taken by the kernel."""
+        return self._out_size
+
+    @property
+    def paused(self) -> bool:
+        return bool(self._paused)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received that are not yet a whole request."""
+        return self._codec.buffered if self._codec is not None else 0
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the async handler."""
+        return len(self._queue) if self._queue is not None else 0
+
+    # -- failures and closing ----------------------------------------------------------
+
+    def close(self) -> None:
+        """Stop reading; close once the replies already written are flushed."""
+        self.closing = True
+        if self.fd < 0:
+            return
+        if not self._out:
+            self._finish(None)
+        else:
+            self._set_reading(False)
+
+    def abort(self) -> None:
+        self.closing = True
+        self._out = None
+        self._out_size = 0
+        self._finish(None)
+
+    def _finish(self, exc: Exception | None) -> None:
+        if self.fd < 0:
+            return
+        self.hub.remove(self.fd)
+        self.fd = -1
+        self.closing = True
+        self.sock.close()
+        if self._worker is not None:
+            self._worker.cancel()
+            self._worker = None
+        self.rt.closed(self, exc)
