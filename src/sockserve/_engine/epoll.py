@@ -8,9 +8,9 @@ a batch before going back to sleep. A closed-loop client usually sends its
 next request within that window, so the server skips a sleep and a wake-up per
 request: that is where most of a request's latency goes on loopback and VMs.
 
-With the C helper (``sockserve._engine.fastio``), the poll itself runs in C and answers
-plain raw requests there (``Hub.fast``): whatever it cannot finish comes back as
-an event for the same Python methods that serve it without the helper.
+The poll answers plain raw requests itself (``Hub.fast``): in C with the helper,
+else in its pure-Python twin (``fastpath.poll_fast``). Whatever it cannot finish
+comes back as a tagged outcome (the contract in ``fastio``) for the member.
 
 The epoll set is itself a file descriptor, registered with the event loop
 (uvloop or asyncio) through ``add_reader``, so timers, async handlers, TLS
@@ -31,8 +31,8 @@ import time
 from typing import Any, Protocol
 
 from ..logs import server_log
-from .fastio import PollResult, poll_fast
-from .signals import is_signal_interrupt
+from .fastio import EVENT, PollResult, c_poll_fast
+from .fastpath import poll_fast
 
 HAVE_EPOLL = hasattr(select, "epoll")
 
@@ -55,8 +55,8 @@ MAX_TURN = 0.002
 class Member(Protocol):
     """Something registered with the hub: called with the epoll event bits.
 
-    A member may also offer ``fast_spec()`` and ``on_fast_result(extra)``: see
-    FastStream, whose plain requests the C helper answers without calling it.
+    A member may also offer ``fast_spec()`` and ``on_fast_result(tag, value)``: see
+    FastStream, whose plain requests the fast path answers without calling it.
     """
 
     def on_event(self, events: int) -> None: ...
@@ -70,11 +70,11 @@ class Hub:
         self.busy_poll = busy_poll
         self._ep = select.epoll()
         self.members: dict[int, Member] = {}
-        #: fd -> (member, handler, ctx, max_message) of connections whose next readable
-        #: event the C helper may serve itself: raw framing, a sync handler, only
-        #: reading (nothing queued to send, not paused or closing).
-        self.fast: dict[int, tuple[Any, Any, Any, int]] = {}
-        self._poll = self._poll_python if poll_fast is None else self._poll_c
+        #: fd -> (member, handler, ctx, max_message, kind) of connections whose next
+        #: readable event the fast path (C, or its twin in fastpath.py) may serve itself:
+        #: raw framing, a sync handler, only reading (nothing queued, not paused or closing).
+        self.fast: dict[int, tuple[Any, Any, Any, int, int]] = {}
+        self._poll = self._poll_python if c_poll_fast is None else self._poll_c
         loop.add_reader(self._ep.fileno(), self._ready)
         self._closed = False
 
@@ -124,28 +124,12 @@ class Hub:
         else:
             self.remove(fd)
 
-    def _stopped_by(self, error: BaseException) -> None:
-        """Raise what stopped a batch, unless it is a handler's own KeyboardInterrupt.
-
-        The C helper stops a batch with a handler's KeyboardInterrupt only when that
-        handler's code closed its own connection (there is none left to hand it to).
-        """
-        if isinstance(error, KeyboardInterrupt) and not is_signal_interrupt(error):
-            server_log.error(
-                "a handler raised KeyboardInterrupt after closing its connection",
-                exc_info=error,
-                extra={"event": "handler_error"},
-            )
-            return
-        raise error
-
     def _poll_c(self) -> PollResult:
-        assert poll_fast is not None
-        return poll_fast(self._ep.fileno(), MAX_EVENTS, self.fast)
+        assert c_poll_fast is not None
+        return c_poll_fast(self._ep.fileno(), MAX_EVENTS, self.fast)
 
     def _poll_python(self) -> PollResult:
-        events = self._ep.poll(0, MAX_EVENTS)
-        return len(events), [(fd, ev, None) for fd, ev in events], None
+        return poll_fast(self._ep, MAX_EVENTS, self.fast)
 
     def _ready(self) -> None:
         poll = self._poll
@@ -155,25 +139,23 @@ class Hub:
         end_turn = 0.0
         idle_until = 0.0
         while True:
-            count, events, error = poll()
+            count, items, error = poll()
             if count:
-                # Events the C helper served itself are not in the list (see fast).
-                for fd, ev, extra in events:
-                    member = members.get(fd)
+                # Requests the fast path answered in full are not in the list (see fast).
+                for fd, tag, value, owner in items:
+                    member = owner if owner is not None else members.get(fd)
                     if member is not None:
                         try:
-                            if extra is None:
-                                member.on_event(ev)
+                            if tag == EVENT:
+                                member.on_event(value)
                             else:
-                                member.on_fast_result(extra)  # type: ignore[attr-defined]
+                                member.on_fast_result(tag, value)  # type: ignore[union-attr]
                         except Exception:
                             self._member_failed(fd, member)
                         except BaseException as exc:  # a real Ctrl-C: after the batch
                             error = exc if error is None else error
                 if error is not None:
-                    self._stopped_by(
-                        error
-                    )  # what stopped the C batch, once its results are handled
+                    raise error  # what stopped the batch, once its results are handled
                 # Poll again straight away rather than through the loop: while batches keep
                 # coming that saves the loop's own epoll_wait and dispatch per batch. Spin
                 # (keep polling through empty polls) only with few clients (see SPIN_BATCH).

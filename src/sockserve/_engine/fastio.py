@@ -193,7 +193,9 @@ def _numeric_host(host: str, family: int) -> str:
 def _sendable(addr: object, v6_socket: bool) -> tuple[Any, ...] | int:
     """The address for ``sendto``, or the errno the kernel gives the helper for it."""
     if not isinstance(addr, tuple) or len(addr) not in (2, 4):
-        raise TypeError("send_batch: an address is (host, port) or (host, port, flowinfo, scope_id)")
+        raise TypeError(
+            "send_batch: an address is (host, port) or (host, port, flowinfo, scope_id)"
+        )
     if not all(isinstance(part, int) for part in addr[1:]):
         raise TypeError(f"send_batch: {addr!r} has a part that is not an int")
     host = addr[0]

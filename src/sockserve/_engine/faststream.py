@@ -8,7 +8,6 @@ high-water mark or async requests queue up, exactly like the transport path.
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import socket
 from collections import deque
@@ -18,9 +17,9 @@ from ..errors import ProtocolError
 from ..framing import Codec, make_codec
 from ..service import Context
 from .epoll import _ERR, _IN, _IN_OR_ERR, _OUT, Hub
-from .fastio import stream_recv, stream_send
+from .fastio import DATA, EOF, ERRNO, KIND_RAW, PARTIAL, RAISED, REPLY, stream_recv, stream_send
+from .fastpath import answer, handler_raised
 from .requests import PAUSE_WRITE, RequestQueue
-from .signals import is_signal_interrupt
 
 if TYPE_CHECKING:
     from .runtime import StreamRuntime
@@ -92,67 +91,26 @@ class FastStream(RequestQueue):
 
     # -- events ------------------------------------------------------------------------
 
-    def fast_spec(self) -> tuple[FastStream, Any, Context, int] | None:
-        """What the C helper needs to answer this connection's plain requests itself."""
-        return (self, self._handler, self.ctx, self._max) if self._fast else None
+    def fast_spec(self) -> tuple[FastStream, Any, Context, int, int] | None:
+        """What the fast path needs to answer this connection's plain requests itself."""
+        return (self, self._handler, self.ctx, self._max, KIND_RAW) if self._fast else None
 
-    def on_fast_result(self, extra: object) -> None:
-        """Finish what the C helper began for a readable event (see ``poll_fast``)."""
-        if type(extra) is bytes:
-            self._received(extra)  # end of stream, or longer than one request
-        elif type(extra) is int:
-            self._finish(OSError(extra, os.strerror(extra)))
-        elif type(extra) is tuple:
-            reply, sent = extra
-            if type(reply) is not bytes:
-                self._send(reply)
-            elif sent < 0 and -sent not in (errno.EAGAIN, errno.EWOULDBLOCK):
-                self._finish(OSError(-sent, os.strerror(-sent)))
-            else:
-                self._hold(reply[max(sent, 0) :])
-        elif isinstance(extra, BaseException):  # the handler raised it (SystemExit too)
-            if is_signal_interrupt(extra):
-                raise extra
-            try:
-                raise extra
-            except BaseException:
-                self._handler_failed()
+    def on_fast_result(self, tag: int, value: Any) -> None:
+        """Finish what the fast path began (the outcomes of the contract in ``fastio``)."""
+        if tag == REPLY:
+            self._send(value)
+        elif tag == PARTIAL:
+            self._hold(value)
+        elif tag == RAISED:
+            handler_raised(self, value)
+        elif tag == DATA:
+            self._received(value)
+        elif tag == EOF:
+            self._on_eof()
+        elif tag == ERRNO:
+            self._finish(OSError(value, os.strerror(value)))
 
     def on_event(self, events: int) -> None:
-        if self._events == _IN and events & _IN:
-            # The hot path, inlined: reading, nothing queued to send.
-            try:
-                data = stream_recv(self.fd, READ_SIZE)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                self._finish(exc)
-                return
-            if data and self._fast and len(data) <= self._max:
-                self.active = True  # a whole request (framed input counts only when complete)
-                try:
-                    reply = self._handler(data, self.ctx)
-                except BaseException as exc:  # SystemExit too: it ends this connection only
-                    if is_signal_interrupt(exc):
-                        raise
-                    self._handler_failed()
-                    return
-                if type(reply) is not bytes:
-                    if reply is not None:
-                        self._send(reply)
-                    return
-                try:
-                    sent = stream_send(self.fd, reply)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError as exc:
-                    self._finish(exc)
-                    return
-                if sent != len(reply):
-                    self._hold(reply[sent:])
-                return
-            self._received(data)
-            return
         if self._events & _IN and events & _IN_OR_ERR:
             self._on_readable()
         elif events & _ERR:
@@ -179,20 +137,12 @@ class FastStream(RequestQueue):
         if not data:
             self._on_eof()
             return
-        if self._fast and len(data) <= self._max:
-            self.active = True  # a whole request (framed input counts only when complete)
-            try:
-                reply = self._handler(data, self.ctx)
-            except BaseException as exc:  # SystemExit too: it ends this connection only
-                if is_signal_interrupt(exc):
-                    raise
-                self._handler_failed()
+        if self._fast:
+            tag, value = answer(self, self._handler, self.ctx, self._max, data)
+            if tag != DATA:
+                if tag:
+                    self.on_fast_result(tag, value)
                 return
-            if type(reply) is bytes:
-                self._write(reply)
-            elif reply is not None:
-                self._send(reply)
-            return
         codec = self._get_codec()
         try:
             codec.feed(data)

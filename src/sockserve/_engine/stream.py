@@ -16,6 +16,8 @@ from ..errors import ProtocolError
 from ..framing import Codec, make_codec
 from ..logs import conn_log, fmt_peer, service_log
 from ..service import Context, StreamSession
+from .fastio import DATA, RAISED, REPLY
+from .fastpath import answer, handler_raised
 from .faststream import FastStream
 from .requests import PAUSE_WRITE, RequestQueue
 from .signals import is_signal_interrupt
@@ -71,20 +73,18 @@ class StreamProtocol(RequestQueue, asyncio.Protocol):
         self.rt.opened(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._fast and len(data) <= self._codec.max_message:
-            self.active = True
-            try:
-                reply = self._handler(data, self.ctx)
-            except BaseException as exc:  # SystemExit too: it ends this connection only
-                if is_signal_interrupt(exc):
-                    raise
-                self._handler_failed()
+        if self._fast:  # the raw fast path's answer (fastpath.py), then this transport's part
+            tag, value = answer(self, self._handler, self.ctx, self._codec.max_message, data)
+            if tag == REPLY:
+                if type(value) is bytes:
+                    self._transport.write(value)  # type: ignore[union-attr]
+                else:
+                    self._send(value)
                 return
-            if type(reply) is bytes:
-                self._transport.write(reply)  # type: ignore[union-attr]
-            elif reply is not None:
-                self._send(reply)
-            return
+            if tag == RAISED:
+                handler_raised(self, value)
+            if tag != DATA:
+                return
         try:
             self._codec.feed(data)
             self._drain_codec()
