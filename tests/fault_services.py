@@ -87,7 +87,7 @@ def sized(request: bytes, ctx: Context) -> bytes:
 
 
 def _exit_by_request(request: bytes) -> bytes:
-    """What ``exits``/``exits_async`` do for each request (see test_issue10_engine)."""
+    """What ``exits``/``exits_async`` do for each request (see test_engine_robustness)."""
     import argparse
     import sys
     import time

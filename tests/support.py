@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -10,6 +11,18 @@ import time
 from collections.abc import Callable
 
 SOCKSERVE = [sys.executable, "-m", "sockserve"]
+
+#: A timestamp reply: ``[ctime] request``.
+STAMP = re.compile(rb"^\[(\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4})\] (.*)$", re.S)
+
+
+def check_stamp(reply: bytes, request: bytes) -> None:
+    m = STAMP.match(reply)
+    assert m, reply
+    assert m.group(2) == request
+    assert len(m.group(1)) == 24
+    stamp = time.mktime(time.strptime(m.group(1).decode(), "%a %b %d %H:%M:%S %Y"))
+    assert abs(stamp - time.time()) < 5
 
 
 def free_port() -> int:

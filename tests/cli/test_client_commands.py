@@ -29,7 +29,7 @@ from sockserve.server import ServerThread
 pytestmark = pytest.mark.timeout(60)
 
 Serve = Callable[..., ServerThread]
-TESTS = str(Path(__file__).parent)
+TESTS = str(Path(__file__).resolve().parents[1])
 ENV = {**os.environ, "PYTHONPATH": TESTS + os.pathsep + os.environ.get("PYTHONPATH", "")}
 
 

@@ -223,7 +223,7 @@ def test_sighup_without_config_is_ignored() -> None:
 
 def test_example_services_toml_parses() -> None:
     """deploy/systemd/services.toml, as shipped, is a valid config."""
-    f = Path(__file__).resolve().parent.parent / "deploy" / "systemd" / "services.toml"
+    f = Path(__file__).resolve().parents[2] / "deploy" / "systemd" / "services.toml"
     entries = load_config_file(str(f))
     assert [e.spec for e in entries] == ["timestamp", "echo"]
     assert entries[0].socket == "timestamp" and entries[1].config.framing == "line"

@@ -172,7 +172,7 @@ def test_example_config_is_valid() -> None:
     """deploy/haproxy/haproxy.cfg, as shipped, passes ``haproxy -c``."""
     import subprocess
 
-    cfg = Path(__file__).resolve().parent.parent / "deploy" / "haproxy" / "haproxy.cfg"
+    cfg = Path(__file__).resolve().parents[2] / "deploy" / "haproxy" / "haproxy.cfg"
     exe = haproxy_path()
     assert exe is not None
     done = subprocess.run([exe, "-c", "-f", str(cfg)], capture_output=True, timeout=20)

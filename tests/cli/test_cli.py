@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 from strict import needs, tool
-from support import ServerProcess, run_cli
-from test_core_server import check_stamp
+from support import ServerProcess, check_stamp, run_cli
 
 from sockserve.server import ServerThread
 

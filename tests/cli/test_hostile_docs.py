@@ -1,6 +1,6 @@
 """A careless new user pastes the docs' shell examples as they are, into bash.
 
-tests/test_docs.py runs every block too, but it inserts readiness waits before each client
+tests/cli/test_docs.py runs every block too, but it inserts readiness waits before each client
 command, which hid that the pasted README example failed: ``sockserve serve ... &`` returns
 at once, and the very next ``sockserve call`` found the port still closed (exit 3,
 "connection refused", both calls). Here the blocks run literally, only with free ports and
@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from support import free_port
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _block(doc: str, marker: str) -> str:

@@ -28,7 +28,7 @@ from sockserve.server import ServerThread
 
 pytestmark = pytest.mark.timeout(90)
 Serve = Callable[..., ServerThread]
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).resolve().parents[1]
 
 
 def _tcp(url: str, timeout: float = 5) -> socket.socket:

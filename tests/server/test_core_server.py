@@ -2,29 +2,16 @@
 
 from __future__ import annotations
 
-import re
 import socket
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 from strict import ipv6_loopback_error, require
-from support import recv_all, wait_for
+from support import check_stamp, recv_all, wait_for
 
 from sockserve.server import ServerThread
-
-STAMP = re.compile(rb"^\[(\w{3} \w{3} [ \d]\d \d\d:\d\d:\d\d \d{4})\] (.*)$", re.S)
-
-
-def check_stamp(reply: bytes, request: bytes) -> None:
-    m = STAMP.match(reply)
-    assert m, reply
-    assert m.group(2) == request
-    assert len(m.group(1)) == 24
-    stamp = time.mktime(time.strptime(m.group(1).decode(), "%a %b %d %H:%M:%S %Y"))
-    assert abs(stamp - time.time()) < 5
 
 
 def test_textbook_tcp_client(serve: Callable[..., ServerThread]) -> None:

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from test_core_server import check_stamp
+from support import check_stamp
 
 import sockserve
 from sockserve.server import Server, ServerThread, make_binding

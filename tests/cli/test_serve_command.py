@@ -25,7 +25,7 @@ import sockserve
 from sockserve.errors import ConfigError, ServiceError
 from sockserve.server import Server, ServerConfig, ServerThread, make_binding
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def sockserve_script() -> list[str]:

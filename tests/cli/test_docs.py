@@ -24,7 +24,7 @@ The few lines that cannot run here are in EXEMPT_LINES/EXEMPT_BLOCKS/CHECK_ONLY 
 reason each, and a test fails if an entry no longer matches the docs. A block of any
 other kind fails: nothing is skipped silently.
 
-``python tests/test_docs.py ready PID ARGS...`` and ``... url URL`` are the readiness
+``python tests/cli/test_docs.py ready PID ARGS...`` and ``... url URL`` are the readiness
 waits the bash sessions call.
 """
 
@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 BIN = Path(sys.executable).parent
 
@@ -62,7 +62,7 @@ EXEMPT_BLOCKS = {
     "$ scripts/mutation ": "runs mutmut for minutes per module (the [mutation] extra); the "
     "figures in docs/testing.md are from real runs, not part of CI",
     "sudo systemctl enable --now sockserve.socket": "installs unit files system-wide: needs "
-    "root and systemd as PID 1 (tests/test_activation.py serves the same sockets, and the next "
+    "root and systemd as PID 1 (tests/interop/test_activation.py serves the same sockets, and the next "
     "block runs them with systemd-socket-activate)",
 }
 #: Commands run with --help instead, and why; every option the line shows must be in the help.

@@ -625,7 +625,7 @@ def test_udp_flood_to_a_slow_async_handler_holds_a_bounded_number_of_requests(
     sent = 0
     try:
         # From many sources (kept open, so none reuses another's port): one source alone
-        # may hold only its share of the cap (see test_issue10_datagram).
+        # may hold only its share of the cap (see test_datagram).
         with contextlib.ExitStack() as sources:
             while sent < MAX_DATAGRAM_INFLIGHT + 500:
                 s = sources.enter_context(socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
