@@ -10,29 +10,25 @@ import os
 import select
 import time
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from ..config import ServerConfig
 from ..logs import conn_log, fmt_peer, server_log, service_log
-from ..server.listeners import Listener
 from ..service import Context, Service, is_async_handler
-from .contracts import describe
+from .contracts import BoundSocket, RuntimeHost, describe
 from .epoll import Hub
 from .fastio import BATCH as DATAGRAM_BATCH
 from .fastio import SendBatch, batch_io
-from .udpguard import CLASSIC_SERVICE_PORTS as CLASSIC_SERVICE_PORTS  # re-exported
-from .udpguard import (
+from .guards import CLASSIC_SERVICE_PORTS as CLASSIC_SERVICE_PORTS  # re-exported
+from .guards import (
     LOOP,
     PRIVILEGED,
     SERVICE_PORT,
     UdpGuard,
     ephemeral_ports,
 )
-from .udpguard import LOOP_BURST as LOOP_BURST
-from .udpguard import LOOP_RATE as LOOP_RATE
-
-if TYPE_CHECKING:
-    from ..server.server import Server
+from .guards import LOOP_BURST as LOOP_BURST
+from .guards import LOOP_RATE as LOOP_RATE
 
 _EPOLLIN = getattr(select, "EPOLLIN", 1)
 #: Datagrams handled per wakeup before yielding to the loop, read DATAGRAM_BATCH at a time.
@@ -85,10 +81,15 @@ class DatagramRuntime:
     """
 
     def __init__(
-        self, server: Server, listener: Listener, service: Service, config: ServerConfig
+        self,
+        host: RuntimeHost,
+        hub: Hub | None,
+        listener: BoundSocket,
+        service: Service,
+        config: ServerConfig,
     ) -> None:
-        self.server = server
-        self.loop = server.loop
+        self.host = host
+        self.loop = host.loop
         self.listener = listener
         self.endpoint = listener.endpoint
         self.service = service
@@ -111,7 +112,8 @@ class DatagramRuntime:
         self.inflight: set[asyncio.Task[None]] = set()
         #: Async requests running, by source (only sources with some running).
         self.inflight_by_source: dict[Any, int] = {}
-        self._hub: Hub | None = None
+        #: The epoll hub this socket is read from (None: the event loop's reader).
+        self._hub = hub if config.engine == "auto" else None
         self._reading = False
         self._lost = False
         #: The unserved rest of a batch that KeyboardInterrupt stopped (served next turn).
@@ -123,10 +125,8 @@ class DatagramRuntime:
         )
 
     def start(self) -> None:
-        hub = self.server.hub
-        if hub is not None and self.config.engine == "auto":
-            self._hub = hub
-            hub.add(self.listener.sock.fileno(), self, _EPOLLIN)
+        if self._hub is not None:
+            self._hub.add(self.listener.sock.fileno(), self, _EPOLLIN)
         else:
             self.loop.add_reader(self.listener.sock.fileno(), self.on_readable)
         self._reading = True
@@ -174,14 +174,13 @@ class DatagramRuntime:
             why,
             extra={"event": "endpoint_lost", "endpoint": self.endpoint, "reason": why},
         )
-        self.server.endpoint_lost(self.endpoint)
+        self.host.endpoint_lost(self.endpoint)
 
     def _readable(self) -> None:
         target, recv, _ = self._io
         # A port this server serves on UDP is never a client's (see the class docstring).
-        server_ports = [d.endpoint.port for d in self.server.datagrams if d.inet]
         if self.inet:
-            self.guard.serving(server_ports)
+            self.guard.serving(self.host.datagram_ports())
         for _ in range(RECV_BATCH // DATAGRAM_BATCH):
             if self._rest:
                 batch, self._rest = self._rest, []

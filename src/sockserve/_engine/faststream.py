@@ -7,39 +7,33 @@ high-water mark or async requests queue up, exactly like the transport path.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
-from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..errors import ProtocolError
 from ..framing import Codec, make_codec
 from ..service import Context
+from .contracts import ConnOwner
 from .epoll import _ERR, _IN, _IN_OR_ERR, _OUT, Hub
 from .fastio import DATA, EOF, ERRNO, KIND_RAW, PARTIAL, RAISED, REPLY, stream_recv, stream_send
 from .fastpath import answer, handler_raised
 from .requests import PAUSE_WRITE, RequestQueue
 
-if TYPE_CHECKING:
-    from .runtime import StreamRuntime
-
 #: Bytes read per recv: a whole 64 KiB message in one call, like uvloop's read size.
 READ_SIZE = 65536
 
 
-class FastStream(RequestQueue):
+class FastStream:
     """One request/reply stream connection served straight from the hub.
 
-    Offers what the runtime's bookkeeping needs, like the transport-based
-    ``StreamProtocol``: ``ctx``, ``active``/``idle_since``/``busy`` for the idle
-    sweeper, ``close``/``drain``/``abort``.
+    A connection to its owner (:class:`~.contracts.Conn`), like the transport-based
+    ``StreamProtocol``, and the host of its :class:`~.requests.RequestQueue`
+    (:class:`~.contracts.QueueHost`).
     """
 
     __slots__ = (
-        "_async",
         "_codec",
-        "_eof",
         "_events",
         "_fast",
         "_handler",
@@ -48,20 +42,19 @@ class FastStream(RequestQueue):
         "_max",
         "_out",
         "_out_size",
-        "_paused",
-        "_queue",
-        "_worker",
         "active",
         "closing",
         "ctx",
+        "eof",
         "fd",
         "hub",
         "idle_since",
+        "requests",
         "rt",
         "sock",
     )
 
-    def __init__(self, rt: StreamRuntime, hub: Hub, sock: socket.socket, peer: Any) -> None:
+    def __init__(self, rt: ConnOwner, hub: Hub, sock: socket.socket, peer: Any) -> None:
         cfg = rt.config
         self.rt = rt
         self.hub = hub
@@ -69,7 +62,6 @@ class FastStream(RequestQueue):
         self.fd = sock.fileno()
         self.ctx = Context(peer, rt.endpoint)
         self._handler = rt.handler
-        self._async = rt.is_async
         self._max = cfg.max_message
         # raw framing with a sync handler: each chunk answered inline, no codec (made lazily).
         self._fast = cfg.framing == "raw" and not rt.is_async
@@ -78,14 +70,12 @@ class FastStream(RequestQueue):
         self._low = cfg.write_low_water
         self._out: list[bytes] | None = None
         self._out_size = 0
-        self._queue: deque[bytes] | None = None
-        self._worker: asyncio.Task[None] | None = None
-        self._paused = 0
-        self._eof = False
+        self.eof = False
         self._events = _IN
         self.closing = False
         self.active = True
         self.idle_since = 0.0
+        self.requests = RequestQueue(self, rt, self.ctx)
         hub.add(self.fd, self, _IN)
         rt.opened(self)
 
@@ -156,20 +146,21 @@ class FastStream(RequestQueue):
         return self._codec
 
     def _on_eof(self) -> None:
-        self._eof = True
-        self._set_reading(False)
+        self.eof = True
+        self.stop_reading()
         codec = self._codec  # None: raw fast path, nothing buffered, nothing left to answer
+        requests = self.requests
         if codec is not None:
             try:
                 while not self.closing and (msg := codec.next_message()) is not None:
-                    self._dispatch(msg)
+                    requests.dispatch(msg)
                 last = codec.end_of_input()
             except ProtocolError as exc:
-                self._protocol_error(exc)
+                requests.protocol_error(exc)
                 return
             if last is not None and not self.closing:
-                self._dispatch(last)
-        if not self.busy:
+                requests.dispatch(last)
+        if not requests.busy:
             self.close()  # flush what is written, then close
 
     # -- requests ----------------------------------------------------------------------
@@ -178,10 +169,12 @@ class FastStream(RequestQueue):
         if reply is None or self.fd < 0:
             return
         if not isinstance(reply, (bytes, bytearray, memoryview)):
-            self._bad_reply(reply)
+            self.requests.bad_reply(reply)
             return
         codec = self._codec
         self._write(codec.encode(bytes(reply)) if codec is not None else bytes(reply))
+
+    send_reply = _send
 
     # -- writing and flow control ------------------------------------------------------
 
@@ -190,17 +183,22 @@ class FastStream(RequestQueue):
             self._out.append(data)
             self._out_size += len(data)
             if self._out_size > self._high:
-                self._pause(PAUSE_WRITE)
+                self.requests.pause(PAUSE_WRITE)
             return
+        sent = self._send_now(data)
+        if sent is not None and sent < len(data):
+            self._hold(data[sent:])
+
+    def _send_now(self, data: bytes) -> int | None:
+        """Send what the kernel takes now: how much (0 when its buffer is full), or None
+        when the socket failed (the connection is finished)."""
         try:
-            sent = stream_send(self.fd, data)
+            return stream_send(self.fd, data)
         except (BlockingIOError, InterruptedError):
-            sent = 0
+            return 0
         except OSError as exc:
             self._finish(exc)
-            return
-        if sent < len(data):
-            self._hold(data[sent:])
+            return None
 
     def _hold(self, rest: bytes) -> None:
         """Keep what the kernel did not take; send it when the socket is writable."""
@@ -208,19 +206,15 @@ class FastStream(RequestQueue):
         self._out_size = len(rest)
         self._update_events()
         if self._out_size > self._high:
-            self._pause(PAUSE_WRITE)
+            self.requests.pause(PAUSE_WRITE)
 
     def _flush(self) -> None:
         out = self._out
         if not out:
             return
         data = out[0] if len(out) == 1 else b"".join(out)
-        try:
-            sent = stream_send(self.fd, data)
-        except (BlockingIOError, InterruptedError):
-            sent = 0
-        except OSError as exc:
-            self._finish(exc)
+        sent = self._send_now(data)
+        if sent is None:
             return
         if sent < len(data):
             self._out = [data[sent:]]
@@ -228,39 +222,47 @@ class FastStream(RequestQueue):
         else:
             self._out = None
             self._out_size = 0
-        if self._out_size <= self._low and self._paused & PAUSE_WRITE:
-            self._resume(PAUSE_WRITE)
+        requests = self.requests
+        if self._out_size <= self._low and requests.paused & PAUSE_WRITE:
+            requests.resume(PAUSE_WRITE)
         if not self._out:
-            if self.closing and not self.busy:
+            if self.closing and not requests.busy:
                 self._finish(None)
                 return
             self._update_events()
 
-    def _pause(self, why: int) -> None:
-        self._paused |= why
-        self._set_reading(False)
+    # -- what the request queue drives (QueueHost) -------------------------------------
 
-    def _can_resume(self) -> bool:
+    def stop_reading(self) -> None:
+        self._set_events(self._events & _OUT)
+
+    def can_resume(self) -> bool:
         return not self.closing and self.fd >= 0
 
-    def _start_reading(self) -> None:
-        if not self._eof:
-            self._set_reading(True)
+    def start_reading(self) -> None:
+        if not self.eof:
+            self._set_events(_IN | (self._events & _OUT))
 
-    def _codec_now(self) -> Codec:
+    def codec_now(self) -> Codec:
         return self._get_codec()
 
-    def _set_reading(self, on: bool) -> None:
-        want = (_IN if on else 0) | (self._events & _OUT)
+    def _update_events(self) -> None:
+        self._set_events((self._events & _IN) | (_OUT if self._out else 0))
+
+    def _set_events(self, want: int) -> None:
         if want != self._events and self.fd >= 0:
             self._events = want
             self.hub.modify(self.fd, want)
 
-    def _update_events(self) -> None:
-        want = (self._events & _IN) | (_OUT if self._out else 0)
-        if want != self._events and self.fd >= 0:
-            self._events = want
-            self.hub.modify(self.fd, want)
+    # The fast path's calls into the request queue.
+    def _handler_failed(self) -> None:
+        self.requests.handler_failed()
+
+    def _drain_codec(self) -> None:
+        self.requests.drain_codec()
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        self.requests.protocol_error(exc)
 
     @property
     def write_buffer_size(self) -> int:
@@ -269,7 +271,7 @@ class FastStream(RequestQueue):
 
     @property
     def paused(self) -> bool:
-        return bool(self._paused)
+        return bool(self.requests.paused)
 
     @property
     def buffered(self) -> int:
@@ -279,7 +281,14 @@ class FastStream(RequestQueue):
     @property
     def queued(self) -> int:
         """Requests waiting for the async handler."""
-        return len(self._queue) if self._queue is not None else 0
+        return self.requests.queued
+
+    @property
+    def busy(self) -> bool:
+        return self.requests.busy
+
+    def drain(self) -> None:
+        self.requests.drain()
 
     # -- failures and closing ----------------------------------------------------------
 
@@ -291,7 +300,7 @@ class FastStream(RequestQueue):
         if not self._out:
             self._finish(None)
         else:
-            self._set_reading(False)
+            self.stop_reading()
 
     def abort(self) -> None:
         self.closing = True
@@ -306,7 +315,5 @@ class FastStream(RequestQueue):
         self.fd = -1
         self.closing = True
         self.sock.close()
-        if self._worker is not None:
-            self._worker.cancel()
-            self._worker = None
+        self.requests.cancel()
         self.rt.closed(self, exc)

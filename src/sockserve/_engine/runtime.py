@@ -20,15 +20,23 @@ from ..config import ServerConfig
 from ..endpoints import Endpoint
 from ..errors import ConfigError
 from ..logs import conn_log, fmt_peer, server_log
-from ..server.listeners import Listener
 from ..service import Service, is_async_handler
-from .access import AccessControl
-from .contracts import TRIM_PEAK, describe, error_kind, release_memory
+from .contracts import (
+    TRIM_PEAK,
+    BoundSocket,
+    CloseReason,
+    Conn,
+    RuntimeHost,
+    describe,
+    release_memory,
+)
 from .faststream import FastStream
-from .stream import AnyConn, SessionProtocol, StreamProtocol, TrackedConn
+from .guards import AccessControl
+from .proxywrap import ProxyHeaderProtocol, wrap_factory
+from .stream import AnyConn, SessionProtocol, StreamProtocol
 
 if TYPE_CHECKING:
-    from ..server.server import Server
+    from .epoll import Hub
 
 #: Connections accepted per wakeup before yielding to the loop (fairness vs. throughput).
 ACCEPT_BATCH = 256
@@ -42,18 +50,24 @@ _SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.E
 
 
 class StreamRuntime:
-    """Serves one stream listener: accepts, builds protocols, tracks connections."""
+    """Serves one stream listener: accepts, builds protocols, tracks connections.
+
+    The owner (:class:`~.contracts.ConnOwner`) its connections report to; it reports to
+    its host (the server) and takes a slot of the server-wide budget per connection.
+    """
 
     def __init__(
         self,
-        server: Server,
-        listener: Listener,
+        host: RuntimeHost,
+        hub: Hub | None,
+        listener: BoundSocket,
         service: Service,
         config: ServerConfig,
         ssl_context: ssl.SSLContext | None,
     ) -> None:
-        self.server = server
-        self.loop = server.loop
+        self.host = host
+        self.budget = host.budget
+        self.loop = host.loop
         self.listener = listener
         self.endpoint: Endpoint = listener.endpoint
         self.service = service
@@ -63,7 +77,7 @@ class StreamRuntime:
         self.is_async = is_async_handler(service.handler)
         # Plain request/reply connections go on the epoll engine when the server has one.
         self.hub = (
-            server.hub
+            hub
             if ssl_context is None
             and service.stream is None
             and not config.proxy_protocol
@@ -71,7 +85,7 @@ class StreamRuntime:
             else None
         )
         self.access = AccessControl(config.allow, config.deny)
-        self.conns: set[TrackedConn] = set()
+        self.conns: set[Conn] = set()
         self.pending = 0  # accepted sockets whose transport is still being set up (TLS)
         self._reading = False
         self._retry: asyncio.TimerHandle | None = None
@@ -81,40 +95,54 @@ class StreamRuntime:
         self._stopped = False
         #: Replaced by a reload: connections still being set up are served, not drained.
         self.serve_out = False
-        self._close_reasons: dict[int, str] = {}
+        self._close_reasons: dict[int, tuple[CloseReason, str]] = {}
         #: TLS handshakes in progress, oldest first (a dict keeps insertion order).
         self._handshakes: dict[asyncio.Task[None], None] = {}
         self._evicted_unlogged = 0
         self._evict_logged_at = -ACCEPT_ERROR_LOG_EVERY
         self._peak = 0  # most connections open at once since memory was last trimmed
-        self._factory: Callable[[Any], AnyConn]
+        inner: Callable[[Any], AnyConn]
         if service.stream is not None:
-            self._factory = lambda peer: SessionProtocol(self, peer)
+            inner = lambda peer: SessionProtocol(self, peer)  # noqa: E731
         elif service.handler is not None:
-            self._factory = lambda peer: StreamProtocol(self, peer)
+            inner = lambda peer: StreamProtocol(self, peer)  # noqa: E731
         else:
             raise ValueError(f"service {service.name} has no stream behaviour")
+        self._factory: Callable[[Any], AnyConn | ProxyHeaderProtocol] = inner
         #: Connections closed for a reason worth counting, by kind (read by metrics at scrape time).
         self.errors: dict[str, int] = {}
         if config.proxy_protocol:
-            self._use_proxy_protocol()
+            self._use_proxy_protocol(inner)
 
-    def _use_proxy_protocol(self) -> None:
+    def _use_proxy_protocol(self, inner: Callable[[Any], AnyConn]) -> None:
         """Read a PROXY header first; the accept-time gate becomes --proxy-from, and
         --allow/--deny apply to the real client named in the header."""
-        from .proxywrap import wrap_factory
-
         if self.ssl_context is not None:
             raise ConfigError(
                 f"{self.endpoint}: --proxy-protocol on tls:// is not supported; "
                 "terminate TLS at the proxy and listen on tcp://"
             )
-        self._factory = wrap_factory(self, self._factory)  # type: ignore[assignment]
+        self._factory = wrap_factory(self, inner)
         self.access = AccessControl(self.config.proxy_from, ())
 
     # -- accepting ---------------------------------------------------------------------
 
     def start(self) -> None:
+        self.budget.join(self)
+        self._resume_accept()
+
+    def below_limit(self) -> None:
+        """The budget has a slot again: resume if paused at the limit (a listener waiting
+        out an accept error keeps its retry timer)."""
+        if self._reading or self._retry is not None or self._stopped:
+            return
+        if self._limit_logged:
+            self._limit_logged = False
+            server_log.info(
+                "%s: below the connection limit again; accepting",
+                self.endpoint,
+                extra={"event": "limit_cleared", "endpoint": self.endpoint},
+            )
         self._resume_accept()
 
     def _resume_accept(self) -> None:
@@ -131,14 +159,14 @@ class StreamRuntime:
     def _accept_ready(self) -> None:
         lsock = self.listener.sock
         for _ in range(ACCEPT_BATCH):
-            if self.server.at_limit():
+            if self.budget.at_limit():
                 self._pause_accept()
                 if not self._limit_logged:
                     self._limit_logged = True
                     server_log.warning(
                         "%s: at the connection limit (%d); not accepting until one closes",
                         self.endpoint,
-                        self.server.max_conns,
+                        self.budget.limit,
                         extra={"event": "limit", "endpoint": self.endpoint},
                     )
                 return
@@ -188,7 +216,7 @@ class StreamRuntime:
         sock.setblocking(False)
         if self.endpoint.is_inet:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.server.conn_count += 1
+        self.budget.take()
         opened = len(self.conns) + self.pending + 1
         if opened > self._peak:
             self._peak = opened
@@ -196,7 +224,7 @@ class StreamRuntime:
             try:
                 FastStream(self, self.hub, sock, addr)
             except OSError as exc:  # could not register: treat like a failed setup
-                self.server.conn_count -= 1
+                self.budget.give_back()
                 sock.close()
                 conn_log.info(
                     "%s: connection from %s failed during setup: %s",
@@ -209,7 +237,7 @@ class StreamRuntime:
         if self.ssl_context is not None and self.config.max_handshakes:
             self._bound_handshakes()
         task = self.loop.create_task(self._connect(sock, addr))
-        self.server.track(task)
+        self.host.track(task)
         if self.ssl_context is not None:
             self._handshakes[task] = None
             task.add_done_callback(self._handshake_ended)
@@ -244,9 +272,9 @@ class StreamRuntime:
         self._handshakes.pop(task, None)
 
     async def _connect(self, sock: socket.socket, addr: Any) -> None:
-        proto: AnyConn | None = None
+        proto: AnyConn | ProxyHeaderProtocol | None = None
 
-        def factory() -> AnyConn:
+        def factory() -> AnyConn | ProxyHeaderProtocol:
             nonlocal proto
             proto = self._factory(addr)
             return proto
@@ -264,9 +292,8 @@ class StreamRuntime:
         except asyncio.CancelledError:  # dropped at --max-handshakes, or shutting down
             sock.close()
             if proto is None or proto not in self.conns:
-                self.server.conn_count -= 1
-                self._slot_freed()
                 self._maybe_trim()
+                self.budget.give_back()
             raise
         except Exception as exc:  # TLS handshake failure, peer reset before setup...
             conn_log.info(
@@ -279,15 +306,14 @@ class StreamRuntime:
             self.errors["setup"] = self.errors.get("setup", 0) + 1
             sock.close()
             if proto is None or proto not in self.conns:
-                self.server.conn_count -= 1
-                self._slot_freed()
                 self._maybe_trim()
+                self.budget.give_back()
         finally:
             self.pending -= 1
 
     # -- connection bookkeeping (called by the protocols) ------------------------------
 
-    def opened(self, conn: TrackedConn) -> None:
+    def opened(self, conn: Conn) -> None:
         self.conns.add(conn)
         conn.idle_since = self.loop.time()
         conn_log.info(
@@ -296,39 +322,43 @@ class StreamRuntime:
             fmt_peer(conn.ctx.peer),
             extra={"event": "open", "endpoint": self.endpoint, "peer": fmt_peer(conn.ctx.peer)},
         )
-        if self._stopped and (not self.serve_out or self.server._stopping):
+        if self._stopped and (not self.serve_out or self.host.stopping):
             conn.drain()
 
-    def note_close_reason(self, conn: TrackedConn, reason: str) -> None:
-        self._close_reasons[id(conn)] = reason
+    def note_close_reason(self, conn: Conn, reason: CloseReason, detail: str = "") -> None:
+        self._close_reasons[id(conn)] = (reason, detail)
 
-    def closed(self, conn: TrackedConn, exc: Exception | None) -> None:
+    def hold(self, conn: Conn) -> None:
+        self.conns.add(conn)
+        conn.idle_since = self.loop.time()
+
+    def release(self, conn: Conn) -> None:
+        self.conns.discard(conn)
+
+    def closed(self, conn: Conn, exc: Exception | None) -> None:
         if conn not in self.conns:
             return
         self.conns.discard(conn)
-        self.server.conn_count -= 1
-        reason = self._close_reasons.pop(id(conn), None)
-        if reason is None:
-            reason = f"error: {describe(exc)}" if exc is not None else "closed"
-        kind = None if reason == "closed" else error_kind(reason)
-        if kind is not None:
-            self.errors[kind] = self.errors.get(kind, 0) + 1
-        log = conn_log.warning if reason.startswith("protocol error") else conn_log.info
-        log(
+        noted = self._close_reasons.pop(id(conn), None)
+        if noted is None:
+            noted = (
+                (CloseReason.ERROR, describe(exc)) if exc is not None else (CloseReason.CLOSED, "")
+            )
+        reason, detail = noted
+        if reason.kind is not None:
+            self.errors[reason.kind] = self.errors.get(reason.kind, 0) + 1
+        text = reason.text(detail)
+        peer = fmt_peer(conn.ctx.peer)
+        conn_log.log(
+            reason.level,
             "%s: close %s (%s)",
             self.endpoint,
-            fmt_peer(conn.ctx.peer),
-            reason,
-            extra={
-                "event": "close",
-                "endpoint": self.endpoint,
-                "peer": fmt_peer(conn.ctx.peer),
-                "reason": reason,
-            },
+            peer,
+            text,
+            extra={"event": "close", "endpoint": self.endpoint, "peer": peer, "reason": text},
         )
-        self._slot_freed()
         self._maybe_trim()
-        self.server.conn_closed()
+        self.budget.give_back()
 
     def _maybe_trim(self) -> None:
         """After a wave of connections (a quarter of TRIM_PEAK's peak left), trim memory."""
@@ -337,38 +367,20 @@ class StreamRuntime:
             self._peak = 0
             release_memory(self.loop)
 
-    def _slot_freed(self) -> None:
-        server = self.server
-        if server.max_conns is None or server.at_limit():
-            return
-        # The limit is shared: the listener paused at it may not be the one whose
-        # connection closed, so look at every one (a listener waiting out an accept
-        # error keeps its retry timer).
-        for rt in server.streams:
-            if rt._reading or rt._retry is not None or rt._stopped:
-                continue
-            if rt._limit_logged:
-                rt._limit_logged = False
-                server_log.info(
-                    "%s: below the connection limit again; accepting",
-                    rt.endpoint,
-                    extra={"event": "limit_cleared", "endpoint": rt.endpoint},
-                )
-            rt._resume_accept()
-
     def sweep_idle(self, now: float, timeout: float) -> None:
         for conn in list(self.conns):
             if conn.active:
                 conn.active = False
                 conn.idle_since = now
             elif not conn.busy and now - conn.idle_since >= timeout:
-                self.note_close_reason(conn, f"idle for {timeout:g}s")
+                self.note_close_reason(conn, CloseReason.IDLE, f"{timeout:g}s")
                 conn.abort()
 
     # -- shutdown ----------------------------------------------------------------------
 
     def stop_accepting(self) -> None:
         self._stopped = True
+        self.budget.leave(self)
         self._pause_accept()
         if self._retry is not None:
             self._retry.cancel()
@@ -380,5 +392,5 @@ class StreamRuntime:
 
     def abort_all(self) -> None:
         for conn in list(self.conns):
-            self.note_close_reason(conn, "drain timeout")
+            self.note_close_reason(conn, CloseReason.DRAIN_TIMEOUT)
             conn.abort()

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .._engine.contracts import ConnectionBudget
 from .._engine.datagram import DatagramRuntime
 from .._engine.epoll import HAVE_EPOLL, Hub
 from .._engine.proxywrap import warn_settings
@@ -94,13 +95,14 @@ class Server:
         self._given_limits = (max_conns, drain_timeout)
         self.max_conns: int | None = None
         self.drain_timeout = 0.0
+        #: Connections open server-wide and their limit, shared by every stream runtime.
+        self.budget = ConnectionBudget()
         self._update_limits()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.streams: list[StreamRuntime] = []
         self.datagrams: list[DatagramRuntime] = []
         self.listeners: list[Listener] = []
         self.endpoints: list[Endpoint] = []
-        self.conn_count = 0
         self.forced = False
         #: Endpoints lost while serving (their socket failed): the server then stops, and
         #: ``run`` returns 1, rather than running on without them.
@@ -109,12 +111,11 @@ class Server:
         self._stop_requested: asyncio.Event | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_period = _SWEEP_MAX
-        self._all_closed: asyncio.Event | None = None
         self._stopping = False
         #: The epoll engine's hub, when any binding uses it (created in start).
         self.hub: Hub | None = None
-        #: (endpoint as configured, runtime) per binding, by id(binding): for add/remove_binding.
-        self._bound: dict[int, list[tuple[Endpoint, Runtime]]] = {}
+        #: (endpoint as configured, runtime, listener) per binding, by id(binding): for add/remove_binding.
+        self._bound: dict[int, list[tuple[Endpoint, Runtime, Listener]]] = {}
         #: SIGTERM/SIGINT handlers with their watchdog, while installed (see _install_signals).
         self._signals: StopSignals | None = None
 
@@ -128,19 +129,19 @@ class Server:
         timeouts = [b.config.drain_timeout for b in self.bindings]
         if drain_timeout is not None or timeouts:
             self.drain_timeout = drain_timeout if drain_timeout is not None else max(timeouts)
+        self.budget.set_limit(self.max_conns)  # a raised limit resumes listeners paused at it
 
-    def at_limit(self) -> bool:
-        return self.max_conns is not None and self.conn_count >= self.max_conns
+    @property
+    def conn_count(self) -> int:
+        """Stream connections open (or being set up), over every endpoint."""
+        return self.budget.count
 
-    def resume_all_accepting(self) -> None:
-        if self._stopping:
-            return
-        for rt in self.streams:
-            rt._resume_accept()
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
-    def conn_closed(self) -> None:
-        if self._all_closed is not None and self.conn_count <= 0:
-            self._all_closed.set()
+    def datagram_ports(self) -> list[int]:
+        return [d.endpoint.port for d in self.datagrams if d.inet]
 
     def endpoint_lost(self, endpoint: Endpoint) -> None:
         """A runtime could not go on serving ``endpoint`` (it logged why): stop, failing."""
@@ -197,11 +198,10 @@ class Server:
             self.listeners.append(lst)
             self.endpoints.append(lst.endpoint)
             if ep.is_stream:
-                self.streams.append(
-                    StreamRuntime(self, lst, svc, cfg, ssl_ctx if ep.scheme == "tls" else None)
-                )
+                tls = ssl_ctx if ep.scheme == "tls" else None
+                self.streams.append(StreamRuntime(self, self.hub, lst, svc, cfg, tls))
             else:
-                self.datagrams.append(DatagramRuntime(self, lst, svc, cfg))
+                self.datagrams.append(DatagramRuntime(self, self.hub, lst, svc, cfg))
             mode = (
                 cfg.framing
                 if ep.is_stream and svc.stream is None
@@ -231,16 +231,19 @@ class Server:
 
     def _start_recorded(self, binding: Binding) -> None:
         n_streams, n_datagrams = len(self.streams), len(self.datagrams)
+        n_listeners = len(self.listeners)
         self._start_binding(binding)
         streams, datagrams = iter(self.streams[n_streams:]), iter(self.datagrams[n_datagrams:])
+        listeners = iter(self.listeners[n_listeners:])
         self._bound[id(binding)] = [
-            (ep, next(streams) if ep.is_stream else next(datagrams)) for ep in binding.endpoints
+            (ep, next(streams) if ep.is_stream else next(datagrams), next(listeners))
+            for ep in binding.endpoints
         ]
 
     # -- changing bindings while running (config reload) ---------------------------------
 
     def runtimes_of(self, binding: Binding) -> list[Runtime]:
-        return [rt for _, rt in self._bound.get(id(binding), [])]
+        return [rt for _, rt, _ in self._bound.get(id(binding), [])]
 
     def add_binding(self, binding: Binding) -> None:
         """Start serving one more binding on a running server.
@@ -263,8 +266,6 @@ class Server:
         self._update_limits()
         for rt in self.runtimes_of(binding):
             rt.start()
-        if self.streams:
-            self.streams[0]._slot_freed()  # a raised limit: resume listeners paused at the old one
         self._schedule_sweep()  # the new binding's idle timeout may need a shorter period
 
     def remove_binding(
@@ -287,11 +288,10 @@ class Server:
             self._update_limits()
         kept: dict[Endpoint, Listener] = {}
         close_after: list[Listener] = []
-        for ep, rt in pairs:
+        for ep, rt, lst in pairs:
             rt.stop_accepting()
             if keep_conns and isinstance(rt, StreamRuntime):
                 rt.serve_out = True
-            lst = rt.listener
             if lst in self.listeners:
                 i = self.listeners.index(lst)
                 del self.listeners[i], self.endpoints[i]
@@ -301,7 +301,7 @@ class Server:
                 close_listener(lst)
             else:
                 close_after.append(lst)  # in-flight async replies are sent from it
-        runtimes = [rt for _, rt in pairs]
+        runtimes = [rt for _, rt, _ in pairs]
         if keep_conns:
             task = self.loop.create_task(self._retire_runtimes(runtimes, close_after))
         else:
@@ -402,16 +402,14 @@ class Server:
             timeout,
             extra={"event": "stopping"},
         )
-        self._all_closed = asyncio.Event()
         for rt in self.streams:
             rt.drain()
-        self.conn_closed()
         inflight = [t for d in self.datagrams for t in d.inflight]
         try:
             # Nothing open and nothing in flight: no wait (`--drain-timeout 0` would time
             # out at once and warn about 0 connections).
-            if inflight or not self._all_closed.is_set():
-                waits: list[Any] = [self._all_closed.wait()]
+            if inflight or self.budget.count > 0:
+                waits: list[Any] = [self.budget.wait_empty()]
                 if inflight:
                     waits.append(asyncio.gather(*inflight, return_exceptions=True))
                 await asyncio.wait_for(asyncio.gather(*waits), timeout if not self.forced else 0.01)
