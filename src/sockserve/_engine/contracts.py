@@ -145,11 +145,25 @@ class Accepting(Protocol):
         """A slot is free again: resume accepting if paused at the limit."""
 
 
+class Poller(Protocol):
+    """The epoll hub as runtimes and connections use it (:class:`~.epoll.Hub`)."""
+
+    def add(self, fd: int, member: Any, events: int) -> None: ...
+
+    def modify(self, fd: int, events: int) -> None: ...
+
+    def remove(self, fd: int) -> None: ...
+
+
 class RuntimeHost(Protocol):
     """What a runtime reports to (the server)."""
 
     loop: asyncio.AbstractEventLoop
     budget: ConnectionBudget
+
+    @property
+    def hub(self) -> Poller | None:
+        """The epoll hub, where the server has one (Linux, some binding on ``engine=auto``)."""
 
     @property
     def stopping(self) -> bool:
@@ -163,6 +177,21 @@ class RuntimeHost(Protocol):
 
     def datagram_ports(self) -> list[int]:
         """The ports this server serves UDP on (a datagram from one may start a loop)."""
+
+
+class EndpointRuntime:
+    """What a stream and a datagram runtime both hold: the host they report to, their
+    socket and its endpoint, the service and its settings."""
+
+    def __init__(
+        self, host: RuntimeHost, listener: BoundSocket, service: Service, config: ServerConfig
+    ) -> None:
+        self.host = host
+        self.loop = host.loop
+        self.listener = listener
+        self.endpoint: Endpoint = listener.endpoint
+        self.service = service
+        self.config = config
 
 
 class ConnectionBudget:

@@ -15,8 +15,7 @@ from typing import Any, cast
 from ..config import ServerConfig
 from ..logs import conn_log, fmt_peer, server_log, service_log
 from ..service import Context, Service, is_async_handler
-from .contracts import BoundSocket, RuntimeHost, describe
-from .epoll import Hub
+from .contracts import BoundSocket, EndpointRuntime, RuntimeHost, describe
 from .fastio import BATCH as DATAGRAM_BATCH
 from .fastio import SendBatch, batch_io
 from .guards import CLASSIC_SERVICE_PORTS as CLASSIC_SERVICE_PORTS  # re-exported
@@ -48,7 +47,7 @@ MAX_INFLIGHT_PER_SOURCE = 64
 _SOCKET_LOST_ERRNOS = frozenset({errno.EBADF, errno.ENOTSOCK, errno.EINVAL, errno.EFAULT})
 
 
-class DatagramRuntime:
+class DatagramRuntime(EndpointRuntime):
     """Serves one datagram socket: read in batches, guard, answer inline or via a task.
 
     Error handling: whatever goes wrong with one datagram (the handler raises, even
@@ -81,19 +80,9 @@ class DatagramRuntime:
     """
 
     def __init__(
-        self,
-        host: RuntimeHost,
-        hub: Hub | None,
-        listener: BoundSocket,
-        service: Service,
-        config: ServerConfig,
+        self, host: RuntimeHost, listener: BoundSocket, service: Service, config: ServerConfig
     ) -> None:
-        self.host = host
-        self.loop = host.loop
-        self.listener = listener
-        self.endpoint = listener.endpoint
-        self.service = service
-        self.config = config
+        super().__init__(host, listener, service, config)
         handler = service.datagram_handler()
         if handler is None:
             raise ValueError(f"service {service.name} has no datagram behaviour")
@@ -113,7 +102,7 @@ class DatagramRuntime:
         #: Async requests running, by source (only sources with some running).
         self.inflight_by_source: dict[Any, int] = {}
         #: The epoll hub this socket is read from (None: the event loop's reader).
-        self._hub = hub if config.engine == "auto" else None
+        self._hub = host.hub if config.engine == "auto" else None
         self._reading = False
         self._lost = False
         #: The unserved rest of a batch that KeyboardInterrupt stopped (served next turn).
@@ -201,19 +190,15 @@ class DatagramRuntime:
 
     def _serve_batch(self, batch: list[tuple[bytes, Any]]) -> None:
         target, _, send = self._io
-        handler = self.handler
-        is_async = self.is_async
+        handler, is_async, local = self.handler, self.is_async, self.endpoint
         # Hot loop: the common guards (source port) are checked inline; rate, access,
         # loop budget and amplification go through methods only when configured. Plain
         # bytes replies are sent together after the batch (one sendmmsg with the helper).
-        inet = self.inet
-        min_port = self.min_port
-        own = self.guard.own_ports
-        loop_guard = self.loop_guard
+        inet, min_port = self.inet, self.min_port
+        own, loop_guard = self.guard.own_ports, self.loop_guard
         eph_lo, eph_hi = ephemeral_ports()
         slow_guard = self._guarded and (self.access.active or self.rate > 0)
         plain_send = not self.guard_amplify
-        local = self.endpoint
         clock = time.perf_counter
         replies: list[tuple[bytes, Any]] = []
         held_since = clock()

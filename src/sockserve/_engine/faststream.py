@@ -14,17 +14,17 @@ from typing import Any
 from ..errors import ProtocolError
 from ..framing import Codec, make_codec
 from ..service import Context
-from .contracts import ConnOwner
-from .epoll import _ERR, _IN, _IN_OR_ERR, _OUT, Hub
+from .contracts import ConnOwner, Poller
+from .epoll import _ERR, _IN, _IN_OR_ERR, _OUT
 from .fastio import DATA, EOF, ERRNO, KIND_RAW, PARTIAL, RAISED, REPLY, stream_recv, stream_send
 from .fastpath import answer, handler_raised
-from .requests import PAUSE_WRITE, RequestQueue
+from .requests import PAUSE_WRITE, QueuedConn, RequestQueue
 
 #: Bytes read per recv: a whole 64 KiB message in one call, like uvloop's read size.
 READ_SIZE = 65536
 
 
-class FastStream:
+class FastStream(QueuedConn):
     """One request/reply stream connection served straight from the hub.
 
     A connection to its owner (:class:`~.contracts.Conn`), like the transport-based
@@ -54,7 +54,7 @@ class FastStream:
         "sock",
     )
 
-    def __init__(self, rt: ConnOwner, hub: Hub, sock: socket.socket, peer: Any) -> None:
+    def __init__(self, rt: ConnOwner, hub: Poller, sock: socket.socket, peer: Any) -> None:
         cfg = rt.config
         self.rt = rt
         self.hub = hub
@@ -149,18 +149,9 @@ class FastStream:
         self.eof = True
         self.stop_reading()
         codec = self._codec  # None: raw fast path, nothing buffered, nothing left to answer
-        requests = self.requests
-        if codec is not None:
-            try:
-                while not self.closing and (msg := codec.next_message()) is not None:
-                    requests.dispatch(msg)
-                last = codec.end_of_input()
-            except ProtocolError as exc:
-                requests.protocol_error(exc)
-                return
-            if last is not None and not self.closing:
-                requests.dispatch(last)
-        if not requests.busy:
+        if codec is not None and not self.requests.answer_rest(codec):
+            return
+        if not self.requests.busy:
             self.close()  # flush what is written, then close
 
     # -- requests ----------------------------------------------------------------------
@@ -254,41 +245,15 @@ class FastStream:
             self._events = want
             self.hub.modify(self.fd, want)
 
-    # The fast path's calls into the request queue.
-    def _handler_failed(self) -> None:
-        self.requests.handler_failed()
-
-    def _drain_codec(self) -> None:
-        self.requests.drain_codec()
-
-    def _protocol_error(self, exc: ProtocolError) -> None:
-        self.requests.protocol_error(exc)
-
     @property
     def write_buffer_size(self) -> int:
         """Reply bytes accepted but not yet taken by the kernel."""
         return self._out_size
 
     @property
-    def paused(self) -> bool:
-        return bool(self.requests.paused)
-
-    @property
     def buffered(self) -> int:
         """Bytes received that are not yet a whole request."""
         return self._codec.buffered if self._codec is not None else 0
-
-    @property
-    def queued(self) -> int:
-        """Requests waiting for the async handler."""
-        return self.requests.queued
-
-    @property
-    def busy(self) -> bool:
-        return self.requests.busy
-
-    def drain(self) -> None:
-        self.requests.drain()
 
     # -- failures and closing ----------------------------------------------------------
 

@@ -13,13 +13,16 @@ from __future__ import annotations
 import asyncio
 from collections import deque
 from collections.abc import Awaitable
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from ..errors import ProtocolError
 from ..logs import fmt_peer, service_log
 from ..service import Context
 from .contracts import CloseReason, ConnOwner, QueueHost
 from .signals import is_signal_interrupt
+
+if TYPE_CHECKING:
+    from ..framing import Codec
 
 #: Requests queued for an async handler before reading pauses (pipelining bound).
 MAX_QUEUED = 64
@@ -103,6 +106,21 @@ class RequestQueue:
                     host.close()  # draining, and every request read has been answered
                 return
             self.dispatch(msg)
+
+    def answer_rest(self, codec: Codec) -> bool:
+        """At end of input: answer the whole requests the codec still holds (reading was
+        paused), then its last, unterminated one. False: a protocol error (now closing)."""
+        host = self._host
+        try:
+            while not host.closing and (msg := codec.next_message()) is not None:
+                self.dispatch(msg)
+            last = codec.end_of_input()
+        except ProtocolError as exc:
+            self.protocol_error(exc)
+            return False
+        if last is not None and not host.closing:
+            self.dispatch(last)
+        return True
 
     def pause(self, why: int) -> None:
         """Stop reading for one more reason."""
@@ -224,3 +242,38 @@ class RequestQueue:
 
     def _note(self, reason: CloseReason, detail: str = "") -> None:
         self._owner.note_close_reason(self._host, reason, detail)
+
+
+class QueuedConn:
+    """A connection whose requests a :class:`RequestQueue` answers, as others see it: its
+    owner (``busy``, ``drain``), the fast path (``_handler_failed``, ``_drain_codec``,
+    ``_protocol_error``) and introspection (``paused``, ``queued``). Needs ``requests``.
+    """
+
+    __slots__ = ()
+    requests: RequestQueue
+
+    @property
+    def busy(self) -> bool:
+        return self.requests.busy
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.requests.paused)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the async handler."""
+        return self.requests.queued
+
+    def drain(self) -> None:
+        self.requests.drain()
+
+    def _handler_failed(self) -> None:
+        self.requests.handler_failed()
+
+    def _drain_codec(self) -> None:
+        self.requests.drain_codec()
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        self.requests.protocol_error(exc)

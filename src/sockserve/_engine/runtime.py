@@ -14,10 +14,9 @@ import errno
 import socket
 import ssl
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..config import ServerConfig
-from ..endpoints import Endpoint
 from ..errors import ConfigError
 from ..logs import conn_log, fmt_peer, server_log
 from ..service import Service, is_async_handler
@@ -26,6 +25,7 @@ from .contracts import (
     BoundSocket,
     CloseReason,
     Conn,
+    EndpointRuntime,
     RuntimeHost,
     describe,
     release_memory,
@@ -34,9 +34,6 @@ from .faststream import FastStream
 from .guards import AccessControl
 from .proxywrap import ProxyHeaderProtocol, wrap_factory
 from .stream import AnyConn, SessionProtocol, StreamProtocol
-
-if TYPE_CHECKING:
-    from .epoll import Hub
 
 #: Connections accepted per wakeup before yielding to the loop (fairness vs. throughput).
 ACCEPT_BATCH = 256
@@ -49,7 +46,7 @@ ACCEPT_ERROR_LOG_EVERY = 5.0
 _SKIP_ERRNOS = frozenset({errno.ECONNABORTED, errno.EPROTO, errno.EPERM, errno.ECONNRESET})
 
 
-class StreamRuntime:
+class StreamRuntime(EndpointRuntime):
     """Serves one stream listener: accepts, builds protocols, tracks connections.
 
     The owner (:class:`~.contracts.ConnOwner`) its connections report to; it reports to
@@ -59,25 +56,19 @@ class StreamRuntime:
     def __init__(
         self,
         host: RuntimeHost,
-        hub: Hub | None,
         listener: BoundSocket,
         service: Service,
         config: ServerConfig,
-        ssl_context: ssl.SSLContext | None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
-        self.host = host
+        super().__init__(host, listener, service, config)
         self.budget = host.budget
-        self.loop = host.loop
-        self.listener = listener
-        self.endpoint: Endpoint = listener.endpoint
-        self.service = service
-        self.config = config
         self.ssl_context = ssl_context
         self.handler: Any = service.handler
         self.is_async = is_async_handler(service.handler)
         # Plain request/reply connections go on the epoll engine when the server has one.
         self.hub = (
-            hub
+            host.hub
             if ssl_context is None
             and service.stream is None
             and not config.proxy_protocol

@@ -18,7 +18,7 @@ from ..service import Context, StreamSession
 from .contracts import ConnOwner
 from .fastio import DATA, RAISED, REPLY
 from .fastpath import answer, handler_raised
-from .requests import PAUSE_WRITE, RequestQueue
+from .requests import PAUSE_WRITE, QueuedConn, RequestQueue
 from .signals import is_signal_interrupt
 
 
@@ -56,7 +56,7 @@ class TransportConn(asyncio.Protocol):
             self._transport.abort()
 
 
-class StreamProtocol(TransportConn):
+class StreamProtocol(TransportConn, QueuedConn):
     """One request/reply connection on an asyncio transport (TLS, PROXY, ``engine=asyncio``)."""
 
     __slots__ = ("_codec", "_fast", "_handler", "eof", "requests")
@@ -96,23 +96,12 @@ class StreamProtocol(TransportConn):
             self._protocol_error(exc)
 
     def eof_received(self) -> bool:
-        codec = self._codec
-        requests = self.requests
-        try:
-            # Requests still parsed-but-unanswered (reading was paused) go first, so the
-            # codec's final message is only what followed the last whole one.
-            while not self.closing and (msg := codec.next_message()) is not None:
-                requests.dispatch(msg)
-            last = codec.end_of_input()
-        except ProtocolError as exc:
-            requests.protocol_error(exc)
+        if not self.requests.answer_rest(self._codec):
             return False
-        if last is not None:
-            requests.dispatch(last)
         self.eof = True
         # True keeps the write side open until queued replies are sent; False lets the
         # transport flush what is written and close.
-        return requests.busy
+        return self.requests.busy
 
     def pause_writing(self) -> None:
         self.requests.pause(PAUSE_WRITE)
@@ -150,16 +139,6 @@ class StreamProtocol(TransportConn):
     def codec_now(self) -> Codec:
         return self._codec
 
-    # The fast path's calls into the request queue (its bodies are kept as they are).
-    def _handler_failed(self) -> None:
-        self.requests.handler_failed()
-
-    def _drain_codec(self) -> None:
-        self.requests.drain_codec()
-
-    def _protocol_error(self, exc: ProtocolError) -> None:
-        self.requests.protocol_error(exc)
-
     # -- introspection shared with the epoll engine's FastStream (tests, metrics) -------
 
     @property
@@ -167,23 +146,8 @@ class StreamProtocol(TransportConn):
         return self._transport.get_write_buffer_size() if self._transport is not None else 0
 
     @property
-    def paused(self) -> bool:
-        return bool(self.requests.paused)
-
-    @property
     def buffered(self) -> int:
         return self._codec.buffered
-
-    @property
-    def queued(self) -> int:
-        return self.requests.queued
-
-    @property
-    def busy(self) -> bool:
-        return self.requests.busy
-
-    def drain(self) -> None:
-        self.requests.drain()
 
 
 #: Longest a lingering close keeps reading a client's input (Apache's is 2 s too).

@@ -199,9 +199,9 @@ class Server:
             self.endpoints.append(lst.endpoint)
             if ep.is_stream:
                 tls = ssl_ctx if ep.scheme == "tls" else None
-                self.streams.append(StreamRuntime(self, self.hub, lst, svc, cfg, tls))
+                self.streams.append(StreamRuntime(self, lst, svc, cfg, tls))
             else:
-                self.datagrams.append(DatagramRuntime(self, self.hub, lst, svc, cfg))
+                self.datagrams.append(DatagramRuntime(self, lst, svc, cfg))
             mode = (
                 cfg.framing
                 if ep.is_stream and svc.stream is None
