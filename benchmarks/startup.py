@@ -41,7 +41,8 @@ def run(n: int = 30) -> dict[str, object]:
         for _ in range(3):  # warm the page cache and the .pyc files
             wall(bare)
             wall(call)
-        t_bare, t_call = [], []
+        t_bare: list[float] = []
+        t_call: list[float] = []
         for i in range(n):
             pair = [(bare, t_bare), (call, t_call)]
             for cmd, times in pair if i % 2 == 0 else pair[::-1]:

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from sockserve.server import Server, ServerConfig, ServerThread, make_binding
+from sockserve.server import ServerThread
 
 
 @pytest.fixture
@@ -17,8 +17,7 @@ def serve() -> Iterator[Callable[..., ServerThread]]:
     started: list[ServerThread] = []
 
     def start(service: Any = "timestamp", *urls: str, **options: Any) -> ServerThread:
-        cfg = ServerConfig(**options)
-        st = ServerThread(Server(make_binding(service, urls or ("tcp://127.0.0.1:0",), cfg)))
+        st = ServerThread(service, *(urls or ("tcp://127.0.0.1:0",)), **options)
         st.start()
         started.append(st)
         return st

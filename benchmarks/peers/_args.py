@@ -1,13 +1,16 @@
-"""Command line shared by the peer servers: which endpoints to listen on.
+"""What the peer servers share: the command line (which endpoints), and running threads.
 
 Every peer takes ``--tcp PORT``, ``--unix PATH`` and ``--udp PORT`` (any
-subset) on 127.0.0.1, so the runner drives them all the same way.
+subset) on 127.0.0.1, so the runner drives them all the same way. Peers that
+serve each endpoint in a thread of its own start them with :func:`run_threads`.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import threading
+from collections.abc import Callable, Iterable
 
 
 def parse() -> argparse.Namespace:
@@ -19,3 +22,12 @@ def parse() -> argparse.Namespace:
     if args.unix and os.path.exists(args.unix):
         os.unlink(args.unix)
     return args
+
+
+def run_threads(targets: Iterable[Callable[[], object]]) -> None:
+    """Run each target in its own thread; return when all have returned (a server: never)."""
+    threads = [threading.Thread(target=t) for t in targets]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()

@@ -7,11 +7,11 @@ one connection only.
 
 from __future__ import annotations
 
+import functools
 import socket
-import threading
 from time import ctime
 
-from _args import parse
+from _args import parse, run_threads
 
 
 def stream_loop(server: socket.socket) -> None:
@@ -52,11 +52,7 @@ def main() -> None:
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         s.bind(("127.0.0.1", args.udp))
         loops.append((udp_loop, s))
-    threads = [threading.Thread(target=fn, args=(s,)) for fn, s in loops]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(functools.partial(fn, s) for fn, s in loops)
 
 
 if __name__ == "__main__":

@@ -5,10 +5,9 @@ and the plain UDPServer for datagrams.
 from __future__ import annotations
 
 import socketserver
-import threading
 from time import ctime
 
-from _args import parse
+from _args import parse, run_threads
 
 
 class TimestampHandler(socketserver.BaseRequestHandler):
@@ -46,11 +45,7 @@ def main() -> None:
         servers.append(UnixServer(args.unix, TimestampHandler))
     if args.udp:
         servers.append(socketserver.UDPServer(("127.0.0.1", args.udp), TimestampUDPHandler))
-    threads = [threading.Thread(target=s.serve_forever) for s in servers]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    run_threads(s.serve_forever for s in servers)
 
 
 if __name__ == "__main__":

@@ -35,25 +35,9 @@ if TYPE_CHECKING:
     from .server import Server, ServerConfig, ServerThread
     from .service import Context, Service, StreamSession
 
-_ERRORS = [
-    "ClientError",
-    "ConfigError",
-    "ConnectError",
-    "ConnectionClosed",
-    "EndpointError",
-    "LocalProtocolError",
-    "MessageTooLarge",
-    "ProtocolError",
-    "RemoteProtocolError",
-    "ReplyTooLarge",
-    "RequestTimeout",
-    "RequestTooLarge",
-    "ServiceError",
-    "SockserveError",
-    "TLSFileError",
-]
-_LAZY: dict[str, str] = {
-    **dict.fromkeys(_ERRORS, "sockserve.errors"),
+#: Where each public name that is not an error class lives (the errors are all in
+#: sockserve.errors); importing it is put off until the name is first used.
+_HOMES: dict[str, str] = {
     "Client": "sockserve.client",
     "connect": "sockserve.client",
     "Endpoint": "sockserve.endpoints",
@@ -71,18 +55,17 @@ _LAZY: dict[str, str] = {
 
 
 def __getattr__(name: str) -> object:
-    module = _LAZY.get(name)
-    if module is None:
+    if name not in __all__:
         raise AttributeError(f"module 'sockserve' has no attribute {name!r}")
     import importlib
 
-    value = getattr(importlib.import_module(module), name)
+    value = getattr(importlib.import_module(_HOMES.get(name, "sockserve.errors")), name)
     globals()[name] = value  # later lookups skip this function
     return value
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_LAZY])
+    return sorted({*globals(), *__all__})
 
 
 __all__ = [

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from .config import ServerConfig
 from .endpoints import Endpoint
-from .server import Server, ServerConfig, make_binding
-from .server.server import DEFAULT_URLS
+from .server.server import Server
 from .service import Handler, Service
 
 
@@ -27,6 +27,4 @@ def serve(
     from .logs import ensure_logging
 
     ensure_logging()
-    cfg = (config or ServerConfig()).replace(**options) if options else (config or ServerConfig())
-    binding = make_binding(handler, urls or DEFAULT_URLS, cfg)
-    return Server(binding).run(loop)
+    return Server(handler, *urls, config=config, **options).run(loop)

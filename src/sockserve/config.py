@@ -1,74 +1,98 @@
 """Server settings: one frozen dataclass that the CLI, the API and config files fill in.
 
-Defaults are the documented ones; every number carries the reason it is that number.
+Its fields, defaults, kinds and scopes are declared once, in :mod:`sockserve.settings`;
+this module holds the values and checks them (types and ranges), so a ``ServerConfig``
+that exists is valid.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 import math
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .errors import ConfigError
-from .framing import DEFAULT_MAX_MESSAGE, codec_factory
+from .framing import codec_factory
+from .settings import (
+    BY_NAME,
+    DEFAULT_BACKLOG,
+    DEFAULT_UDP_RATE,
+    DEFAULT_WRITE_HIGH,
+    DEFAULT_WRITE_LOW,
+    SETTINGS,
+    Network,
+    default,
+    parse_mode,
+    parse_network,
+    parse_size,
+)
 
-Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+__all__ = [
+    "DEFAULT_BACKLOG",
+    "DEFAULT_UDP_RATE",
+    "DEFAULT_WRITE_HIGH",
+    "DEFAULT_WRITE_LOW",
+    "Network",
+    "ServerConfig",
+    "parse_mode",
+    "parse_network",
+    "parse_size",
+]
 
-#: Kernel accept queue. Big so a burst of thousands of connects is queued rather
-#: than dropped into SYN retries (asyncio's default of 100 makes 10k connects take 44 s);
-#: Linux clamps it to net.core.somaxconn.
-DEFAULT_BACKLOG = 65535
-#: Pause reading a client whose unsent replies pass this (it is not reading them).
-DEFAULT_WRITE_HIGH = 256 * 1024
-DEFAULT_WRITE_LOW = 64 * 1024
-#: Replies per second per UDP source when the guard is on (non-loopback binds by default).
-DEFAULT_UDP_RATE = 100.0
+
+def _declared(name: str) -> Any:
+    """The dataclass field of setting ``name``: its default is the declared one."""
+    if isinstance(BY_NAME[name].default, dict):
+        return dataclasses.field(default_factory=lambda: default(name))
+    return dataclasses.field(default=default(name))
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """Per-endpoint serving options (the same for every endpoint of one service)."""
+    """Serving options of one service's endpoints; the server-wide ones are read from
+    ``Server.config`` (their scope in :mod:`sockserve.settings` says which)."""
 
-    framing: str = "raw"
-    max_message: int = DEFAULT_MAX_MESSAGE
-    idle_timeout: float | None = 300.0
-    max_conns: int | None = None
-    backlog: int = DEFAULT_BACKLOG
-    drain_timeout: float = 10.0
-    write_high_water: int = DEFAULT_WRITE_HIGH
-    write_low_water: int = DEFAULT_WRITE_LOW
-    allow: tuple[Network, ...] = ()
-    deny: tuple[Network, ...] = ()
-    unix_mode: int | None = None
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_client_ca: str | None = None
-    tls_handshake_timeout: float = 10.0
+    framing: str = _declared("framing")
+    max_message: int = _declared("max_message")
+    idle_timeout: float | None = _declared("idle_timeout")
+    #: Server-wide (see Server.config): the process's one connection limit.
+    max_conns: int | None = _declared("max_conns")
+    backlog: int = _declared("backlog")
+    #: Server-wide: how long SIGTERM/SIGINT waits for in-flight requests.
+    drain_timeout: float = _declared("drain_timeout")
+    write_high_water: int = _declared("write_high_water")
+    write_low_water: int = _declared("write_low_water")
+    allow: tuple[Network, ...] = _declared("allow")
+    deny: tuple[Network, ...] = _declared("deny")
+    unix_mode: int | None = _declared("unix_mode")
+    tls_cert: str | None = _declared("tls_cert")
+    tls_key: str | None = _declared("tls_key")
+    tls_client_ca: str | None = _declared("tls_client_ca")
+    tls_handshake_timeout: float = _declared("tls_handshake_timeout")
     #: TLS handshakes in progress per listener; past it the oldest is dropped (0 = no cap).
-    #: Each costs 50-300 KB until it ends, so silent clients cannot run memory up; 256 at
-    #: once finish ~2,500 handshakes/s at 100 ms RTT, more than one core computes.
-    max_handshakes: int = 256
+    max_handshakes: int = _declared("max_handshakes")
     #: Datagrams from source ports below this are dropped (reflection guard); port 0 always is.
-    udp_min_source_port: int = 1024
+    udp_min_source_port: int = _declared("udp_min_source_port")
     #: Replies/s per UDP source; None = DEFAULT_UDP_RATE on non-loopback binds, off on loopback.
-    udp_rate: float | None = None
+    udp_rate: float | None = _declared("udp_rate")
     #: Allow UDP replies larger than the request to non-loopback sources (amplifiers).
-    udp_amplify: bool = False
-    reuse_port: bool = False
+    udp_amplify: bool = _declared("udp_amplify")
+    reuse_port: bool = _declared("reuse_port")
     #: "auto": plain TCP/Unix request/reply and datagram sockets run on the epoll engine
     #: (Linux), the rest on asyncio transports; "asyncio": everything on transports.
-    engine: str = "auto"
-    #: After a batch of requests, keep polling this many microseconds before sleeping: a
-    #: client's next request usually lands inside it, saving a sleep and wake-up (0 = off).
-    busy_poll_us: int = 50
-    proxy_protocol: bool = False
-    proxy_from: tuple[Network, ...] = ()
-    proxy_header_timeout: float = 5.0
-    service_options: dict[str, Any] = field(default_factory=dict)
+    engine: str = _declared("engine")
+    #: Server-wide: after a batch of requests, keep polling this many microseconds before
+    #: sleeping (0 = off).
+    busy_poll_us: int = _declared("busy_poll_us")
+    proxy_protocol: bool = _declared("proxy_protocol")
+    proxy_from: tuple[Network, ...] = _declared("proxy_from")
+    proxy_header_timeout: float = _declared("proxy_header_timeout")
+    service_options: dict[str, Any] = _declared("service_options")  # noqa: RUF009 (a factory)
     #: Log every request and reply as a hex dump (``serve --trace``), on logger sockserve.trace.
-    trace: bool = False
+    trace: bool = _declared("trace")
 
     def __post_init__(self) -> None:
         # The Python API takes what the CLI takes: CIDR strings, an octal mode string, a
@@ -125,25 +149,12 @@ class ServerConfig:
 
 
 #: Fields that must hold numbers (ints or floats; bool is refused: True is not a size).
-_NUMBER_FIELDS = (
-    "max_message",
-    "idle_timeout",
-    "max_conns",
-    "backlog",
-    "drain_timeout",
-    "write_high_water",
-    "write_low_water",
-    "unix_mode",
-    "tls_handshake_timeout",
-    "udp_min_source_port",
-    "udp_rate",
-    "busy_poll_us",
-    "proxy_header_timeout",
-)
-_INT_FIELDS = frozenset(
-    {"max_message", "max_conns", "backlog", "write_high_water", "write_low_water", "unix_mode"}
-    | {"udp_min_source_port", "busy_poll_us"}
-)
+_NUMBER_FIELDS = tuple(x.name for x in SETTINGS if x.kind.holds != "other")
+_INT_FIELDS = frozenset(x.name for x in SETTINGS if x.kind.holds == "int")
+_NULLABLE = frozenset(x.name for x in SETTINGS if x.nullable)
+
+if tuple(f.name for f in dataclasses.fields(ServerConfig)) != tuple(x.name for x in SETTINGS):
+    raise AssertionError("ServerConfig's fields must be the settings declared, in their order")
 
 
 def _field(parse: Any, name: str, value: str) -> Any:
@@ -182,7 +193,7 @@ def _check_types(cfg: ServerConfig) -> None:
     """Refuse a wrong type now, naming the field, rather than a TypeError per connection."""
     for name in _NUMBER_FIELDS:
         value = getattr(cfg, name)
-        if value is None and name in ("idle_timeout", "max_conns", "unix_mode", "udp_rate"):
+        if value is None and name in _NULLABLE:
             continue
         ok = isinstance(value, int) if name in _INT_FIELDS else isinstance(value, (int, float))
         if not ok or isinstance(value, bool):
@@ -201,30 +212,15 @@ def _check_types(cfg: ServerConfig) -> None:
         )
 
 
-def parse_size(text: str) -> int:
-    """Bytes with an optional binary K/M/G suffix (``65536``, ``64K``, ``1MiB``); ValueError if not."""
-    units = {"k": 1024, "m": 1024**2, "g": 1024**3}
-    t = text.strip().lower().removesuffix("b").removesuffix("i")
-    mult = units.get(t[-1:], 1)
-    digits = t[:-1] if mult != 1 else t
-    if not digits.isdigit():
-        raise ValueError(f"expected bytes such as 65536 or 64K, not {text!r}")
-    return int(digits) * mult
+def blame(base: ServerConfig, changes: dict[str, Any]) -> str | None:
+    """Which of ``changes`` makes ``base.replace(**changes)`` fail, for an error naming it.
 
-
-def parse_network(text: str) -> Network:
-    """Parse a CIDR (or a bare address) for --allow/--deny; raise ConfigError naming it."""
-    try:
-        return ipaddress.ip_network(text, strict=False)
-    except ValueError as exc:
-        raise ConfigError(f"bad network {text!r}: {exc}") from None
-
-
-def parse_mode(text: str) -> int:
-    try:
-        mode = int(text, 8)
-    except ValueError:
-        raise ConfigError(f"bad Unix socket mode {text!r}: expected octal such as 660") from None
-    if not 0 <= mode <= 0o7777:
-        raise ConfigError(f"bad Unix socket mode {text!r}: out of range")
-    return mode
+    Each change is tried alone on ``base``; None when none fails alone (two that only
+    clash together, such as the write marks).
+    """
+    for name, value in changes.items():
+        try:
+            base.replace(**{name: value})
+        except ConfigError:
+            return name
+    return None

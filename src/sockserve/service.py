@@ -9,6 +9,7 @@ request/reply (echo over TCP, chargen, discard, daytime) subclass
 from __future__ import annotations
 
 import inspect
+import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -23,20 +24,37 @@ class Context:
     """Per-connection (stream) or per-datagram facts a handler may use.
 
     ``peer`` is the client's address (the real client's behind a PROXY header),
-    ``local`` the endpoint serving it, ``transport`` its scheme.
+    ``local`` the endpoint serving it, ``scheme`` that endpoint's scheme (``"tcp"``,
+    ``"udp"``, ``"unix"``, ``"unixgram"``, ``"tls"``).
     """
 
-    __slots__ = ("local", "peer", "state", "transport")
+    __slots__ = ("local", "peer", "scheme", "state")
 
     def __init__(self, peer: Address, local: Endpoint) -> None:
         self.peer = peer
         self.local = local
-        self.transport: str = local.scheme
+        self.scheme: str = local.scheme
         self.state: dict[str, Any] | None = None  # per-connection scratch space for handlers
+
+    @property
+    def transport(self) -> str:
+        """Deprecated alias of :attr:`scheme`: asyncio code expects a transport object here."""
+        global _TRANSPORT_WARNED
+        if not _TRANSPORT_WARNED:
+            _TRANSPORT_WARNED = True  # once per process: handlers read it on every request
+            warnings.warn(
+                "Context.transport is deprecated: it is the endpoint's scheme, read ctx.scheme",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+        return self.scheme
 
     def __repr__(self) -> str:
         return f"Context(peer={self.peer!r}, local={self.local.url()!r})"
 
+
+#: Whether ``Context.transport`` has warned yet.
+_TRANSPORT_WARNED = False
 
 SyncHandler = Callable[[bytes, Context], bytes | None]
 AsyncHandler = Callable[[bytes, Context], Awaitable[bytes | None]]

@@ -226,7 +226,7 @@ def test_async_handler_and_ctx(serve: Callable[..., ServerThread]) -> None:
         u.sendto(b"dg", st.endpoints[1].address())
         assert u.recv(100) == b"dg from 127.0.0.1"
     assert seen[0].local == st.endpoints[0]
-    assert seen[-1].transport == "udp"
+    assert seen[-1].scheme == "udp"
 
 
 def test_handler_returning_none_sends_nothing(serve: Callable[..., ServerThread]) -> None:

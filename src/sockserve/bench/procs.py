@@ -33,17 +33,15 @@ import select
 import signal
 import struct
 import time
-from collections.abc import Callable
 from dataclasses import replace
 
 from ..errors import ClientError, ConnectError
-from .engine import LoadEngine, LoadResult, LoadSpec
+from .engine import LoadEngine
+from .spec import LoadResult, LoadSpec, Progress
 
 _SLOT = struct.Struct("qqqd")  # answered, errors, timeouts, elapsed (-1 while warming up)
 #: How often the parent refreshes the progress line while workers run.
 PROGRESS_EVERY = 0.5
-
-Progress = Callable[[float, int, int, int], None]
 
 
 def split(spec: LoadSpec, procs: int) -> list[LoadSpec]:

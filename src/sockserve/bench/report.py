@@ -11,8 +11,8 @@ import sys
 import time
 from typing import TextIO
 
-from .engine import LoadResult, LoadSpec
 from .histogram import Histogram
+from .spec import LoadResult, LoadSpec
 
 #: Percentiles in the table and the JSON, with their JSON key stems.
 PERCENTILES: tuple[tuple[float, str], ...] = (

@@ -14,7 +14,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import sys
+from collections.abc import Callable
+from typing import TypeVar
 
 from ..errors import ClientError, ConnectError, EndpointError, SockserveError
 from .common import add_client_arguments, exit_code, fail, help_epilog, silence_stdout
@@ -37,39 +40,34 @@ EXIT_CODES = """exit codes:
   5  the probe request was cut off (the server closed the connection)
   130  interrupted (Ctrl-C): the report covers what was measured until then"""
 
+N = TypeVar("N", int, float)
+
 #: Default request: 64 bytes, the size the issue's workloads use.
 DEFAULT_SIZE = 64
 DEFAULT_DURATION = 10.0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {text!r}")
-    return value
+def _checked(
+    convert: Callable[[str], N], noun: str, ok: Callable[[N], bool], rule: str
+) -> Callable[[str], N]:
+    """An argparse ``type``: ``convert`` the text, then refuse what ``ok`` rejects, saying ``rule``."""
+
+    def parse(text: str) -> N:
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {noun}, not {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {rule}, not {text!r}")
+        return value
+
+    return parse
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
-    if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be a positive number, not {text!r}")
-    return value
-
-
-def _non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, not {text!r}") from None
-    if not value >= 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"must be 0 or more, not {text!r}")
-    return value
+_positive_int = _checked(int, "a whole number", lambda v: v >= 1, "at least 1")
+# NaN fails both comparisons; infinity would make a run, or a sleep, that never ends.
+_positive_float = _checked(float, "a number", lambda v: 0 < v < math.inf, "a positive number")
+_non_negative_float = _checked(float, "a number", lambda v: 0 <= v < math.inf, "0 or more")
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

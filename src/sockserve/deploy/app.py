@@ -17,14 +17,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import json
 import os
 import signal
 import socket
 import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from .._engine.contracts import CloseReason
@@ -32,129 +30,27 @@ from .._engine.guards import AccessControl
 from .._engine.runtime import StreamRuntime
 from .._sighup import hold, take, take_stop
 from ..config import ServerConfig
-from ..endpoints import Endpoint, parse_endpoint
+from ..endpoints import Endpoint
 from ..errors import ConfigError, SockserveError
 from ..logs import server_log
 from ..server.listeners import Listener
 from ..server.loop import new_event_loop
-from ..server.server import DEFAULT_URLS, Binding, Server, _log_loop_exception, make_binding
+from ..server.server import Binding, Server, _log_loop_exception
 from ..server.tls import server_context
-from .activation import InheritedSocket
-from .configfile import ServiceEntry, load_config_file
+from ..settings import not_reloadable
+from .plan import (
+    AppSpec,
+    Plan,
+    Unit,
+    build_binding,
+    differences,
+    load_tls,
+    plan_units,
+    server_config,
+)
 
 if TYPE_CHECKING:
     from .metrics import MetricsServer, MetricsState
-    from .supervisor import Supervisor
-
-
-@dataclass
-class AppSpec:
-    """Everything ``serve`` was asked for; picklable, so workers get the same."""
-
-    service: str = "timestamp"
-    urls: tuple[str, ...] = ()
-    config: ServerConfig = field(default_factory=ServerConfig)
-    config_file: str | None = None
-    metrics: str | None = None
-    workers: int = 1
-    loop: str = "auto"
-    log_format: str = "text"
-    log_level: str = "info"
-    access_log: bool = True
-
-
-@dataclass
-class Unit:
-    """One endpoint, its service and options, and a socket to serve if one was passed in."""
-
-    key: Endpoint  # as configured (the diff key), or the inherited socket's own address
-    spec: str
-    config: ServerConfig
-    listener: Listener | None = None
-    port: int | None = None  # a port the supervisor reserved for a configured port 0
-
-    @property
-    def endpoint(self) -> Endpoint:
-        return self.key.with_port(self.port) if self.port is not None else self.key
-
-    def same_as(self, other: Unit) -> bool:
-        return (
-            self.spec == other.spec
-            and self.config == other.config
-            and self.listener is other.listener
-            and self.port == other.port
-        )
-
-
-@dataclass
-class Plan:
-    """Sockets and ports handed to this process (by systemd or the supervisor)."""
-
-    inherited: list[InheritedSocket] = field(default_factory=list)
-    prebound: dict[str, Listener] = field(default_factory=dict)  # configured URL -> socket
-    ports: dict[str, int] = field(default_factory=dict)  # configured URL -> reserved port
-    worker: bool = False  # bind inet endpoints with SO_REUSEPORT, beside the other workers
-
-
-def service_entries(spec: AppSpec) -> list[ServiceEntry]:
-    if spec.config_file:
-        return load_config_file(spec.config_file, spec.config)
-    endpoints = tuple(parse_endpoint(u) for u in (spec.urls or DEFAULT_URLS))
-    return [ServiceEntry(spec.service, endpoints, spec.config, spec.service, "command line")]
-
-
-def plan_units(spec: AppSpec, plan: Plan) -> list[Unit]:
-    """The units to serve: inherited sockets first (by name), then the configured endpoints.
-
-    Under socket activation without a config file every passed socket serves the
-    command line's service and its default endpoints are not bound; with a config
-    file each socket goes to the ``[[service]]`` whose ``socket`` (default ``name``)
-    equals its ``FileDescriptorName``, and services that got none bind their ``listen``.
-    """
-    entries = service_entries(spec)
-    units: list[Unit] = []
-    served: set[int] = set()
-    for inh in plan.inherited:
-        if spec.config_file:
-            matches = [i for i, e in enumerate(entries) if e.socket == inh.name]
-            if not matches:
-                raise ConfigError(
-                    f"{spec.config_file}: inherited socket {inh.listener.endpoint} (fd {inh.fd}, "
-                    f"name {inh.name!r}) matches no [[service]]; set socket = {inh.name!r} on one"
-                )
-            index = matches[0]
-        else:
-            index = 0
-        served.add(index)
-        e = entries[index]
-        units.append(Unit(inh.listener.endpoint, e.spec, e.config, inh.listener))
-    if plan.inherited and not spec.config_file:
-        return units
-    for i, e in enumerate(entries):
-        if i in served:
-            continue
-        if not e.endpoints:
-            raise ConfigError(f"{e.where}: no 'listen' URLs and no inherited socket {e.socket!r}")
-        for ep in e.endpoints:
-            url = ep.url()
-            cfg = e.config
-            lst = plan.prebound.get(url)
-            if plan.worker and lst is None and ep.is_inet:
-                cfg = cfg.replace(reuse_port=True)
-            units.append(Unit(ep, e.spec, cfg, lst, plan.ports.get(url)))
-    seen: set[Endpoint] = set()
-    for u in units:
-        if u.key in seen:
-            raise ConfigError(f"{u.key} is listed twice")
-        seen.add(u.key)
-    return units
-
-
-def build_binding(unit: Unit, metrics: MetricsState | None) -> Binding:
-    binding = make_binding(unit.spec, [unit.endpoint], unit.config)
-    if unit.listener is not None:
-        binding.listeners[unit.endpoint] = unit.listener
-    return metrics.instrument(binding) if metrics is not None else binding
 
 
 class App:
@@ -178,7 +74,8 @@ class App:
             b = build_binding(u, self.metrics)
             self.live[u.key] = (u, b)
             bindings.append(b)
-        self.server = Server(*bindings)
+        # Server-wide settings (max_conns, drain_timeout, busy_poll_us) go to the server.
+        self.server = Server(*bindings, config=server_config(spec, self.units))
         self.metrics_http: MetricsServer | None = None
         self._reloading: asyncio.Task[None] | None = None
         self._reload_again = False
@@ -242,14 +139,7 @@ class App:
         assert metrics is not None and self.spec.metrics is not None
         render = registry_for(lambda: metrics.snapshot(self.server))
         self.metrics_http = MetricsServer(open_metrics_socket(self.spec.metrics), render)
-        await self.metrics_http.start()
-        host, port = self.metrics_http.address
-        server_log.info(
-            "metrics on http://%s:%d/metrics",
-            f"[{host}]" if ":" in host else host,
-            port,
-            extra={"event": "metrics"},
-        )
+        await self.metrics_http.start()  # logs its URL
 
     def _serve_channel(self) -> None:
         """Answer the supervisor's snapshot requests: each byte in, one length-prefixed JSON out.
@@ -320,7 +210,8 @@ class App:
             ]
             built = {u.key: build_binding(u, self.metrics) for u in changed_or_added}
             for binding in built.values():
-                _load_tls(binding)
+                load_tls(binding)
+            wide = server_config(self.spec, units)
         except SockserveError as exc:
             server_log.error(
                 "reload failed, still serving the previous configuration: %s",
@@ -328,6 +219,8 @@ class App:
                 extra={"event": "reload_failed"},
             )
             return {}
+        self._warn_restart_only(units, wide)
+        self.server.reconfigure(wide)  # before the diff: add_binding resumes at a raised limit
         counts = {"added": 0, "removed": 0, "changed": 0, "unchanged": 0}
         for key in [k for k in self.live if k not in new]:
             _, old = self.live.pop(key)
@@ -360,7 +253,7 @@ class App:
                 server_log.info(
                     "reload: %s changed (%s); open connections keep their settings until they close",
                     key,
-                    ", ".join(_differences(old_unit, unit)),
+                    ", ".join(differences(old_unit, unit)),
                     extra={"event": "reload"},
                 )
                 _close_denied(old_runtimes, unit.config)
@@ -380,6 +273,23 @@ class App:
             extra={"event": "reloaded"},
         )
         return counts
+
+    def _warn_restart_only(self, units: list[Unit], wide: ServerConfig) -> None:
+        """Log the changed settings a reload cannot apply (declared not reloadable)."""
+        before = {u.key: u.config for u, _ in self.live.values()}
+        changed = {
+            name
+            for u in units
+            if u.key in before
+            for name in not_reloadable(differences_of(before[u.key], u.config))
+        }
+        changed.update(not_reloadable(differences_of(self.server.config, wide)))
+        if changed:
+            server_log.warning(
+                "reload: %s changed, which takes full effect only after a restart",
+                ", ".join(sorted(changed)),
+                extra={"event": "reload_restart_needed"},
+            )
 
     def _refresh_tls(self, unit: Unit, binding: Binding) -> None:
         """Read an unchanged tls:// endpoint's certificate again; keep the old one if that fails."""
@@ -420,25 +330,6 @@ class App:
             metrics = self.metrics
             task.add_done_callback(lambda _: metrics.retire(runtimes))
         return kept
-
-
-def _load_tls(binding: Binding) -> None:
-    """Build a tls:// binding's context now; ConfigError (naming the file) if it cannot load."""
-    if binding.ssl_context is None and any(ep.scheme == "tls" for ep in binding.endpoints):
-        cfg = binding.config
-        binding.ssl_context = server_context(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)
-
-
-def _differences(old: Unit, new: Unit) -> list[str]:
-    names = ["service"] if old.spec != new.spec else []
-    names += [
-        f.name
-        for f in dataclasses.fields(ServerConfig)
-        if getattr(old.config, f.name) != getattr(new.config, f.name)
-    ]
-    if old.listener is not new.listener or old.port != new.port:
-        names.append("socket")
-    return names or ["nothing"]
 
 
 def _apply_listener_options(lst: Listener, old: ServerConfig, new: ServerConfig) -> None:
@@ -487,16 +378,9 @@ def _close_denied(runtimes: Sequence[object], config: ServerConfig) -> None:
                 conn.drain()
 
 
-def make_runner(spec: AppSpec, inherited: list[InheritedSocket] | None = None) -> App | Supervisor:
-    """Check ``spec`` and build what runs it: this process, or a supervisor of workers.
-
-    Raises the library's errors (bad config, unknown service) before anything is bound.
-    """
-    if spec.workers != 1:
-        from .supervisor import Supervisor
-
-        return Supervisor(spec, inherited or [])
-    return App(spec, Plan(inherited=inherited or []))
+def differences_of(old: ServerConfig, new: ServerConfig) -> list[str]:
+    """The names of the settings that differ between two configs."""
+    return [n for n, v in vars(old).items() if getattr(new, n) != v]
 
 
-__all__ = ["App", "AppSpec", "Plan", "Unit", "make_runner", "plan_units"]
+__all__ = ["App", "AppSpec", "Plan", "Unit", "build_binding", "plan_units"]

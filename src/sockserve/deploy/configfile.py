@@ -15,6 +15,7 @@ URLs it listens on, and its options, with the same names as the ``serve`` flags
     idle_timeout = 60
     allow = ["10.0.0.0/8"]
 
+The option keys are declared in :mod:`sockserve.settings`, which every front end reads.
 ``socket`` (default: ``name``) is the systemd ``FileDescriptorName=`` whose inherited
 sockets this service serves under socket activation. Options not given come from
 the command line's (so ``--proxy-protocol`` applies to every service unless a
@@ -29,9 +30,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..config import ServerConfig, parse_mode, parse_network, parse_size
+from ..config import ServerConfig, blame
 from ..endpoints import Endpoint, parse_endpoint
 from ..errors import ConfigError, EndpointError
+from ..settings import SETTINGS
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -50,85 +52,17 @@ class ServiceEntry:
     where: str  # "services.toml: [[service]] #2 (echo)", for messages
 
 
-def _size(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    if isinstance(value, str):
-        return parse_size(value)
-    raise ValueError('expected bytes, e.g. 65536 or "64K"')
-
-
-def _number(value: Any) -> float:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    raise ValueError("expected a number")
-
-
-def _timeout(value: Any) -> float | None:
-    return _number(value) or None  # 0 = never, as on the command line
-
-
-def _int(value: Any) -> int:
-    if isinstance(value, int) and not isinstance(value, bool):
-        return value
-    raise ValueError("expected an integer")
-
-
-def _bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise ValueError("expected true or false")
-
-
-def _str(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    raise ValueError("expected a string")
-
-
-def _networks(value: Any) -> tuple[Any, ...]:
-    if isinstance(value, str):
-        value = [value]
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError("expected a list of CIDR strings")
-    return tuple(parse_network(v) for v in value)
-
-
-def _mode(value: Any) -> int:
-    return parse_mode(str(value) if isinstance(value, int) else _str(value))
-
-
-def _options(value: Any) -> dict[str, Any]:
-    if isinstance(value, dict):
-        return dict(value)
-    raise ValueError('expected a table, e.g. options = { quote = "..." }')
+def _option_keys() -> dict[str, tuple[str, Callable[[Any], Any]]]:
+    """TOML key -> (ServerConfig field, converter), from the settings declaration."""
+    keys: dict[str, tuple[str, Callable[[Any], Any]]] = {}
+    for s in SETTINGS:
+        for key in (s.name, *s.toml_aliases):
+            keys[key] = (s.name, s.kind.toml)
+    return keys
 
 
 #: Keys of a [[service]] table that are ServerConfig fields, and how each is checked.
-OPTION_KEYS: dict[str, Callable[[Any], Any]] = {
-    "framing": _str,
-    "max_message": _size,
-    "idle_timeout": _timeout,
-    "max_conns": _int,
-    "backlog": _int,
-    "drain_timeout": _number,
-    "allow": _networks,
-    "deny": _networks,
-    "unix_mode": _mode,
-    "tls_cert": _str,
-    "tls_key": _str,
-    "tls_client_ca": _str,
-    "tls_handshake_timeout": _number,
-    "max_handshakes": _int,
-    "udp_rate": _number,
-    "udp_min_source_port": _int,
-    "udp_amplify": _bool,
-    "proxy_protocol": _bool,
-    "proxy_from": _networks,
-    "proxy_header_timeout": _number,
-    "trace": _bool,
-    "options": _options,
-}
+OPTION_KEYS = _option_keys()
 _OWN_KEYS = ("name", "listen", "socket")
 
 
@@ -192,15 +126,21 @@ def _entry(table: Any, where: str, base: ServerConfig) -> ServiceEntry:
     if not isinstance(socket_name, str):
         raise ConfigError(f"{where}: key 'socket': expected a string (a FileDescriptorName)")
     changes: dict[str, Any] = {}
-    for key, convert in OPTION_KEYS.items():
+    given: dict[str, str] = {}  # field -> the key that set it
+    for key, (field_name, convert) in OPTION_KEYS.items():
         if key not in table:
             continue
+        if field_name in given:
+            raise ConfigError(f"{where}: keys {given[field_name]!r} and {key!r} set one option")
+        given[field_name] = key
         try:
-            changes["service_options" if key == "options" else key] = convert(table[key])
+            changes[field_name] = convert(table[key])
         except (ValueError, ConfigError) as exc:
             raise ConfigError(f"{where}: key {key!r}: {exc}") from None
     try:
         config = base.replace(**changes)
     except ConfigError as exc:
-        raise ConfigError(f"{where}: {exc}") from None
+        culprit = blame(base, changes)
+        named = f" (key {given[culprit]!r})" if culprit is not None else ""
+        raise ConfigError(f"{where}: {exc}{named}") from None
     return ServiceEntry(name, endpoints, config, socket_name, where)

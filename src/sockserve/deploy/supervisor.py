@@ -1,11 +1,7 @@
 """``--workers N``: N worker processes share each endpoint; this parent only watches them.
 
-Sockets: each worker binds its own ``SO_REUSEPORT`` socket for TCP/UDP endpoints,
-so the kernel spreads connections over the workers' accept queues. The parent
-binds instead, and the workers inherit the socket, for Unix endpoints, for UDP
-port 0, and where ``SO_REUSEPORT`` is missing. For TCP port 0 the parent reserves
-a port (a bound, never-listening ``SO_REUSEPORT`` socket) so every worker, and
-every restarted one, binds the same port.
+Sockets: each worker binds its own ``SO_REUSEPORT`` socket for TCP/UDP endpoints;
+the parent binds (or reserves a port) only where they cannot: see :mod:`.sharing`.
 
 Workers are fresh interpreters (``python -m sockserve.deploy.worker``), not forks:
 the parent may be running the metrics thread, and forking a threaded process is
@@ -37,9 +33,9 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from ..logs import server_log
-from ..server.listeners import Listener, _resolve, close_listener, open_listener
 from .activation import InheritedSocket
-from .app import AppSpec, Plan, build_binding, plan_units
+from .plan import AppSpec, Plan, build_binding, plan_units
+from .sharing import SharedSockets
 
 if TYPE_CHECKING:
     from .metrics import MetricsThread, Snapshot
@@ -54,8 +50,6 @@ KILL_GRACE = 5.0
 #: How long a scrape waits for the workers' counters (asked all at once) before using the
 #: last answer of those that are late; a late answer is read at the next scrape.
 SNAPSHOT_TIMEOUT = 2.0
-
-HAS_REUSEPORT = hasattr(socket, "SO_REUSEPORT")
 
 
 @dataclass
@@ -87,10 +81,7 @@ class Supervisor:
             build_binding(unit, None)  # import services and check options before any fork
         self.drain_timeout = max(u.config.drain_timeout for u in self.units)
         self.workers = [Worker(i) for i in range(self.count)]
-        self.listeners: list[Listener] = []  # opened here, inherited by the workers
-        self.reserved: list[socket.socket] = []
-        self.prebound: dict[str, int] = {}
-        self.ports: dict[str, int] = {}
+        self.shared = SharedSockets()  # opened by run(), before the first worker
         self.stopping = False
         self.forced = False
         self.failed = False
@@ -100,46 +91,17 @@ class Supervisor:
         self._retired: Snapshot = []
         self.metrics_http: MetricsThread | None = None
 
-    # -- sockets ---------------------------------------------------------------------------
-
-    def _prepare_sockets(self) -> None:
-        for unit in self.units:
-            ep, url = unit.key, unit.key.url()
-            if unit.listener is not None:
-                continue  # from systemd: passed on as it is
-            if ep.is_unix or not HAS_REUSEPORT or (ep.port == 0 and not ep.is_stream):
-                lst = open_listener(
-                    ep, backlog=unit.config.backlog, unix_mode=unit.config.unix_mode
-                )
-                self.listeners.append(lst)
-                self.prebound[url] = lst.sock.fileno()
-            elif ep.port == 0:
-                self.ports[url] = self._reserve_port(unit.key)
-
-    def _reserve_port(self, ep: object) -> int:
-        from ..endpoints import Endpoint
-
-        assert isinstance(ep, Endpoint)
-        family, addr = _resolve(ep)
-        sock = socket.socket(family, socket.SOCK_STREAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        sock.bind(addr)
-        self.reserved.append(sock)
-        return int(sock.getsockname()[1])
-
     # -- workers ---------------------------------------------------------------------------
 
     def _spawn(self, w: Worker) -> None:
         ours, theirs = socket.socketpair()
-        fds = [theirs.fileno(), *self.prebound.values(), *(i.fd for i in self.inherited)]
+        shared = self.shared
+        fds = [theirs.fileno(), *shared.prebound.values(), *(i.fd for i in self.inherited)]
         payload = {
             "spec": self.spec,
             "inherited": [(i.fd, i.name) for i in self.inherited],
-            "prebound": self.prebound,
-            "ports": self.ports,
+            "prebound": shared.prebound,
+            "ports": shared.ports,
             "channel": theirs.fileno(),
             "parent": os.getpid(),
             "sys_path": sys.path,
@@ -236,7 +198,7 @@ class Supervisor:
 
     def run(self) -> int:
         """Run until SIGTERM/SIGINT and every worker has drained; return the exit status."""
-        self._prepare_sockets()
+        self.shared = SharedSockets.prepare(self.units)
         wake_r, wake_w = os.pipe()
         os.set_blocking(wake_r, False)
         os.set_blocking(wake_w, False)
@@ -320,10 +282,7 @@ class Supervisor:
                 w.proc.wait(5)
             if w.channel is not None:
                 w.channel.close()
-        for lst in self.listeners:
-            close_listener(lst)
-        for sock in self.reserved:
-            sock.close()
+        self.shared.close()
         if self.metrics_http is not None:
             self.metrics_http.close()
 
@@ -333,14 +292,7 @@ class Supervisor:
         from .metrics import MetricsThread
 
         assert self.spec.metrics is not None
-        self.metrics_http = MetricsThread(self.spec.metrics, self.snapshot)
-        host, port = self.metrics_http.http.address
-        server_log.info(
-            "metrics on http://%s:%d/metrics (all workers)",
-            f"[{host}]" if ":" in host else host,
-            port,
-            extra={"event": "metrics"},
-        )
+        self.metrics_http = MetricsThread(self.spec.metrics, self.snapshot, scope="all workers")
 
     def snapshot(self) -> Snapshot:
         """Every worker's counters summed (called by the metrics thread at scrape time).

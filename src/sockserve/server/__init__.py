@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 from ..config import ServerConfig
-from .server import DEFAULT_URLS, Binding, Server, ServerThread, make_binding
+from .binding import DEFAULT_URLS, Binding, make_binding
+from .server import Server
+from .thread import ServerThread
 
 __all__ = ["DEFAULT_URLS", "Binding", "Server", "ServerConfig", "ServerThread", "make_binding"]

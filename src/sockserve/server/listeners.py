@@ -187,6 +187,11 @@ def _probe(path: str, socktype: int) -> str | None:
 
 def close_listener(listener: Listener) -> None:
     listener.sock.close()
+    unlink_socket_file(listener)
+
+
+def unlink_socket_file(listener: Listener) -> None:
+    """Remove a Unix listener's socket file if it is still the one it bound (not a successor's)."""
     if listener.unix_file is None:
         return
     path = listener.endpoint.path

@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import ssl
-import threading
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable
 from typing import Any
 
 from .._engine.contracts import ConnectionBudget
@@ -24,16 +20,19 @@ from .._engine.proxywrap import warn_settings
 from .._engine.runtime import StreamRuntime
 from .._engine.signals import StopSignals
 from ..config import ServerConfig
-from ..endpoints import Endpoint, parse_endpoint
-from ..errors import ConfigError, SockserveError
+from ..endpoints import Endpoint
+from ..errors import ConfigError
 from ..logs import server_log
-from ..service import Handler, Service, traced
-from ..services import as_service, load_service
-from .listeners import Listener, check_unix_mode, close_listener, open_listener
-from .loop import new_event_loop
+from ..service import Handler, Service
+from .binding import DEFAULT_URLS, Binding, bindings_and_config, make_binding
+from .listeners import Listener, close_listener, open_listener, unlink_socket_file
+from .loop import log_loop_exception, new_event_loop
 from .tls import server_context
 
-DEFAULT_URLS = ("tcp://127.0.0.1:21567", "udp://127.0.0.1:21567")
+# The names deploy/ and older code import from here (their home is now binding.py / loop.py).
+__all__ = ["DEFAULT_URLS", "Binding", "Server", "make_binding"]
+_log_loop_exception = log_loop_exception
+
 #: How often idle connections are looked for: a quarter of the timeout, within [0.05 s, 1 s].
 _SWEEP_MIN, _SWEEP_MAX = 0.05, 1.0
 #: How often a partial drain (a binding removed on reload) checks for its last connection.
@@ -42,57 +41,40 @@ _DRAIN_POLL = 0.05
 Runtime = StreamRuntime | DatagramRuntime
 
 
-@dataclass
-class Binding:
-    """One service on some endpoints with its options."""
-
-    service: Service
-    endpoints: Sequence[Endpoint]
-    config: ServerConfig
-    #: Sockets opened elsewhere (systemd, a supervisor, a reload hand-over), served instead of
-    #: binding the endpoint of the same key.
-    listeners: dict[Endpoint, Listener] = field(default_factory=dict)
-    #: The tls:// endpoints' context, when built beforehand (a reload checks the certificate
-    #: before it touches anything running); None: built from ``config`` at start.
-    ssl_context: ssl.SSLContext | None = None
-
-
-def make_binding(
-    service: Service | Handler | str,
-    urls: Iterable[str | Endpoint] = DEFAULT_URLS,
-    config: ServerConfig | None = None,
-) -> Binding:
-    if isinstance(service, str):
-        svc = load_service(service)
-    else:
-        svc = as_service(service, getattr(service, "__name__", "handler"))
-    eps = [u if isinstance(u, Endpoint) else parse_endpoint(u) for u in urls]
-    if not eps:
-        raise ConfigError("no endpoints to listen on")
-    cfg = config or ServerConfig()
-    for ep in eps:
-        check_unix_mode(ep, cfg.unix_mode)
-    if cfg.service_options:
-        if svc.configure is None:
-            names = ", ".join(sorted(cfg.service_options))
-            raise ConfigError(f"service {svc.name} takes no options (got {names})")
-        svc = svc.configure(dict(cfg.service_options))
-    if cfg.trace:
-        svc = traced(svc)
-    return Binding(svc, eps, cfg)
-
-
 class Server:
-    """Serve one or more bindings. Use ``await start()/stop()``, ``serve()``, or :class:`ServerThread`."""
+    """Serve one or more bindings on one event loop.
+
+    ``Server(handler, "tcp://127.0.0.1:0", framing="line")`` serves one handler (a callable,
+    a :class:`~sockserve.Service`, a ``"module:attr"`` string or a built-in service name;
+    None is ``"timestamp"``) on the URLs given (default: TCP and UDP 127.0.0.1:21567) with
+    ``ServerConfig(**settings)``, or ``config.replace(**settings)``. ``Server(b1, b2)``
+    serves :class:`Binding` objects as they are; ``settings`` and ``config`` then give the
+    server-wide values (default: the first binding's).
+
+    Run it with ``async with server:`` (bound on entry, drained and closed on exit) and
+    ``await server.serve_forever()``, with ``await start()`` / ``await stop()``, with
+    :meth:`run` in the foreground, or in a thread with :class:`ServerThread`.
+
+    Error handling: a bad setting raises :class:`ConfigError` naming it, here; an endpoint
+    that cannot be bound raises :class:`EndpointError` from ``start`` (``__aenter__``),
+    after closing whatever it had bound.
+    """
 
     def __init__(
-        self, *bindings: Binding, max_conns: int | None = None, drain_timeout: float | None = None
+        self,
+        service_or_binding: Binding | Service | Handler | str | None = None,
+        /,
+        *urls_or_bindings: Binding | str | Endpoint,
+        config: ServerConfig | None = None,
+        **settings: Any,
     ) -> None:
-        if not bindings:
-            raise ConfigError("a server needs at least one service binding")
-        self.bindings = list(bindings)
-        #: Limits given here win; otherwise they follow the bindings, also across a reload.
-        self._given_limits = (max_conns, drain_timeout)
+        self.bindings, self.config = bindings_and_config(
+            service_or_binding, urls_or_bindings, config, settings
+        )
+        #: Server-wide values given here win; otherwise they follow the bindings, also
+        #: across a reload.
+        given = settings if config is None else {**vars(config), **settings}
+        self._given_limits = (given.get("max_conns"), given.get("drain_timeout"))
         self.max_conns: int | None = None
         self.drain_timeout = 0.0
         #: Connections open server-wide and their limit, shared by every stream runtime.
@@ -112,6 +94,7 @@ class Server:
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_period = _SWEEP_MAX
         self._stopping = False
+        self._stopped = asyncio.Event()
         #: The epoll engine's hub, when any binding uses it (created in start).
         self.hub: Hub | None = None
         #: (endpoint as configured, runtime, listener) per binding, by id(binding): for add/remove_binding.
@@ -136,6 +119,13 @@ class Server:
         """Stream connections open (or being set up), over every endpoint."""
         return self.budget.count
 
+    def reconfigure(self, config: ServerConfig) -> None:
+        """Take new server-wide settings (a reload): the connection limit and drain timeout
+        apply at once; listeners paused at a lower limit resume."""
+        self.config = config
+        self._given_limits = (config.max_conns, config.drain_timeout)
+        self._update_limits()
+
     @property
     def stopping(self) -> bool:
         return self._stopping
@@ -159,8 +149,7 @@ class Server:
         self.loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
         if HAVE_EPOLL and any(b.config.engine == "auto" for b in self.bindings):
-            spin = max(b.config.busy_poll_us for b in self.bindings) / 1e6
-            self.hub = Hub(self.loop, spin)
+            self.hub = Hub(self.loop, self.config.busy_poll_us / 1e6)  # server-wide
         try:
             for binding in self.bindings:
                 self._start_recorded(binding)
@@ -380,11 +369,25 @@ class Server:
             self._stop_requested.set()
 
     async def stop(self, drain_timeout: float | None = None) -> None:
-        """Stop accepting now; let in-flight requests finish up to the drain timeout; close."""
+        """Stop accepting now; let in-flight requests finish up to the drain timeout; close.
+
+        Safe to call more than once and from several tasks: every caller returns when the
+        one drain has ended. :meth:`serve_forever` returns then too.
+        """
         if self._stopping:
+            await self._stopped.wait()
             return
         self._stopping = True
-        timeout = self.drain_timeout if drain_timeout is None else drain_timeout
+        if self._stop_requested is not None:
+            self._stop_requested.set()
+        try:
+            await self._drain_and_close(
+                self.drain_timeout if drain_timeout is None else drain_timeout
+            )
+        finally:
+            self._stopped.set()
+
+    async def _drain_and_close(self, timeout: float) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
         for rt in self.streams:
@@ -438,14 +441,37 @@ class Server:
             self._signals.disarm()  # stopped in time: the watchdog must not end the process
         server_log.info("stopped", extra={"event": "stopped"})
 
-    async def serve(self) -> None:
-        """Start, wait until :meth:`request_stop`, then stop gracefully."""
-        await self.start()
+    async def serve_forever(self) -> None:
+        """Serve until :meth:`stop` or :meth:`request_stop` is called, or this is cancelled.
+
+        Starts the server first if it is not running (``async with`` already started it);
+        either way it has drained and closed when this returns.
+        """
+        if self._stop_requested is None:
+            await self.start()
         assert self._stop_requested is not None
         try:
             await self._stop_requested.wait()
         finally:
             await self.stop()
+
+    #: The older name of :meth:`serve_forever`.
+    serve = serve_forever
+
+    async def __aenter__(self) -> Server:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.stop()
+
+    def url(self, scheme: str | None = None) -> str:
+        """The URL of the first bound endpoint (of ``scheme``, e.g. ``"tcp"``), real port included."""
+        for ep in self.endpoints:
+            if scheme is None or ep.scheme == scheme:
+                return ep.url()
+        bound = ", ".join(ep.url() for ep in self.endpoints) or "none (not started)"
+        raise LookupError(f"no {scheme} endpoint; bound: {bound}")
 
     # -- running in the foreground with signals ------------------------------------------
 
@@ -453,8 +479,8 @@ class Server:
         """Run until SIGTERM/SIGINT; exit status 0 graceful, 1 forced or an endpoint lost."""
         loop = new_event_loop(loop_kind)
         asyncio.set_event_loop(loop)
-        loop.set_exception_handler(_log_loop_exception)
-        main = loop.create_task(self.serve())
+        loop.set_exception_handler(log_loop_exception)
+        main = loop.create_task(self.serve_forever())
         if handle_signals:
             self._install_signals(loop)
         try:
@@ -502,93 +528,4 @@ class Server:
     def _remove_socket_files(self) -> None:
         """Before a hard exit: unlink our Unix socket files, as a graceful stop does."""
         for lst in list(self.listeners):
-            if lst.unix_file is not None:
-                with contextlib.suppress(OSError):
-                    st = os.stat(lst.endpoint.path)
-                    if (
-                        st.st_dev,
-                        st.st_ino,
-                    ) == lst.unix_file:  # still ours, as close_listener checks
-                        os.unlink(lst.endpoint.path)
-
-
-def _log_loop_exception(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
-    exc = context.get("exception")
-    msg = context.get("message", "event loop error")
-    if exc is not None and isinstance(exc, (OSError, SockserveError)):
-        server_log.info("%s: %s", msg, exc)
-    else:
-        server_log.error("%s", msg, exc_info=exc if isinstance(exc, BaseException) else None)
-
-
-class ServerThread:
-    """Run a :class:`Server` on its own loop in a background thread (tests, embedding).
-
-    ``with ServerThread(server) as st: st.endpoints`` starts it, waits until it is
-    bound (raising its bind error if it failed), and stops it gracefully on exit.
-    """
-
-    def __init__(
-        self, server: Server, loop_kind: str = "auto", start_timeout: float = 10.0
-    ) -> None:
-        self.server = server
-        self._loop_kind = loop_kind
-        self._timeout = start_timeout
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="sockserve-server", daemon=True)
-        self._loop: asyncio.AbstractEventLoop | None = None
-
-    @property
-    def endpoints(self) -> list[Endpoint]:
-        return self.server.endpoints
-
-    def url(self, scheme: str | None = None) -> str:
-        for ep in self.server.endpoints:
-            if scheme is None or ep.scheme == scheme:
-                return ep.url()
-        raise LookupError(f"no {scheme} endpoint")
-
-    def start(self) -> ServerThread:
-        self._thread.start()
-        if not self._ready.wait(self._timeout):
-            raise TimeoutError("server did not start in time")
-        if self._error is not None:
-            raise self._error
-        return self
-
-    def _main(self) -> None:
-        loop = new_event_loop(self._loop_kind)
-        self._loop = loop
-        loop.set_exception_handler(_log_loop_exception)
-        asyncio.set_event_loop(loop)
-
-        async def body() -> None:
-            try:
-                await self.server.start()
-            except BaseException as exc:
-                self._error = exc
-                self._ready.set()
-                return
-            self._ready.set()
-            assert self.server._stop_requested is not None
-            await self.server._stop_requested.wait()
-            await self.server.stop()
-
-        try:
-            loop.run_until_complete(body())
-        finally:
-            loop.close()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        loop = self._loop
-        if loop is not None and self._thread.is_alive():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self.server.request_stop)
-        self._thread.join(timeout)
-
-    def __enter__(self) -> ServerThread:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+            unlink_socket_file(lst)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
+from typing import Any
 
 from ..errors import ServiceError
 from ..service import Service
@@ -71,6 +72,16 @@ BUILTINS: dict[str, BuiltinInfo] = {
 }
 
 DEFAULT_SERVICE = "timestamp"
+
+
+def builtin(name: str, **parts: Any) -> Service:
+    """The built-in ``name`` as a :class:`Service` made of ``parts`` (handler, stream...).
+
+    Its description and port come from :data:`BUILTINS`, so each is written once: the
+    table lists services without importing them, the modules build them from it.
+    """
+    info = BUILTINS[name]
+    return Service(name=name, description=info.description, port=info.port, **parts)
 
 
 def register_builtin(info: BuiltinInfo) -> None:

@@ -20,7 +20,8 @@ import asyncio
 import itertools
 import random
 
-from ..service import Context, Service, StreamConnection, StreamSession
+from ..service import Context, StreamConnection, StreamSession
+from . import builtin
 
 RING = bytes(range(0x20, 0x7F))  # the 95 printable ASCII characters
 LINE_WIDTH = 72
@@ -94,11 +95,9 @@ class ChargenDatagram:
         return pattern(next(self._lines) * LINE_LEN, random.randint(0, UDP_MAX))
 
 
-SERVICE = Service(
-    name="chargen",
+SERVICE = builtin(
+    "chargen",
     handler=ChargenDatagram(),
     stream=ChargenSession,
-    description="RFC 864: streams the 72-column printable ASCII pattern until the client closes",
-    port=19,
     replies_larger=True,  # US-CERT TA14-017A: 358.8x
 )

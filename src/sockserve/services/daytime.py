@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import time
 
-from ..service import Context, Service, StreamSession
+from ..service import Context, StreamSession
+from . import builtin
 
 
 def daytime_line() -> bytes:
@@ -26,11 +27,9 @@ def daytime(request: bytes, ctx: Context) -> bytes:
     return daytime_line()
 
 
-SERVICE = Service(
-    name="daytime",
+SERVICE = builtin(
+    "daytime",
     handler=daytime,
     stream=DaytimeSession,
-    description="RFC 867: one line with the ctime-style local date, then closes",
-    port=13,
     replies_larger=True,  # 26 bytes for any datagram, even an empty one
 )

@@ -6,7 +6,8 @@ more can arrive, so there is nothing left to do), or the idle timeout passes.
 
 from __future__ import annotations
 
-from ..service import Context, Service, StreamSession
+from ..service import Context, StreamSession
+from . import builtin
 
 
 class DiscardSession(StreamSession):
@@ -18,10 +19,4 @@ def discard(request: bytes, ctx: Context) -> None:
     return None
 
 
-SERVICE = Service(
-    name="discard",
-    handler=discard,
-    stream=DiscardSession,
-    description="RFC 863: reads and drops everything, never replies",
-    port=9,
-)
+SERVICE = builtin("discard", handler=discard, stream=DiscardSession)

@@ -9,7 +9,8 @@ datagram is returned as it is (never larger, so no amplification guard).
 
 from __future__ import annotations
 
-from ..service import Context, Service, StreamSession
+from ..service import Context, StreamSession
+from . import builtin
 
 
 class EchoSession(StreamSession):
@@ -24,10 +25,4 @@ def echo(request: bytes, ctx: Context) -> bytes:
     return request
 
 
-SERVICE = Service(
-    name="echo",
-    handler=echo,
-    stream=EchoSession,
-    description="RFC 862: sends back every byte (TCP until the client closes; UDP the datagram)",
-    port=7,
-)
+SERVICE = builtin("echo", handler=echo, stream=EchoSession)

@@ -15,6 +15,7 @@ from typing import Any
 
 from ..errors import ConfigError
 from ..service import Context, Service, StreamSession
+from . import builtin
 
 #: RFC 865: "the quote ... should be less than 512 characters".
 MAX_QUOTE = 511
@@ -103,12 +104,10 @@ def make_service(quotes: Sequence[bytes]) -> Service:
     def qotd(request: bytes, ctx: Context) -> bytes:
         return pick()
 
-    return Service(
-        name="qotd",
+    return builtin(
+        "qotd",
         handler=qotd,
         stream=QotdSession,
-        description="RFC 865: one short quotation, then closes (--quotes FILE for your own)",
-        port=17,
         replies_larger=True,  # US-CERT TA14-017A: 140.3x
         options={"quotes": choices},
         configure=configure,

@@ -10,7 +10,8 @@ from __future__ import annotations
 import struct
 import time
 
-from ..service import Context, Service, StreamSession
+from ..service import Context, StreamSession
+from . import builtin
 
 #: Seconds from 1900-01-01 to 1970-01-01 (70 years, 17 of them leap): RFC 868's offset.
 EPOCH_1900 = 2208988800
@@ -31,11 +32,9 @@ def time_handler(request: bytes, ctx: Context) -> bytes:
     return time_bytes()
 
 
-SERVICE = Service(
-    name="time",
+SERVICE = builtin(
+    "time",
     handler=time_handler,
     stream=TimeSession,
-    description="RFC 868: 4 bytes, big-endian seconds since 1900, then closes",
-    port=37,
     replies_larger=True,  # 4 bytes for an empty datagram
 )

@@ -13,7 +13,8 @@ from __future__ import annotations
 
 from time import ctime, time
 
-from ..service import Context, Service
+from ..service import Context
+from . import builtin
 
 #: The second the prefix was formatted for, and the prefix (one formatter per process).
 _second = -1
@@ -29,9 +30,4 @@ def timestamp(request: bytes, ctx: Context) -> bytes:
     return _prefix + request
 
 
-SERVICE = Service(
-    name="timestamp",
-    handler=timestamp,
-    description="replies [<ctime>] <message> to every message (the textbook example)",
-    port=21567,
-)
+SERVICE = builtin("timestamp", handler=timestamp)

@@ -1,0 +1,92 @@
+"""What the benchmark suite runs: workloads, the peer servers, the goals, and the results' shape.
+
+Every server runs the timestamp service on TCP, a Unix stream socket and UDP;
+a *workload* is one transport at one number of connections. The goals are the
+issue's: sockserve's requests/s over a named peer's, per workload.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from common import PEERS, PYTHON
+
+#: One round's results: peer name -> workload name -> one ``sockserve bench --json`` object
+#: (plus the runner's ``foreign_cpu``, ``server_core_us``, ``server_core_busy``, ``failed``).
+Round = dict[str, dict[str, dict[str, object]]]
+Rounds = list[Round]
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    scheme: str  # tcp | unix | udp
+    conns: int
+
+
+WORKLOADS = [
+    Workload("tcp-50", "tcp", 50),
+    Workload("tcp-1", "tcp", 1),
+    Workload("unix-50", "unix", 50),
+    Workload("unix-1", "unix", 1),
+    Workload("udp-50", "udp", 50),
+]
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    label: str
+    argv: tuple[str, ...]  # {tcp} {udp} {unix} are filled in
+    workloads: tuple[str, ...] = tuple(w.name for w in WORKLOADS)
+
+
+_PEER_ARGS = ("--tcp", "{tcp}", "--udp", "{udp}", "--unix", "{unix}")
+PEERS_ALL = [
+    Peer(
+        "sockserve",
+        "sockserve (uvloop)",
+        (
+            *(PYTHON, "-m", "sockserve", "serve", "timestamp"),
+            *("--listen", "tcp://127.0.0.1:{tcp}", "--listen", "udp://127.0.0.1:{udp}"),
+            *("--listen", "unix://{unix}"),
+        ),
+    ),
+    Peer("uvloop", "uvloop Protocol", (PYTHON, str(PEERS / "uvloop_protocol.py"), *_PEER_ARGS)),
+    Peer("asyncio", "asyncio Protocol", (PYTHON, str(PEERS / "asyncio_protocol.py"), *_PEER_ARGS)),
+    Peer("gevent", "gevent StreamServer", (PYTHON, str(PEERS / "gevent_server.py"), *_PEER_ARGS)),
+    Peer(
+        "socketserver",
+        "socketserver threads",
+        (PYTHON, str(PEERS / "socketserver_threads.py"), *_PEER_ARGS),
+    ),
+    Peer("twisted", "Twisted", (PYTHON, str(PEERS / "twisted_server.py"), *_PEER_ARGS)),
+    Peer(
+        "blocking",
+        "textbook blocking loop",
+        (PYTHON, str(PEERS / "blocking_loop.py"), *_PEER_ARGS),
+        # One client at a time by construction: 50 stream connections would just wait.
+        ("tcp-1", "unix-1", "udp-50"),
+    ),
+]
+
+#: The issue's goals: (workload, sockserve must reach at least this ratio, against this peer).
+GOALS = [
+    ("tcp-50", 1.1, "uvloop"),
+    ("tcp-1", 1.1, "uvloop"),
+    ("unix-50", 1.1, "uvloop"),
+    ("unix-1", 1.1, "uvloop"),
+    ("udp-50", 1.1, "blocking"),
+]
+
+
+def c_reference(ydir: Path) -> Peer:
+    """The C yardstick ``cecho -t`` as a reference row: what one core does with no
+    interpreter at all (TCP and UDP on one port; no Unix sockets)."""
+    return Peer(
+        "cecho",
+        "C epoll server (yardstick)",
+        (str(ydir / "cecho"), "{tcp}", "-t"),
+        ("tcp-50", "tcp-1", "udp-50"),
+    )
