@@ -36,7 +36,8 @@ from classic_helpers import (
 from netns import NETNS_ADDR, private_netns
 from strict import IS_ROOT, needs, tool
 
-from sockserve._engine.runtime import DatagramRuntime, StreamRuntime
+from sockserve._engine.datagram import DatagramRuntime
+from sockserve._engine.runtime import StreamRuntime
 from sockserve.server import Server, ServerConfig, ServerThread, make_binding
 
 INETD = tool("inetd", "/usr/sbin/inetd")

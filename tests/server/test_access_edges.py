@@ -422,7 +422,7 @@ def test_largest_v2_header_is_read_and_garbage_after_it_goes_to_the_service(
 
 
 def test_rules_meet_ipv4_clients_however_spelled() -> None:
-    from sockserve._engine.access import AccessControl
+    from sockserve._engine.guards import AccessControl
 
     acl = AccessControl(nets("::/0"), nets("2001:db8::/32"))
     assert acl.permits("2001:db9::1") and not acl.permits("2001:db8::1")

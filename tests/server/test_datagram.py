@@ -26,7 +26,7 @@ from strict import needs
 from support import ServerProcess, addr_of, wait_for
 
 import sockserve
-from sockserve._engine.runtime import (
+from sockserve._engine.datagram import (
     LOOP_BURST,
     MAX_DATAGRAM_INFLIGHT,
     MAX_INFLIGHT_PER_SOURCE,

@@ -33,9 +33,9 @@ from strict import needs_root
 from support import ServerProcess, addr_of, wait_for
 
 import sockserve
-from sockserve._engine.epoll import FastStream
+from sockserve._engine.datagram import MAX_DATAGRAM_INFLIGHT
+from sockserve._engine.faststream import FastStream
 from sockserve._engine.requests import MAX_QUEUED
-from sockserve._engine.runtime import MAX_DATAGRAM_INFLIGHT
 from sockserve._engine.stream import StreamProtocol
 from sockserve.config import DEFAULT_WRITE_HIGH
 from sockserve.server import ServerThread

@@ -17,7 +17,7 @@ from faultkit import closed_by_peer
 from strict import ipv6_loopback_error, needs, require
 from support import ServerProcess, addr_of
 
-from sockserve._engine import fastio
+from sockserve._engine import fastio, fastpath
 
 try:
     from sockserve import _speedups
@@ -45,13 +45,19 @@ class Impl:
         if self.name == "c":
             assert _speedups is not None
             return _speedups.recv, _speedups.send
-        return os.read, os.write
+        return fastio.py_recv, fastio.py_send
 
     def recv_into(self) -> Any:
         if self.name == "c":
             assert _speedups is not None
             return _speedups.recv_into
         return fastio.readv_into
+
+    def poll(self, ep: Any, maxevents: int, fast: dict[int, Any]) -> Any:
+        if self.name == "c":
+            assert _speedups is not None
+            return _speedups.poll_fast(ep.fileno(), maxevents, fast)
+        return fastpath.poll_fast(ep, maxevents, fast)
 
 
 @pytest.fixture(params=["c", "python"])
@@ -412,75 +418,95 @@ def test_a_slow_handler_does_not_hold_a_batchs_replies(serve: Any) -> None:
 
 
 class _Member:
-    """Stands in for a FastStream: what poll_fast reads and writes on one."""
+    """Stands in for a FastStream: the one attribute the fast path writes on one."""
 
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
+    def __init__(self) -> None:
         self.active = False
 
 
-@needs_c
-def test_poll_fast_serves_and_hands_back() -> None:
-    """poll_fast on real sockets: a plain request is answered in C; a reply whose
-    connection was closed meanwhile is dropped, not sent to whoever has the fd now;
-    what the handler raised or returned comes back tagged for its connection."""
+def test_poll_fast_serves_and_hands_back(impl: Impl) -> None:
+    """poll_fast on real sockets, C and its twin alike: a plain request is answered
+    inside; a reply whose connection left ``fast`` meanwhile (closed by the handler's
+    code) is handed back, not sent to whoever has the fd now; what the handler raised
+    (even after closing its own connection) or returned comes back tagged for its member."""
     import select
 
-    assert _speedups is not None
     ep = select.epoll()
     pairs = [socket.socketpair() for _ in range(3)]
     try:
         for a, _ in pairs:
             a.setblocking(False)
             ep.register(a.fileno(), select.EPOLLIN)
-        (a0, b0), (_a1, b1), (a2, b2) = pairs
-        m0, m1, m2 = (_Member(a.fileno()) for a, _ in pairs)
+        (a0, b0), (a1, b1), (a2, b2) = pairs
+        m0, m1, m2 = _Member(), _Member(), _Member()
+        fast: dict[int, Any] = {}
 
         def handler(request: bytes, ctx: Any) -> bytes | BaseException:
             if request.startswith(b"close me"):
-                m1.fd = -1  # what FastStream._finish does
+                fast.pop(a1.fileno(), None)  # what FastStream._finish does (hub.remove)
             if request.endswith(b"interrupt"):
                 raise KeyboardInterrupt
             if request == b"return one":
                 return KeyboardInterrupt()
             return b"re:" + request
 
-        fast = {m.fd: (m, handler, None, 100) for m in (m0, m1, m2)}
+        def register() -> None:
+            for (a, _), m in zip(pairs, (m0, m1, m2), strict=True):
+                fast[a.fileno()] = (m, handler, None, 100, fastio.KIND_RAW)
+
+        register()
         b0.sendall(b"hello")
         b1.sendall(b"close me")
         b2.sendall(b"x" * 500)  # longer than max 100: handed back as bytes
         _wait_readable(a2)
-        n, rest, error = _speedups.poll_fast(ep.fileno(), 64, fast)
+        n, rest, error = impl.poll(ep, 64, fast)
         assert (n, error) == (3, None)
-        assert rest == [(a2.fileno(), select.EPOLLIN, b"x" * 500)]
+        assert sorted(rest, key=lambda item: item[0]) == sorted(
+            [
+                (a1.fileno(), fastio.REPLY, b"re:close me", m1),
+                (a2.fileno(), fastio.DATA, b"x" * 500, m2),
+            ],
+            key=lambda item: item[0],
+        )
         assert b0.recv(100) == b"re:hello" and m0.active
         b1.setblocking(False)
         with pytest.raises(BlockingIOError):
-            b1.recv(100)  # its connection was closed by the handler: nothing sent
+            b1.recv(100)  # its connection left fast in the handler: nothing sent here
+        register()
 
-        # Whatever the handler raises, KeyboardInterrupt too, comes back for its connection
+        # Whatever the handler raises, KeyboardInterrupt too, comes back for its member
         # (the hub tells a real Ctrl-C from the handler's own); the batch goes on.
         b0.sendall(b"interrupt")
         _wait_readable(a0)
-        n, rest, error = _speedups.poll_fast(ep.fileno(), 64, fast)
+        n, rest, error = impl.poll(ep, 64, fast)
         assert n == 1 and error is None
-        [(fd, events, raised)] = rest
-        assert (fd, events) == (a0.fileno(), select.EPOLLIN)
+        [(fd, tag, raised, member)] = rest
+        assert (fd, tag, member) == (a0.fileno(), fastio.RAISED, m0)
         assert isinstance(raised, KeyboardInterrupt) and raised.__traceback__ is not None
         # An exception object returned is a reply that is not bytes, not a failure.
         b0.sendall(b"return one")
         _wait_readable(a0)
-        n, rest, error = _speedups.poll_fast(ep.fileno(), 64, fast)
+        n, rest, error = impl.poll(ep, 64, fast)
         assert n == 1 and error is None
-        [(fd, _, (reply, sent))] = rest
-        assert fd == a0.fileno() and type(reply) is KeyboardInterrupt and sent == 0
-        # A KeyboardInterrupt whose connection the handler's code closed has nobody to go
-        # to: it stops the batch, so a real Ctrl-C is never lost.
+        [(fd, tag, reply, member)] = rest
+        assert (fd, tag, member) == (a0.fileno(), fastio.REPLY, m0)
+        assert type(reply) is KeyboardInterrupt
+        # Raised after its code closed its own connection: still handed back, never lost.
         b1.sendall(b"close me then interrupt")
-        _wait_readable(pairs[1][0])
-        m1.fd = pairs[1][0].fileno()
-        n, rest, error = _speedups.poll_fast(ep.fileno(), 64, fast)
-        assert n == 1 and rest == [] and isinstance(error, KeyboardInterrupt)
+        _wait_readable(a1)
+        n, rest, error = impl.poll(ep, 64, fast)
+        assert n == 1 and error is None
+        [(fd, tag, raised, member)] = rest
+        assert (fd, tag, member) == (a1.fileno(), fastio.RAISED, m1)
+        assert isinstance(raised, KeyboardInterrupt)
+        register()
+        # End of stream, and an event the fast path does not serve (not only EPOLLIN).
+        b2.close()
+        _wait_readable(a2)
+        n, rest, error = impl.poll(ep, 64, fast)
+        assert error is None
+        assert [item[:2] for item in rest] == [(a2.fileno(), fastio.EVENT)]
+        assert rest[0][2] & select.EPOLLIN and rest[0][3] is None
     finally:
         ep.close()
         for a, b in pairs:

@@ -256,7 +256,7 @@ def test_framings_by_name(monkeypatch: pytest.MonkeyPatch) -> None:
 
 # -- access control -------------------------------------------------------------------------
 
-from sockserve._engine.access import AccessControl  # noqa: E402
+from sockserve._engine.guards import AccessControl  # noqa: E402
 
 
 def _nets(*texts: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
@@ -1271,10 +1271,10 @@ def test_chargen_connection_closed_by_the_client_logs_no_error(serve: object) ->
     assert tap.errors() == [] and not any("raised" in m for m in tap.messages())
 
 
-# -- the UDP guards (_engine/udpguard.py) ----------------------------------------------------
+# -- the UDP guards (_engine/guards.py) ----------------------------------------------------
 
-from sockserve._engine import udpguard  # noqa: E402
-from sockserve._engine.udpguard import TokenBuckets, UdpGuard  # noqa: E402
+from sockserve._engine import guards as udpguard  # noqa: E402
+from sockserve._engine.guards import TokenBuckets, UdpGuard  # noqa: E402
 
 EPH = (32768, 60999)
 

@@ -1,26 +1,88 @@
 """Socket I/O for the hot paths of the server and of ``sockserve bench``: the C
-helper ``sockserve._speedups`` where it was built, else the same contracts in
-pure Python.
+helper ``sockserve._speedups`` where it was built, else its pure-Python twins.
 
 Why: on loopback the system calls cost more than everything sockserve does in
 Python, so what is left to save is the work around them. The helper batches UDP
-with ``recvmmsg``/``sendmmsg`` and makes stream ``recv``/``send`` cheaper (see
-``_speedups.c``). It is optional: it needs a compiler at install time, and Linux;
-``SOCKSERVE_PURE_PYTHON=1`` turns it off, to compare or to rule it out (``0`` or empty: on).
+with ``recvmmsg``/``sendmmsg``, makes stream ``recv``/``send`` cheaper and answers
+plain raw requests inside its epoll poll (see ``_speedups.c``). It is optional: it
+needs a compiler at install time, and Linux; ``SOCKSERVE_PURE_PYTHON=1`` turns it
+off, to compare or to rule it out (``0`` or empty: on).
 
-Contracts, the same for both implementations:
+THE CONTRACT (the one place it is written; ``_speedups.c`` and ``fastpath.py`` point
+here, and ``tests/unit/test_fastpath_fuzz.py`` holds both sides to it)
+----------------------------------------------------------------------------------
 
-- ``recv_batch(target, count, size)`` returns 1..count ``(data, address)`` pairs,
-  raising ``BlockingIOError`` when nothing is waiting (or the ``OSError`` of the
-  first read);
-- ``send_batch(target, items)`` sends each ``(bytes, address)`` and returns
-  ``None``, or ``(index, errno)`` for each datagram that was not sent;
-- ``stream_recv(fd, size)``, ``stream_recv_into(fd, buffer)``, ``stream_send(fd, data)``:
-  one non-blocking ``recv``/``send`` on a connected socket (the descriptor is
-  non-blocking), errors raised as ``OSError``.
+Arguments. Every number (fd, count, size, maxevents, port, ...) is an ``int`` or a
+subclass (``bool`` too); anything else, an object with ``__index__`` included, is a
+``TypeError`` (converting it would run Python code mid-call). An fd outside the C
+``int`` range is an ``OverflowError``; a negative one fails in the system call
+(``EBADF``). Counts and sizes out of range are a ``ValueError``. Data to send is
+``bytes`` (or a subclass), else ``TypeError``. Every call is non-blocking and raises
+the ``OSError`` of its system call (``BlockingIOError`` when nothing is ready).
 
-``poll_fast`` has no pure-Python twin: without the helper the hub runs each
-connection's own Python hot path, which does the same.
+Streams, on a connected non-blocking stream socket:
+
+- ``recv(fd, size) -> bytes``: size is 1..MAX_SIZE; ``b""`` only at end of stream.
+- ``recv_into(fd, buffer) -> int``: buffer is writable (``TypeError`` without the
+  buffer protocol, ``BufferError`` if read-only) and not empty (``ValueError``: 0
+  means end of stream, and on a datagram socket it would discard a datagram).
+- ``send(fd, data) -> int``: how many bytes went.
+
+Datagrams, on a UDP socket (anything else is a ``ValueError`` before any I/O, so no
+data is read and lost); C takes its fd, the twin the socket:
+
+- ``recv_batch(fd, count, size)``: count is 1..MAX_BATCH and size 1..MAX_SIZE, both
+  checked before reading. 1..count ``(data, address)`` pairs, each datagram cut to
+  size like ``recvfrom``; ``BlockingIOError`` when none is waiting.
+- ``send_batch(fd, items) -> None | list[(index, errno)]``: items is a ``list`` of
+  ``(bytes, address)`` tuples. Each chunk of MAX_BATCH items is checked, then sent;
+  a bad item raises (earlier chunks are gone). Per address, in this order: a tuple
+  of 2 (IPv4) or 4 (IPv6) items, else ``TypeError``; port, flowinfo, scope_id ints,
+  else ``TypeError``; the host exactly a ``str``, else ``TypeError``; port 0..65535,
+  flowinfo 0..0xFFFFF, scope_id 0..2**32-1, else ``OverflowError``; the host a
+  numeric address of the tuple's family, else ``ValueError`` (an IPv6 host may end
+  in a non-empty ``%zone``, which is ignored: the scope id is in the tuple). What
+  the kernel refuses comes back as ``(index, errno)`` (an IPv4 address on an IPv4
+  socket of family AF_INET6 is sent v4-mapped; an IPv6 one on an AF_INET socket is
+  ``EAFNOSUPPORT``); from a full buffer (``EAGAIN``) on, every item is reported.
+  Addresses are the tuples ``recvfrom`` gives: ``(host, port)``, or
+  ``(host, port, flowinfo, scope_id)``.
+
+The raw fast path, ``poll_fast(ep, maxevents, fast) -> (nevents, items, error)``
+(C takes the epoll fd, the twin in ``fastpath.py`` the ``select.epoll``): one
+``epoll_wait`` with timeout 0 for at most maxevents (1..MAX_EVENTS) events. ``fast``
+is a ``dict`` fd -> spec ``(member, handler, ctx, max_message, kind)`` of
+connections whose plain requests may be answered here: kind names the framing
+(only ``KIND_RAW`` so far, anything else a ``ValueError``; the next framings get
+their own kind instead of another copy of this logic), max_message an int >= 0. An
+event that is exactly EPOLLIN on an fd in ``fast`` is served: one read of up to
+MAX_SIZE bytes; a chunk of at most max_message bytes is one request: ``member.active
+= True`` (the only member attribute either side touches), ``handler(data, ctx)``,
+and an exact-``bytes`` reply is sent at once if ``fast[fd]`` is still that same spec
+(else the connection was closed, its fd reused or it is writing: Python sends).
+What is not finished comes back as an item ``(fd, tag, value, member)``:
+
+==========  =====  ===============================  ===================================
+tag          int   value                            the member's part
+==========  =====  ===============================  ===================================
+EVENT         1    the event bits (member is None)  look the fd up, ``on_event(bits)``
+DATA          2    the bytes read (> max_message)   split and answer them (framing)
+EOF           3    None                             end of stream
+ERRNO         4    recv's or send's errno           close with that ``OSError``
+RAISED        5    what the handler raised, any     its failure (or a real Ctrl-C, which
+                   ``BaseException``, traceback on  goes on up); even when its code
+                                                    closed the connection
+REPLY         6    what the handler returned, not   send it as any reply (bytes-like) or
+                   sent here (not exact bytes, or   report it; an exception object
+                   no longer fast)                  returned is a reply, never raised
+PARTIAL       7    the unsent rest of the reply     keep it, send when writable
+==========  =====  ===============================  ===================================
+
+DONE (0: answered in full, the handler returned None, or nothing to read after
+all) makes no item. ``error`` is None, or an exception that stopped the batch (not a
+handler's: a bad spec, a failed ``active`` assignment, MemoryError); ``items`` then
+holds what was taken off sockets before it, which the caller finishes first, then
+raises ``error``.
 """
 
 from __future__ import annotations
@@ -38,10 +100,39 @@ SendBatch = Callable[[Any, Batch], "list[tuple[int, int]] | None"]
 
 #: Datagrams per batch: enough that one batch serves every client of a busy round.
 BATCH = 64
+#: The contract's limits (the C helper's constants of the same names).
+MAX_BATCH = 256
+MAX_SIZE = 65536
+MAX_EVENTS = 1024
+MAX_FLOWINFO = 0xFFFFF
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
+_UDP = (socket.IPPROTO_UDP, getattr(socket, "IPPROTO_UDPLITE", 136))
+
+# Outcome tags of poll_fast items, and framing kinds of specs (see THE CONTRACT).
+DONE, EVENT, DATA, EOF, ERRNO, RAISED, REPLY, PARTIAL = range(8)
+KIND_RAW = 0
+
+
+def int_arg(value: object, lo: int, hi: int, what: str, error: type[Exception]) -> int:
+    """An int argument in lo..hi, checked as the C helper checks it."""
+    if not isinstance(value, int):
+        raise TypeError(f"{what} must be an int, not {type(value).__name__}")
+    if not lo <= value <= hi:
+        raise error(f"{what} must be {lo}..{hi}, not {value!r}")
+    return value
+
+
+def fd_arg(fd: object) -> int:
+    return int_arg(fd, _INT_MIN, _INT_MAX, "fd", OverflowError)
+
+
+# -- datagrams -------------------------------------------------------------------------
 
 
 def recv_loop(sock: socket.socket, count: int, size: int) -> Batch:
-    """``recvfrom`` until ``count`` datagrams or the socket is empty."""
+    """``recvfrom`` until ``count`` datagrams or the socket is empty (any family)."""
+    int_arg(count, 1, MAX_BATCH, "recv_batch: count", ValueError)
+    int_arg(size, 1, MAX_SIZE, "recv_batch: size", ValueError)
     recvfrom = sock.recvfrom
     batch: Batch = [recvfrom(size)]  # raises when nothing is waiting
     append = batch.append
@@ -56,7 +147,7 @@ def recv_loop(sock: socket.socket, count: int, size: int) -> Batch:
 
 
 def send_loop(sock: socket.socket, items: Batch) -> list[tuple[int, int]] | None:
-    """``sendto`` each item; failures come back as ``(index, errno)``."""
+    """``sendto`` each item; failures come back as ``(index, errno)`` (any family)."""
     sendto = sock.sendto
     failed: list[tuple[int, int]] | None = None
     for i, (data, addr) in enumerate(items):
@@ -71,6 +162,116 @@ def send_loop(sock: socket.socket, items: Batch) -> list[tuple[int, int]] | None
                 break
             failed.append((i, err))
     return failed
+
+
+def _require_udp(sock: socket.socket, who: str) -> None:
+    if sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL) not in _UDP:
+        raise ValueError(f"{who}: fd {sock.fileno()} is not a UDP socket")
+
+
+def recv_batch(sock: socket.socket, count: int, size: int) -> Batch:
+    """The twin of the helper's ``recv_batch`` (see THE CONTRACT)."""
+    int_arg(count, 1, MAX_BATCH, "recv_batch: count", ValueError)
+    int_arg(size, 1, MAX_SIZE, "recv_batch: size", ValueError)
+    _require_udp(sock, "recv_batch")
+    return recv_loop(sock, count, size)
+
+
+def _numeric_host(host: str, family: int) -> str:
+    numeric, zoned, zone = host.partition("%")
+    ok = "\0" not in host and (not zoned or (family == socket.AF_INET6 and zone != ""))
+    try:
+        if ok:
+            socket.inet_pton(family, numeric)
+            return numeric
+    except OSError:
+        pass
+    name = "IPv4" if family == socket.AF_INET else "IPv6"
+    raise ValueError(f"send_batch: {host!r} is not a numeric {name} address")
+
+
+def _sendable(addr: object, v6_socket: bool) -> tuple[Any, ...] | int:
+    """The address for ``sendto``, or the errno the kernel gives the helper for it."""
+    if not isinstance(addr, tuple) or len(addr) not in (2, 4):
+        raise TypeError(
+            "send_batch: an address is (host, port) or (host, port, flowinfo, scope_id)"
+        )
+    if not all(isinstance(part, int) for part in addr[1:]):
+        raise TypeError(f"send_batch: {addr!r} has a part that is not an int")
+    host = addr[0]
+    if type(host) is not str:
+        raise TypeError("send_batch: the host must be a str")
+    int_arg(addr[1], 0, 65535, "send_batch: port", OverflowError)
+    if len(addr) == 4:
+        int_arg(addr[2], 0, MAX_FLOWINFO, "send_batch: flowinfo", OverflowError)
+        int_arg(addr[3], 0, 2**32 - 1, "send_batch: scope_id", OverflowError)
+        numeric = _numeric_host(host, socket.AF_INET6)
+        return (numeric, *addr[1:]) if v6_socket else errno.EAFNOSUPPORT
+    numeric = _numeric_host(host, socket.AF_INET)
+    return ("::ffff:" + numeric, addr[1], 0, 0) if v6_socket else (numeric, addr[1])
+
+
+def send_batch(sock: socket.socket, items: Batch) -> list[tuple[int, int]] | None:
+    """The twin of the helper's ``send_batch`` (see THE CONTRACT)."""
+    if not isinstance(items, list):
+        raise TypeError("send_batch: items must be a list")
+    _require_udp(sock, "send_batch")
+    v6 = sock.family == socket.AF_INET6
+    failed: list[tuple[int, int]] = []
+    start = 0
+    while start < len(items):
+        chunk: list[tuple[int, bytes, tuple[Any, ...] | int]] = []
+        for i in range(start, min(start + MAX_BATCH, len(items))):
+            item = items[i]
+            if not isinstance(item, tuple) or len(item) != 2 or not isinstance(item[0], bytes):
+                raise TypeError(f"send_batch: item {i} is not a (bytes, address) pair")
+            chunk.append((i, item[0], _sendable(item[1], v6)))
+        for i, data, where in chunk:
+            if isinstance(where, int):
+                failed.append((i, where))
+                continue
+            try:
+                sock.sendto(data, where)
+            except OSError as exc:
+                err = exc.errno or errno.EIO
+                if err in (errno.EAGAIN, errno.EWOULDBLOCK):
+                    failed.extend((j, err) for j in range(i, len(items)))
+                    return failed
+                failed.append((i, err))
+        start += MAX_BATCH
+    return failed or None
+
+
+# -- streams ---------------------------------------------------------------------------
+
+
+def py_recv(fd: int, size: int) -> bytes:
+    """The twin of the helper's ``recv``: read(2) is recv(2) without flags on a socket."""
+    fd_arg(fd)
+    int_arg(size, 1, MAX_SIZE, "recv: size", ValueError)
+    return os.read(fd, size)
+
+
+def readv_into(fd: int, buffer: bytearray | memoryview) -> int:
+    """The twin of the helper's ``recv_into``: readv(2) is recv(2) without flags."""
+    fd_arg(fd)
+    view = memoryview(buffer)
+    if view.readonly:
+        raise BufferError("recv_into: the buffer is read-only")
+    if not view.nbytes:
+        raise ValueError("recv_into: the buffer is empty")
+    return os.readv(fd, [view])
+
+
+def py_send(fd: int, data: bytes) -> int:
+    """The twin of the helper's ``send``: write(2) is send(2) without flags."""
+    fd_arg(fd)
+    if not isinstance(data, bytes):
+        raise TypeError(f"send: data must be bytes, not {type(data).__name__}")
+    return os.write(fd, data)
+
+
+# -- which one ------------------------------------------------------------------------
 
 
 def _load() -> tuple[ModuleType | None, str]:
@@ -89,35 +290,30 @@ _speedups, SPEEDUPS_STATE = _load()
 #: Whether the C helper is in use.
 HAVE_SPEEDUPS = _speedups is not None
 
-
-def readv_into(fd: int, buffer: bytearray) -> int:
-    """``recv_into`` without the helper: readv(2) is recv(2) without flags on a socket."""
-    return os.readv(fd, [buffer])
-
-
 stream_recv: Callable[[int, int], bytes]
 stream_recv_into: Callable[[int, bytearray], int]
 stream_send: Callable[[int, bytes], int]
-#: ``poll_fast(epfd, maxevents, fast) -> (nevents, rest, error)``: the epoll hub's
-#: batch, plain raw requests answered in C (see ``_speedups.c``); None without the helper.
-PollResult = tuple[int, list[tuple[int, int, Any]], "BaseException | None"]
-poll_fast: Callable[[int, int, dict[int, Any]], PollResult] | None
+#: ``(nevents, items, error)`` of ``poll_fast`` (see THE CONTRACT).
+PollResult = tuple[int, list[tuple[int, int, Any, Any]], "BaseException | None"]
+#: The helper's ``poll_fast(epfd, maxevents, fast)``; None without it (the hub then
+#: uses the twin, ``fastpath.poll_fast``, on its ``select.epoll``).
+c_poll_fast: Callable[[int, int, dict[int, Any]], PollResult] | None
 if _speedups is not None:
     stream_recv = _speedups.recv
     stream_recv_into = _speedups.recv_into
     stream_send = _speedups.send
-    poll_fast = _speedups.poll_fast
+    c_poll_fast = _speedups.poll_fast
 else:
-    poll_fast = None
-    # read(2)/write(2) on a connected stream socket are recv/send without flags.
-    stream_recv = os.read
-    stream_send = os.write
+    c_poll_fast = None
+    stream_recv = py_recv
+    stream_send = py_send
     stream_recv_into = readv_into
 
 
 def batch_io(sock: socket.socket) -> tuple[Any, RecvBatch, SendBatch]:
-    """``(target, recv_batch, send_batch)`` for ``sock``: the helper on its fd where
-    it serves the socket's address family, else the loop on the socket itself."""
-    if _speedups is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+    """``(target, recv_batch, send_batch)`` for ``sock``: the helper on its fd for a UDP
+    socket, else the loops on the socket itself (its addresses come from ``recvfrom``)."""
+    udp = sock.type == socket.SOCK_DGRAM and sock.family in (socket.AF_INET, socket.AF_INET6)
+    if _speedups is not None and udp:
         return sock.fileno(), _speedups.recv_batch, _speedups.send_batch
     return sock, recv_loop, send_loop

@@ -23,16 +23,12 @@ from ..endpoints import Endpoint
 from ..errors import RemoteProtocolError
 from ..framing.proxy import ProxyHeader, ProxyHeaderReader
 from ..logs import conn_log, fmt_peer, server_log
-from ..service import Context
-from .access import AccessControl
+from .contracts import CloseReason, ConnOwner
+from .guards import AccessControl
+from .stream import AnyConn, TransportConn
 
 if TYPE_CHECKING:
     from ..config import ServerConfig
-    from .runtime import StreamRuntime
-    from .stream import AnyConn
-
-#: Prefix of close reasons for connections refused for their PROXY header (metrics count them).
-REASON_PREFIX = "PROXY header"
 
 
 def warn_settings(endpoint: Endpoint, config: ServerConfig) -> None:
@@ -69,49 +65,33 @@ def warn_settings(endpoint: Endpoint, config: ServerConfig) -> None:
 
 
 def wrap_factory(
-    rt: StreamRuntime, inner: Callable[[Any], AnyConn]
+    rt: ConnOwner, inner: Callable[[Any], AnyConn]
 ) -> Callable[[Any], ProxyHeaderProtocol]:
     """A protocol factory that reads the PROXY header before building ``inner``'s protocol."""
     access = AccessControl(rt.config.allow, rt.config.deny)
     return lambda peer: ProxyHeaderProtocol(rt, peer, inner, access)
 
 
-class ProxyHeaderProtocol(asyncio.Protocol):
-    """Holds a connection until its PROXY header is read; quacks like a connection for the runtime."""
+class ProxyHeaderProtocol(TransportConn):
+    """Holds a connection until its PROXY header is read: a connection to its owner
+    meanwhile (drained, swept for idleness, counted), not yet logged as opened."""
 
-    __slots__ = (
-        "_access",
-        "_inner",
-        "_proxy_gate",
-        "_reader",
-        "_timer",
-        "_transport",
-        "active",
-        "closing",
-        "ctx",
-        "idle_since",
-        "rt",
-    )
+    __slots__ = ("_access", "_inner", "_proxy_gate", "_reader", "_timer")
 
     def __init__(
         self,
-        rt: StreamRuntime,
+        rt: ConnOwner,
         peer: Any,
         inner: Callable[[Any], AnyConn],
         access: AccessControl,
     ) -> None:
-        self.rt = rt
-        self.ctx = Context(peer, rt.endpoint)
+        super().__init__(rt, peer)
         self._inner = inner
         self._access = access
         #: The accept gate was an explicit --proxy-from list (an IP listener checked it).
         self._proxy_gate = bool(rt.config.proxy_from)
         self._reader = ProxyHeaderReader()
-        self._transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self.active = True
-        self.closing = False
-        self.idle_since = 0.0
 
     # -- asyncio callbacks -------------------------------------------------------------
 
@@ -119,8 +99,7 @@ class ProxyHeaderProtocol(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         # Tracked like a connection (drain, idle sweep, connection count) but not logged
         # as opened: the open line names the real client once the header is read.
-        self.rt.conns.add(self)  # type: ignore[arg-type]
-        self.idle_since = self.rt.loop.time()
+        self.rt.hold(self)
         timeout = self.rt.config.proxy_header_timeout
         self._timer = self.rt.loop.call_later(timeout, self._refuse, f"none within {timeout:g}s")
 
@@ -146,7 +125,7 @@ class ProxyHeaderProtocol(asyncio.Protocol):
                 refusal,
                 extra={"event": "denied", "endpoint": self.rt.endpoint, "peer": fmt_peer(peer)},
             )
-            self.rt.note_close_reason(self, "denied")  # type: ignore[arg-type]
+            self.rt.note_close_reason(self, CloseReason.DENIED)
             self.abort()
             return
         self._hand_over(peer, header.destination)
@@ -181,7 +160,7 @@ class ProxyHeaderProtocol(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timer()
-        self.rt.closed(self, exc)  # type: ignore[arg-type]  # no-op once handed over
+        self.rt.closed(self, exc)  # a no-op once handed over
 
     # -- the runtime's connection interface (drain, idle sweep) --------------------------
 
@@ -192,16 +171,9 @@ class ProxyHeaderProtocol(asyncio.Protocol):
     def drain(self) -> None:
         self.close()
 
-    def close(self) -> None:
-        self.closing = True
-        if self._transport is not None and not self._transport.is_closing():
-            self._transport.close()
-
     def abort(self) -> None:
-        self.closing = True
         self._cancel_timer()
-        if self._transport is not None:
-            self._transport.abort()
+        super().abort()
 
     # -- internals ---------------------------------------------------------------------
 
@@ -213,7 +185,7 @@ class ProxyHeaderProtocol(asyncio.Protocol):
             conn.ctx.local = Endpoint(
                 self.rt.endpoint.scheme, host=destination[0], port=destination[1]
             )
-        self.rt.conns.discard(self)  # the real protocol takes the slot
+        self.rt.release(self)  # the real protocol takes the slot
         transport.set_protocol(conn)
         conn.connection_made(transport)
         rest = self._reader.rest
@@ -222,7 +194,7 @@ class ProxyHeaderProtocol(asyncio.Protocol):
 
     def _refuse(self, why: str) -> None:
         self._cancel_timer()
-        self.rt.note_close_reason(self, f"{REASON_PREFIX}: {why}")  # type: ignore[arg-type]
+        self.rt.note_close_reason(self, CloseReason.PROXY, why)
         self.abort()
 
     def _cancel_timer(self) -> None:

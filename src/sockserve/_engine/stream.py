@@ -9,161 +9,40 @@ client that sends but never reads costs bounded memory.
 from __future__ import annotations
 
 import asyncio
-from collections import deque
-from typing import TYPE_CHECKING, Any, cast
+from typing import Any, cast
 
 from ..errors import ProtocolError
 from ..framing import Codec, make_codec
 from ..logs import conn_log, fmt_peer, service_log
 from ..service import Context, StreamSession
-from .epoll import FastStream
-from .requests import PAUSE_WRITE, RequestQueue
+from .contracts import ConnOwner
+from .fastio import DATA, RAISED, REPLY
+from .fastpath import answer, handler_raised
+from .requests import PAUSE_WRITE, QueuedConn, RequestQueue
 from .signals import is_signal_interrupt
 
-if TYPE_CHECKING:
-    from .runtime import StreamRuntime
 
+class TransportConn(asyncio.Protocol):
+    """What every connection on an asyncio transport shares: the owner it reports to
+    (``rt``), its context, the idle sweeper's marks, and a plain close and abort."""
 
-class StreamProtocol(RequestQueue, asyncio.Protocol):
-    """One request/reply connection."""
+    __slots__ = ("_transport", "active", "closing", "ctx", "idle_since", "rt")
 
-    __slots__ = (
-        "_async",
-        "_codec",
-        "_eof",
-        "_fast",
-        "_handler",
-        "_paused",
-        "_queue",
-        "_transport",
-        "_worker",
-        "active",
-        "closing",
-        "ctx",
-        "idle_since",
-        "rt",
-    )
-
-    def __init__(self, rt: StreamRuntime, peer: Any) -> None:
+    def __init__(self, rt: ConnOwner, peer: Any) -> None:
         self.rt = rt
         self.ctx = Context(peer, rt.endpoint)
-        self._handler = rt.handler
-        self._async = rt.is_async
-        self._codec: Codec = make_codec(rt.config.framing, rt.config.max_message)
-        # raw framing with a sync handler: each chunk is answered inline, no codec calls.
-        self._fast = rt.config.framing == "raw" and not rt.is_async
         self._transport: asyncio.Transport | None = None
-        self._queue: deque[bytes] = deque()
-        self._worker: asyncio.Task[None] | None = None
-        self._paused = 0
-        self._eof = False
         self.closing = False
         self.active = True  # set on each request; the idle sweeper clears it
         self.idle_since = 0.0
 
-    # -- asyncio callbacks -------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+    def _attach(self, transport: asyncio.BaseTransport) -> asyncio.Transport:
+        """Keep the transport and give it this endpoint's write-buffer marks."""
         t = cast(asyncio.Transport, transport)
         self._transport = t
         cfg = self.rt.config
         t.set_write_buffer_limits(cfg.write_high_water, cfg.write_low_water)
-        self.rt.opened(self)
-
-    def data_received(self, data: bytes) -> None:
-        if self._fast and len(data) <= self._codec.max_message:
-            self.active = True
-            try:
-                reply = self._handler(data, self.ctx)
-            except BaseException as exc:  # SystemExit too: it ends this connection only
-                if is_signal_interrupt(exc):
-                    raise
-                self._handler_failed()
-                return
-            if type(reply) is bytes:
-                self._transport.write(reply)  # type: ignore[union-attr]
-            elif reply is not None:
-                self._send(reply)
-            return
-        try:
-            self._codec.feed(data)
-            self._drain_codec()
-        except ProtocolError as exc:
-            self._protocol_error(exc)
-
-    def eof_received(self) -> bool:
-        codec = self._codec
-        try:
-            # Requests still parsed-but-unanswered (reading was paused) go first, so the
-            # codec's final message is only what followed the last whole one.
-            while not self.closing and (msg := codec.next_message()) is not None:
-                self._dispatch(msg)
-            last = codec.end_of_input()
-        except ProtocolError as exc:
-            self._protocol_error(exc)
-            return False
-        if last is not None:
-            self._dispatch(last)
-        self._eof = True
-        # True keeps the write side open until queued replies are sent; False lets the
-        # transport flush what is written and close.
-        return bool(self._queue) or self._worker is not None
-
-    def pause_writing(self) -> None:
-        self._pause(PAUSE_WRITE)
-
-    def resume_writing(self) -> None:
-        self._resume(PAUSE_WRITE)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self._worker is not None:
-            self._worker.cancel()
-            self._worker = None
-        self.rt.closed(self, exc)
-
-    # -- request handling --------------------------------------------------------------
-
-    def _send(self, reply: object) -> None:
-        if reply is None or self._transport is None or self._transport.is_closing():
-            return
-        if not isinstance(reply, (bytes, bytearray, memoryview)):
-            self._bad_reply(reply)
-            return
-        self._transport.write(self._codec.encode(bytes(reply)))
-
-    # -- failures and closing ----------------------------------------------------------
-
-    def _pause(self, why: int) -> None:
-        if not self._paused and self._transport is not None:
-            self._transport.pause_reading()
-        self._paused |= why
-
-    def _can_resume(self) -> bool:
-        return self._transport is not None and not self.closing
-
-    def _start_reading(self) -> None:
-        if self._transport is not None:
-            self._transport.resume_reading()
-
-    def _codec_now(self) -> Codec:
-        return self._codec
-
-    # Introspection shared with the epoll engine's FastStream (tests, metrics).
-    @property
-    def write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() if self._transport is not None else 0
-
-    @property
-    def paused(self) -> bool:
-        return bool(self._paused)
-
-    @property
-    def buffered(self) -> int:
-        return self._codec.buffered
-
-    @property
-    def queued(self) -> int:
-        return len(self._queue)
+        return t
 
     def close(self) -> None:
         """Close after the replies already written are flushed."""
@@ -177,11 +56,105 @@ class StreamProtocol(RequestQueue, asyncio.Protocol):
             self._transport.abort()
 
 
+class StreamProtocol(TransportConn, QueuedConn):
+    """One request/reply connection on an asyncio transport (TLS, PROXY, ``engine=asyncio``)."""
+
+    __slots__ = ("_codec", "_fast", "_handler", "eof", "requests")
+
+    def __init__(self, rt: ConnOwner, peer: Any) -> None:
+        super().__init__(rt, peer)
+        self._handler = rt.handler
+        self._codec: Codec = make_codec(rt.config.framing, rt.config.max_message)
+        # raw framing with a sync handler: each chunk is answered inline, no codec calls.
+        self._fast = rt.config.framing == "raw" and not rt.is_async
+        self.eof = False
+        self.requests = RequestQueue(self, rt, self.ctx)
+
+    # -- asyncio callbacks -------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._attach(transport)
+        self.rt.opened(self)
+
+    def data_received(self, data: bytes) -> None:
+        if self._fast:  # the raw fast path's answer (fastpath.py), then this transport's part
+            tag, value = answer(self, self._handler, self.ctx, self._codec.max_message, data)
+            if tag == REPLY:
+                if type(value) is bytes:
+                    self._transport.write(value)  # type: ignore[union-attr]
+                else:
+                    self._send(value)
+                return
+            if tag == RAISED:
+                handler_raised(self, value)
+            if tag != DATA:
+                return
+        try:
+            self._codec.feed(data)
+            self._drain_codec()
+        except ProtocolError as exc:
+            self._protocol_error(exc)
+
+    def eof_received(self) -> bool:
+        if not self.requests.answer_rest(self._codec):
+            return False
+        self.eof = True
+        # True keeps the write side open until queued replies are sent; False lets the
+        # transport flush what is written and close.
+        return self.requests.busy
+
+    def pause_writing(self) -> None:
+        self.requests.pause(PAUSE_WRITE)
+
+    def resume_writing(self) -> None:
+        self.requests.resume(PAUSE_WRITE)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.requests.cancel()
+        self.rt.closed(self, exc)
+
+    # -- what the request queue drives (QueueHost) -------------------------------------
+
+    def _send(self, reply: object) -> None:
+        if reply is None or self._transport is None or self._transport.is_closing():
+            return
+        if not isinstance(reply, (bytes, bytearray, memoryview)):
+            self.requests.bad_reply(reply)
+            return
+        self._transport.write(self._codec.encode(bytes(reply)))
+
+    send_reply = _send
+
+    def stop_reading(self) -> None:
+        if self._transport is not None:
+            self._transport.pause_reading()
+
+    def can_resume(self) -> bool:
+        return self._transport is not None and not self.closing
+
+    def start_reading(self) -> None:
+        if self._transport is not None:
+            self._transport.resume_reading()
+
+    def codec_now(self) -> Codec:
+        return self._codec
+
+    # -- introspection shared with the epoll engine's FastStream (tests, metrics) -------
+
+    @property
+    def write_buffer_size(self) -> int:
+        return self._transport.get_write_buffer_size() if self._transport is not None else 0
+
+    @property
+    def buffered(self) -> int:
+        return self._codec.buffered
+
+
 #: Longest a lingering close keeps reading a client's input (Apache's is 2 s too).
 LINGER_SECONDS = 2.0
 
 
-class SessionProtocol(asyncio.Protocol):
+class SessionProtocol(TransportConn):
     """A connection driven by a :class:`StreamSession` (echo, chargen, discard...).
 
     A session that closes while the client may still send (time, daytime, qotd close
@@ -191,29 +164,13 @@ class SessionProtocol(asyncio.Protocol):
     kernel throw away the reply it had not read yet.
     """
 
-    __slots__ = (
-        "_eof",
-        "_linger",
-        "_transport",
-        "active",
-        "closing",
-        "ctx",
-        "idle_since",
-        "rt",
-        "session",
-        "writable",
-    )
+    __slots__ = ("_eof", "_linger", "session", "writable")
 
-    def __init__(self, rt: StreamRuntime, peer: Any) -> None:
-        self.rt = rt
-        self.ctx = Context(peer, rt.endpoint)
-        self._transport: asyncio.Transport | None = None
+    def __init__(self, rt: ConnOwner, peer: Any) -> None:
+        super().__init__(rt, peer)
         self.writable = True
         self._eof = False  # the peer half-closed: never resume reading (uvloop would re-read EOF)
         self._linger: asyncio.TimerHandle | None = None  # set while lingering
-        self.closing = False
-        self.active = True
-        self.idle_since = 0.0
         assert rt.service.stream is not None
         self.session: StreamSession = rt.service.stream(self)
 
@@ -248,11 +205,6 @@ class SessionProtocol(asyncio.Protocol):
         self._linger = self.rt.loop.call_later(bound, t.close)
         t.resume_reading()  # reading may be paused by backpressure: drain the input
 
-    def abort(self) -> None:
-        self.closing = True
-        if self._transport is not None:
-            self._transport.abort()
-
     @property
     def write_room(self) -> int:
         if self._transport is None:
@@ -268,10 +220,7 @@ class SessionProtocol(asyncio.Protocol):
 
     # asyncio callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        t = cast(asyncio.Transport, transport)
-        self._transport = t
-        cfg = self.rt.config
-        t.set_write_buffer_limits(cfg.write_high_water, cfg.write_low_water)
+        self._attach(transport)
         self.rt.opened(self)
         self._call("on_connect")
 
@@ -323,8 +272,7 @@ class SessionProtocol(asyncio.Protocol):
                 self.abort()
 
 
+#: What a stream runtime builds for an accepted connection (a PROXY header first: proxywrap).
 AnyConn = StreamProtocol | SessionProtocol
-#: Every kind of stream connection the runtime tracks (FastStream: the epoll engine's).
-TrackedConn = StreamProtocol | SessionProtocol | FastStream
 
-__all__ = ["AnyConn", "SessionProtocol", "StreamProtocol", "conn_log"]
+__all__ = ["AnyConn", "SessionProtocol", "StreamProtocol", "TransportConn", "conn_log"]

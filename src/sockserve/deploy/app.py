@@ -25,7 +25,8 @@ import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from .._engine.access import AccessControl
+from .._engine.contracts import CloseReason
+from .._engine.guards import AccessControl
 from .._engine.runtime import StreamRuntime
 from .._sighup import hold, take, take_stop
 from ..config import ServerConfig
@@ -373,7 +374,7 @@ def _close_denied(runtimes: Sequence[object], config: ServerConfig) -> None:
         for conn in list(rt.conns):
             peer = conn.ctx.peer
             if isinstance(peer, tuple) and not access.permits(peer[0]):
-                rt.note_close_reason(conn, "denied by the reloaded allow/deny rules")
+                rt.note_close_reason(conn, CloseReason.DENIED, "by the reloaded allow/deny rules")
                 conn.drain()
 
 

@@ -13,9 +13,11 @@ import contextlib
 from collections.abc import Iterable
 from typing import Any
 
+from .._engine.contracts import ConnectionBudget
+from .._engine.datagram import DatagramRuntime
 from .._engine.epoll import HAVE_EPOLL, Hub
 from .._engine.proxywrap import warn_settings
-from .._engine.runtime import DatagramRuntime, StreamRuntime
+from .._engine.runtime import StreamRuntime
 from .._engine.signals import StopSignals
 from ..config import ServerConfig
 from ..endpoints import Endpoint
@@ -75,13 +77,14 @@ class Server:
         self._given_limits = (given.get("max_conns"), given.get("drain_timeout"))
         self.max_conns: int | None = None
         self.drain_timeout = 0.0
+        #: Connections open server-wide and their limit, shared by every stream runtime.
+        self.budget = ConnectionBudget()
         self._update_limits()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.streams: list[StreamRuntime] = []
         self.datagrams: list[DatagramRuntime] = []
         self.listeners: list[Listener] = []
         self.endpoints: list[Endpoint] = []
-        self.conn_count = 0
         self.forced = False
         #: Endpoints lost while serving (their socket failed): the server then stops, and
         #: ``run`` returns 1, rather than running on without them.
@@ -90,13 +93,12 @@ class Server:
         self._stop_requested: asyncio.Event | None = None
         self._sweeper: asyncio.TimerHandle | None = None
         self._sweep_period = _SWEEP_MAX
-        self._all_closed: asyncio.Event | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
         #: The epoll engine's hub, when any binding uses it (created in start).
         self.hub: Hub | None = None
-        #: (endpoint as configured, runtime) per binding, by id(binding): for add/remove_binding.
-        self._bound: dict[int, list[tuple[Endpoint, Runtime]]] = {}
+        #: (endpoint as configured, runtime, listener) per binding, by id(binding): for add/remove_binding.
+        self._bound: dict[int, list[tuple[Endpoint, Runtime, Listener]]] = {}
         #: SIGTERM/SIGINT handlers with their watchdog, while installed (see _install_signals).
         self._signals: StopSignals | None = None
 
@@ -110,6 +112,12 @@ class Server:
         timeouts = [b.config.drain_timeout for b in self.bindings]
         if drain_timeout is not None or timeouts:
             self.drain_timeout = drain_timeout if drain_timeout is not None else max(timeouts)
+        self.budget.set_limit(self.max_conns)  # a raised limit resumes listeners paused at it
+
+    @property
+    def conn_count(self) -> int:
+        """Stream connections open (or being set up), over every endpoint."""
+        return self.budget.count
 
     def reconfigure(self, config: ServerConfig) -> None:
         """Take new server-wide settings (a reload): the connection limit and drain timeout
@@ -117,21 +125,13 @@ class Server:
         self.config = config
         self._given_limits = (config.max_conns, config.drain_timeout)
         self._update_limits()
-        if self.streams:
-            self.streams[0]._slot_freed()
 
-    def at_limit(self) -> bool:
-        return self.max_conns is not None and self.conn_count >= self.max_conns
+    @property
+    def stopping(self) -> bool:
+        return self._stopping
 
-    def resume_all_accepting(self) -> None:
-        if self._stopping:
-            return
-        for rt in self.streams:
-            rt._resume_accept()
-
-    def conn_closed(self) -> None:
-        if self._all_closed is not None and self.conn_count <= 0:
-            self._all_closed.set()
+    def datagram_ports(self) -> list[int]:
+        return [d.endpoint.port for d in self.datagrams if d.inet]
 
     def endpoint_lost(self, endpoint: Endpoint) -> None:
         """A runtime could not go on serving ``endpoint`` (it logged why): stop, failing."""
@@ -149,8 +149,7 @@ class Server:
         self.loop = asyncio.get_running_loop()
         self._stop_requested = asyncio.Event()
         if HAVE_EPOLL and any(b.config.engine == "auto" for b in self.bindings):
-            spin = max(b.config.busy_poll_us for b in self.bindings) / 1e6
-            self.hub = Hub(self.loop, spin)
+            self.hub = Hub(self.loop, self.config.busy_poll_us / 1e6)  # server-wide
         try:
             for binding in self.bindings:
                 self._start_recorded(binding)
@@ -188,9 +187,8 @@ class Server:
             self.listeners.append(lst)
             self.endpoints.append(lst.endpoint)
             if ep.is_stream:
-                self.streams.append(
-                    StreamRuntime(self, lst, svc, cfg, ssl_ctx if ep.scheme == "tls" else None)
-                )
+                tls = ssl_ctx if ep.scheme == "tls" else None
+                self.streams.append(StreamRuntime(self, lst, svc, cfg, tls))
             else:
                 self.datagrams.append(DatagramRuntime(self, lst, svc, cfg))
             mode = (
@@ -222,16 +220,19 @@ class Server:
 
     def _start_recorded(self, binding: Binding) -> None:
         n_streams, n_datagrams = len(self.streams), len(self.datagrams)
+        n_listeners = len(self.listeners)
         self._start_binding(binding)
         streams, datagrams = iter(self.streams[n_streams:]), iter(self.datagrams[n_datagrams:])
+        listeners = iter(self.listeners[n_listeners:])
         self._bound[id(binding)] = [
-            (ep, next(streams) if ep.is_stream else next(datagrams)) for ep in binding.endpoints
+            (ep, next(streams) if ep.is_stream else next(datagrams), next(listeners))
+            for ep in binding.endpoints
         ]
 
     # -- changing bindings while running (config reload) ---------------------------------
 
     def runtimes_of(self, binding: Binding) -> list[Runtime]:
-        return [rt for _, rt in self._bound.get(id(binding), [])]
+        return [rt for _, rt, _ in self._bound.get(id(binding), [])]
 
     def add_binding(self, binding: Binding) -> None:
         """Start serving one more binding on a running server.
@@ -254,8 +255,6 @@ class Server:
         self._update_limits()
         for rt in self.runtimes_of(binding):
             rt.start()
-        if self.streams:
-            self.streams[0]._slot_freed()  # a raised limit: resume listeners paused at the old one
         self._schedule_sweep()  # the new binding's idle timeout may need a shorter period
 
     def remove_binding(
@@ -278,11 +277,10 @@ class Server:
             self._update_limits()
         kept: dict[Endpoint, Listener] = {}
         close_after: list[Listener] = []
-        for ep, rt in pairs:
+        for ep, rt, lst in pairs:
             rt.stop_accepting()
             if keep_conns and isinstance(rt, StreamRuntime):
                 rt.serve_out = True
-            lst = rt.listener
             if lst in self.listeners:
                 i = self.listeners.index(lst)
                 del self.listeners[i], self.endpoints[i]
@@ -292,7 +290,7 @@ class Server:
                 close_listener(lst)
             else:
                 close_after.append(lst)  # in-flight async replies are sent from it
-        runtimes = [rt for _, rt in pairs]
+        runtimes = [rt for _, rt, _ in pairs]
         if keep_conns:
             task = self.loop.create_task(self._retire_runtimes(runtimes, close_after))
         else:
@@ -407,16 +405,14 @@ class Server:
             timeout,
             extra={"event": "stopping"},
         )
-        self._all_closed = asyncio.Event()
         for rt in self.streams:
             rt.drain()
-        self.conn_closed()
         inflight = [t for d in self.datagrams for t in d.inflight]
         try:
             # Nothing open and nothing in flight: no wait (`--drain-timeout 0` would time
             # out at once and warn about 0 connections).
-            if inflight or not self._all_closed.is_set():
-                waits: list[Any] = [self._all_closed.wait()]
+            if inflight or self.budget.count > 0:
+                waits: list[Any] = [self.budget.wait_empty()]
                 if inflight:
                     waits.append(asyncio.gather(*inflight, return_exceptions=True))
                 await asyncio.wait_for(asyncio.gather(*waits), timeout if not self.forced else 0.01)
