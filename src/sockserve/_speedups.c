@@ -94,6 +94,10 @@ typedef struct {
         struct in6_addr v6;
     } send_host_addr;
     PyObject *str_active; /* "active", interned: the one member attribute C writes */
+    /* poll_fast's events, for the outermost call; a nested one (a handler that polls
+     * again) takes its own from the heap. */
+    struct epoll_event *events;
+    int events_busy;
 } state_t;
 
 static inline state_t *
@@ -754,6 +758,17 @@ add_item(PyObject *rest, int fd, int tag, PyObject *value, PyObject *member)
     return rc;
 }
 
+static void
+release_events(state_t *st, struct epoll_event *events, int nested)
+{
+    if (nested) {
+        PyMem_Free(events);
+    }
+    else {
+        st->events_busy = 0;
+    }
+}
+
 /* poll_fast(epfd, maxevents, fast) -> (nevents, items, error): see fastio.py. */
 static PyObject *
 poll_fast(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
@@ -773,23 +788,27 @@ poll_fast(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "poll_fast: fast must be a dict");
         return NULL;
     }
-    /* Per call, on the heap: the handlers called below may call poll_fast again. */
-    struct epoll_event *events = PyMem_Malloc((size_t)maxevents * sizeof *events);
+    /* The handlers called below may call poll_fast again: only the outermost call
+     * uses the state's buffer. */
+    int nested = st->events_busy;
+    struct epoll_event *events =
+        nested ? PyMem_Malloc((size_t)maxevents * sizeof *events) : st->events;
     if (events == NULL) {
         return PyErr_NoMemory();
     }
+    st->events_busy = 1;
+    PyObject *rest = NULL;
     int n = epoll_wait(epfd, events, (int)maxevents, 0);
     if (n < 0) {
         if (errno != EINTR) {
-            PyMem_Free(events);
-            return PyErr_SetFromErrno(PyExc_OSError);
+            PyErr_SetFromErrno(PyExc_OSError);
+            goto failed;
         }
         n = 0;
     }
-    PyObject *rest = PyList_New(0);
+    rest = PyList_New(0);
     if (rest == NULL) {
-        PyMem_Free(events);
-        return NULL;
+        goto failed;
     }
     for (int i = 0; i < n; i++) {
         int fd = events[i].data.fd;
@@ -824,12 +843,15 @@ poll_fast(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             goto error;
         }
     }
-    PyMem_Free(events);
+    release_events(st, events, nested);
     return Py_BuildValue("(iNO)", n, rest, Py_None);
+failed:
+    release_events(st, events, nested);
+    return NULL;
 error:
     /* Stop here, but hand back what was already taken off sockets (data read,
      * replies half sent) with the error, which the hub raises once it is done. */
-    PyMem_Free(events);
+    release_events(st, events, nested);
     PyObject *exc = take_exception();
     if (exc == NULL) {
         Py_DECREF(rest);
@@ -872,7 +894,8 @@ module_exec(PyObject *module)
     st->send_iov = PyMem_Calloc(MAX_BATCH, sizeof *st->send_iov);
     st->send_names = PyMem_Calloc(MAX_BATCH, sizeof *st->send_names);
     st->stream_buf = PyMem_Malloc(MAX_SIZE);
-    if (st->recv_msgs == NULL || st->recv_iov == NULL || st->recv_names == NULL ||
+    st->events = PyMem_Calloc(MAX_EVENTS, sizeof *st->events);
+    if (st->events == NULL || st->recv_msgs == NULL || st->recv_iov == NULL || st->recv_names == NULL ||
         st->send_msgs == NULL || st->send_iov == NULL || st->send_names == NULL ||
         st->stream_buf == NULL) {
         PyErr_NoMemory();
@@ -928,6 +951,7 @@ module_free(void *module)
     PyMem_Free(st->send_iov);
     PyMem_Free(st->send_names);
     PyMem_Free(st->stream_buf);
+    PyMem_Free(st->events);
     free(st->recv_arena);
     memset(st, 0, sizeof *st);
 }

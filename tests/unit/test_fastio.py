@@ -553,3 +553,41 @@ def test_pure_python_zero_or_empty_keeps_the_helper(value: str, state: str) -> N
         check=True,
     )
     assert state in version.stdout, version.stdout
+
+
+def test_a_handler_that_polls_again_recurses_into_recursion_error(impl: Impl) -> None:
+    """A handler that re-enters poll_fast, again and again, ends in RecursionError
+    (an outcome or the batch's error), never a crash: the C frames keep nothing large
+    on the stack (once ~23 KiB each, which overflowed the C stack first)."""
+    import select
+
+    ep = select.epoll()
+    a, b = socket.socketpair()
+    entered = 0
+    seen: list[BaseException] = []
+    try:
+        a.setblocking(False)
+        ep.register(a.fileno(), select.EPOLLIN)
+        member = _Member()
+        fast: dict[int, Any] = {}
+
+        def handler(request: bytes, ctx: Any) -> None:
+            nonlocal entered
+            entered += 1
+            b.send(b"again")
+            _, items, error = impl.poll(ep, 8, fast)
+            seen.extend(value for _, tag, value, _ in items if tag == fastio.RAISED)
+            if error is not None:
+                seen.append(error)
+
+        fast[a.fileno()] = (member, handler, None, 100, fastio.KIND_RAW)
+        b.send(b"go")
+        _wait_readable(a)
+        n, _, error = impl.poll(ep, 8, fast)
+        assert n == 1 and entered > 50
+        assert error is None or isinstance(error, RecursionError)
+        assert seen and all(isinstance(exc, RecursionError) for exc in seen)
+    finally:
+        ep.close()
+        a.close()
+        b.close()
