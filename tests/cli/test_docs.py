@@ -182,7 +182,7 @@ def serve_urls(argv: list[str]) -> list[str]:
 
     from sockserve.cli.serve import add_arguments
     from sockserve.deploy.configfile import load_config_file
-    from sockserve.server.server import DEFAULT_URLS
+    from sockserve.server.binding import DEFAULT_URLS
 
     p = argparse.ArgumentParser()
     add_arguments(p)

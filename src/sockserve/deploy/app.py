@@ -33,9 +33,10 @@ from ..config import ServerConfig
 from ..endpoints import Endpoint
 from ..errors import ConfigError, SockserveError
 from ..logs import server_log
+from ..server.binding import Binding
 from ..server.listeners import Listener
-from ..server.loop import new_event_loop
-from ..server.server import Binding, Server, _log_loop_exception
+from ..server.loop import log_loop_exception, new_event_loop
+from ..server.server import Server
 from ..server.tls import server_context
 from ..settings import not_reloadable
 from .plan import (
@@ -88,7 +89,7 @@ class App:
         """Serve until SIGTERM/SIGINT; 0 after a graceful drain, 1 if forced or an endpoint lost."""
         loop = new_event_loop(self.spec.loop)
         asyncio.set_event_loop(loop)
-        loop.set_exception_handler(_log_loop_exception)
+        loop.set_exception_handler(log_loop_exception)
         try:
             loop.run_until_complete(self._main(loop))
         finally:
@@ -102,14 +103,14 @@ class App:
         server = self.server
         # Before binding: a signal sent as soon as the first endpoint is logged must find its
         # handler. Handlers run on the loop, so only once start() has returned.
-        server._install_signals(loop)
+        server.install_signals(loop)
         loop.add_signal_handler(signal.SIGHUP, self._on_sighup)
         self._hup_queued |= take()  # one that came while we were importing or planning
         await server.start()
         try:
             stop = take_stop()  # a SIGTERM that came before our handlers: drain and exit 0
-            if stop and server._signals is not None:
-                server._signals.deliver(stop)
+            if stop and server.signals is not None:
+                server.signals.deliver(stop)
             if self.spec.metrics and self.channel is None:
                 await self._start_metrics_http()
             if self.channel is not None:

@@ -38,7 +38,8 @@ from .scrape import MetricsServer, open_metrics_socket, parse_listen
 if TYPE_CHECKING:
     from prometheus_client.metrics_core import Metric
 
-    from ..server.server import Binding, Server
+    from ..server.binding import Binding
+    from ..server.server import Server
 
 #: Upper bounds (seconds) of the duration buckets: 100 µs (a loopback echo) up to 10 s.
 BUCKETS = (

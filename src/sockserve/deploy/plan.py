@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 from ..config import ServerConfig
 from ..endpoints import Endpoint, parse_endpoint
 from ..errors import ConfigError
+from ..server.binding import DEFAULT_URLS, Binding, make_binding
 from ..server.listeners import Listener
-from ..server.server import DEFAULT_URLS, Binding, make_binding
 from ..server.tls import server_context
 from ..settings import SERVER_WIDE
 from .activation import InheritedSocket

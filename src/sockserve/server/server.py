@@ -9,36 +9,25 @@ Signal handlers only set flags. The library never calls ``sys.exit``.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import Iterable
 from typing import Any
 
 from .._engine.contracts import ConnectionBudget
 from .._engine.datagram import DatagramRuntime
 from .._engine.epoll import HAVE_EPOLL, Hub
-from .._engine.proxywrap import warn_settings
 from .._engine.runtime import StreamRuntime
 from .._engine.signals import StopSignals
 from ..config import ServerConfig
 from ..endpoints import Endpoint
-from ..errors import ConfigError
 from ..logs import server_log
 from ..service import Handler, Service
+from . import foreground
 from .binding import DEFAULT_URLS, Binding, bindings_and_config, make_binding
-from .listeners import Listener, close_listener, open_listener, unlink_socket_file
-from .loop import log_loop_exception, new_event_loop
-from .tls import server_context
+from .listeners import Listener, close_listener, unlink_socket_file
+from .runtimes import IdleSweeper, Part, Runtime, abort, drain, open_binding, wait_retired
 
-# The names deploy/ and older code import from here (their home is now binding.py / loop.py).
+# Re-exported: older code imports these from here (their home is binding.py).
 __all__ = ["DEFAULT_URLS", "Binding", "Server", "make_binding"]
-_log_loop_exception = log_loop_exception
-
-#: How often idle connections are looked for: a quarter of the timeout, within [0.05 s, 1 s].
-_SWEEP_MIN, _SWEEP_MAX = 0.05, 1.0
-#: How often a partial drain (a binding removed on reload) checks for its last connection.
-_DRAIN_POLL = 0.05
-
-Runtime = StreamRuntime | DatagramRuntime
 
 
 class Server:
@@ -91,16 +80,16 @@ class Server:
         self.lost: list[Endpoint] = []
         self._tasks: set[asyncio.Future[Any]] = set()
         self._stop_requested: asyncio.Event | None = None
-        self._sweeper: asyncio.TimerHandle | None = None
-        self._sweep_period = _SWEEP_MAX
+        #: Closes idle connections (made in start, when the loop is known).
+        self._sweeper: IdleSweeper | None = None
         self._stopping = False
         self._stopped = asyncio.Event()
         #: The epoll engine's hub, when any binding uses it (created in start).
         self.hub: Hub | None = None
         #: (endpoint as configured, runtime, listener) per binding, by id(binding): for add/remove_binding.
-        self._bound: dict[int, list[tuple[Endpoint, Runtime, Listener]]] = {}
-        #: SIGTERM/SIGINT handlers with their watchdog, while installed (see _install_signals).
-        self._signals: StopSignals | None = None
+        self._bound: dict[int, list[Part]] = {}
+        #: SIGTERM/SIGINT handlers with their watchdog, while installed (install_signals).
+        self.signals: StopSignals | None = None
 
     # -- limits and bookkeeping used by the runtimes ------------------------------------
 
@@ -165,69 +154,22 @@ class Server:
             rt.start()
         for drt in self.datagrams:
             drt.start()
-        self._schedule_sweep()
-
-    def _start_binding(self, binding: Binding) -> None:
-        cfg = binding.config
-        svc = binding.service
-        ssl_ctx = None
-        for ep in binding.endpoints:
-            if ep.scheme == "tls" and ssl_ctx is None:
-                ssl_ctx = binding.ssl_context or server_context(
-                    cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca
-                )
-                binding.ssl_context = ssl_ctx
-            if ep.is_stream and svc.handler is None and svc.stream is None:
-                raise ConfigError(f"service {svc.name} cannot serve stream endpoint {ep}")
-            if not ep.is_stream and svc.datagram_handler() is None:
-                raise ConfigError(f"service {svc.name} cannot serve datagram endpoint {ep}")
-            lst = binding.listeners.get(ep) or open_listener(
-                ep, backlog=cfg.backlog, reuse_port=cfg.reuse_port, unix_mode=cfg.unix_mode
-            )
-            self.listeners.append(lst)
-            self.endpoints.append(lst.endpoint)
-            if ep.is_stream:
-                tls = ssl_ctx if ep.scheme == "tls" else None
-                self.streams.append(StreamRuntime(self, lst, svc, cfg, tls))
-            else:
-                self.datagrams.append(DatagramRuntime(self, lst, svc, cfg))
-            mode = (
-                cfg.framing
-                if ep.is_stream and svc.stream is None
-                else ("stream" if ep.is_stream else "datagram")
-            )
-            server_log.info(
-                "listening on %s (%s, %s)",
-                lst.endpoint,
-                svc.name,
-                mode,
-                extra={
-                    "event": "listening",
-                    "endpoint": lst.endpoint,
-                    "service": svc.name,
-                    "framing": mode,
-                },
-            )
-            warn_settings(lst.endpoint, cfg)
-            if ep.is_stream and svc.stream is not None and cfg.framing != "raw":
-                server_log.warning(
-                    "%s: %s is a byte stream and ignores framing %r; remove the setting",
-                    lst.endpoint,
-                    svc.name,
-                    cfg.framing,
-                    extra={"event": "framing_ignored", "endpoint": lst.endpoint},
-                )
+        self._sweeper = IdleSweeper(self.loop, self.streams)
+        self._sweeper.schedule()
 
     def _start_recorded(self, binding: Binding) -> None:
-        n_streams, n_datagrams = len(self.streams), len(self.datagrams)
-        n_listeners = len(self.listeners)
-        self._start_binding(binding)
-        streams, datagrams = iter(self.streams[n_streams:]), iter(self.datagrams[n_datagrams:])
-        listeners = iter(self.listeners[n_listeners:])
-        self._bound[id(binding)] = [
-            (ep, next(streams) if ep.is_stream else next(datagrams), next(listeners))
-            for ep in binding.endpoints
-        ]
+        parts: list[Part] = []
+        try:
+            open_binding(self, binding, parts)
+        finally:  # what opened before a failure is recorded, for the caller to close
+            for _, rt, lst in parts:
+                self.listeners.append(lst)
+                self.endpoints.append(lst.endpoint)
+                if isinstance(rt, StreamRuntime):
+                    self.streams.append(rt)
+                else:
+                    self.datagrams.append(rt)
+        self._bound[id(binding)] = parts
 
     # -- changing bindings while running (config reload) ---------------------------------
 
@@ -255,7 +197,8 @@ class Server:
         self._update_limits()
         for rt in self.runtimes_of(binding):
             rt.start()
-        self._schedule_sweep()  # the new binding's idle timeout may need a shorter period
+        if self._sweeper is not None:  # the new binding's idle timeout may want a shorter period
+            self._sweeper.schedule()
 
     def remove_binding(
         self, binding: Binding, keep: Iterable[Endpoint] = (), *, keep_conns: bool = False
@@ -291,41 +234,17 @@ class Server:
             else:
                 close_after.append(lst)  # in-flight async replies are sent from it
         runtimes = [rt for _, rt, _ in pairs]
-        if keep_conns:
-            task = self.loop.create_task(self._retire_runtimes(runtimes, close_after))
-        else:
-            task = self.loop.create_task(self._drain_runtimes(runtimes, close_after))
+        task = self.loop.create_task(self._wind_down(runtimes, close_after, keep_conns))
         self.track(task)
         return kept, task
 
-    async def _retire_runtimes(
-        self, runtimes: list[Runtime], close_after: Iterable[Listener]
+    async def _wind_down(
+        self, runtimes: list[Runtime], close_after: Iterable[Listener], retire: bool
     ) -> None:
-        """Wait for the last connection (or async datagram reply) of replaced runtimes."""
-        streams = [rt for rt in runtimes if isinstance(rt, StreamRuntime)]
-        datagrams = [rt for rt in runtimes if isinstance(rt, DatagramRuntime)]
-        while any(s.conns or s.pending for s in streams) or any(d.inflight for d in datagrams):
-            await asyncio.sleep(_DRAIN_POLL * 4)
-        self._forget(runtimes, close_after)
-
-    async def _drain_runtimes(
-        self, runtimes: list[Runtime], close_after: Iterable[Listener] = ()
-    ) -> None:
-        streams = [rt for rt in runtimes if isinstance(rt, StreamRuntime)]
-        datagrams = [rt for rt in runtimes if isinstance(rt, DatagramRuntime)]
-        for srt in streams:
-            srt.drain()
-        deadline = self.loop.time() + self.drain_timeout
-        while any(s.conns or s.pending for s in streams) or any(d.inflight for d in datagrams):
-            if self.loop.time() >= deadline:
-                for srt in streams:
-                    srt.abort_all()
-                for drt in datagrams:
-                    for t in drt.inflight:
-                        t.cancel()
-                break
-            await asyncio.sleep(_DRAIN_POLL)
-        await asyncio.sleep(0)  # let connection_lost of aborted transports run
+        if retire:
+            await wait_retired(runtimes)
+        else:
+            await drain(self.loop, runtimes, self.drain_timeout)
         self._forget(runtimes, close_after)
 
     def _forget(self, runtimes: list[Runtime], close_after: Iterable[Listener]) -> None:
@@ -337,34 +256,11 @@ class Server:
         for lst in close_after:
             close_listener(lst)
 
-    def _schedule_sweep(self) -> None:
-        timeouts = [rt.config.idle_timeout for rt in self.streams if rt.config.idle_timeout]
-        if not timeouts:
-            return
-        period = min(_SWEEP_MAX, max(_SWEEP_MIN, min(timeouts) / 4))
-        if self._sweeper is not None:
-            if self._sweep_period <= period:
-                return  # already sweeping often enough
-            self._sweeper.cancel()
-        self._sweep_period = period
-        self._sweeper = self.loop.call_later(period, self._sweep, period)
-
-    def _sweep(self, period: float) -> None:
-        now = self.loop.time()
-        for rt in self.streams:
-            if rt.config.idle_timeout:
-                rt.sweep_idle(now, rt.config.idle_timeout)
-        self._sweeper = self.loop.call_later(period, self._sweep, period)
-
     def request_stop(self, force: bool = False) -> None:
         """Ask ``serve`` to return (safe from signal handlers: it only sets flags)."""
         if force:
             self.forced = True
-            for rt in self.streams:
-                rt.abort_all()
-            for drt in self.datagrams:  # async datagram replies still running
-                for t in list(drt.inflight):
-                    t.cancel()
+            abort(self.streams, self.datagrams)
         if self._stop_requested is not None:
             self._stop_requested.set()
 
@@ -422,11 +318,7 @@ class Server:
                 self.conn_count,
                 extra={"event": "drain_timeout"},
             )
-            for rt in self.streams:
-                rt.abort_all()
-            for d in self.datagrams:
-                for t in d.inflight:
-                    t.cancel()
+            abort(self.streams, self.datagrams)
         finally:
             for lst in self.listeners:
                 if not lst.endpoint.is_stream:
@@ -437,8 +329,8 @@ class Server:
         await asyncio.sleep(0)
         if self.hub is not None:
             self.hub.close()
-        if self._signals is not None:
-            self._signals.disarm()  # stopped in time: the watchdog must not end the process
+        if self.signals is not None:
+            self.signals.disarm()  # stopped in time: the watchdog must not end the process
         server_log.info("stopped", extra={"event": "stopped"})
 
     async def serve_forever(self) -> None:
@@ -473,59 +365,21 @@ class Server:
         bound = ", ".join(ep.url() for ep in self.endpoints) or "none (not started)"
         raise LookupError(f"no {scheme} endpoint; bound: {bound}")
 
-    # -- running in the foreground with signals ------------------------------------------
+    # -- running in the foreground with signals (see foreground.py) ----------------------
 
     def run(self, loop_kind: str = "auto", *, handle_signals: bool = True) -> int:
         """Run until SIGTERM/SIGINT; exit status 0 graceful, 1 forced or an endpoint lost."""
-        loop = new_event_loop(loop_kind)
-        asyncio.set_event_loop(loop)
-        loop.set_exception_handler(log_loop_exception)
-        main = loop.create_task(self.serve_forever())
-        if handle_signals:
-            self._install_signals(loop)
-        try:
-            loop.run_until_complete(main)
-        finally:
-            if self._signals is not None:
-                self._signals.uninstall()
-                self._signals = None
-            with contextlib.suppress(Exception):
-                loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-            asyncio.set_event_loop(None)
-        return 1 if self.forced or self.lost else 0
+        return foreground.run(self, loop_kind, handle_signals=handle_signals)
 
-    def _install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
-        """SIGTERM/SIGINT: a graceful stop on the loop; a second SIGINT forces it.
+    def install_signals(self, loop: asyncio.AbstractEventLoop) -> None:
+        """SIGTERM/SIGINT stop this server gracefully on ``loop``; a second SIGINT forces it."""
+        foreground.install_signals(self, loop)
 
-        The handlers are Python-level (``signal.signal``), not ``loop.add_signal_handler``:
-        they also run while a sync handler blocks the loop, and arm a watchdog that ends
-        the process by the drain timeout (or at once after a second SIGINT) if the loop
-        cannot get there itself (see :mod:`.signals`).
-        """
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested is not None and self._stop_requested.is_set()
 
-        def on_signal(name: str) -> None:
-            already = self._stop_requested is not None and self._stop_requested.is_set()
-            if already and name == "SIGINT":
-                server_log.warning("second SIGINT: forcing exit", extra={"event": "force"})
-                self.request_stop(force=True)
-                return
-            server_log.info("%s received: shutting down", name, extra={"event": "signal"})
-            self.request_stop()
-
-        def stopping() -> bool:
-            return self._stop_requested is not None and self._stop_requested.is_set()
-
-        self._signals = StopSignals(
-            loop.call_soon_threadsafe,
-            on_signal,
-            lambda: self.drain_timeout,
-            stopping,
-            self._remove_socket_files,
-        )
-        self._signals.install()
-
-    def _remove_socket_files(self) -> None:
+    def remove_socket_files(self) -> None:
         """Before a hard exit: unlink our Unix socket files, as a graceful stop does."""
         for lst in list(self.listeners):
             unlink_socket_file(lst)
