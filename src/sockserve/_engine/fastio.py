@@ -62,8 +62,7 @@ here only if it is exact ``bytes`` and ``fast[fd]`` is still that same spec (els
 the connection was closed, its fd reused or it is writing: Python sends).
 
 ``KIND_RAW``: a chunk of at most max_message bytes is one request, its reply sent at
-once. What is not finished comes back as one item ``(fd, tag, value, member)``
-(below). ``KIND_LINE`` / ``KIND_LENGTH`` (a spec is in ``fast`` only while its codec
+once; what is not finished comes back as one item (the table below). ``KIND_LINE`` / ``KIND_LENGTH`` (a spec is in ``fast`` only while its codec
 holds nothing): the chunk is split as ``framing/line.py`` / ``length.py`` split it,
 a line ending at ``\n`` with one ``\r`` before it stripped, a frame after its 4-byte
 big-endian prefix. Each whole message of at most max_message bytes is answered in
@@ -97,7 +96,8 @@ RAISED        5    what the handler raised, any     its failure (or a real Ctrl-
 REPLY         6    what the handler returned, not   send it as any reply (bytes-like) or
                    sent here (not exact bytes, or   report it; an exception object
                    no longer fast)                  returned is a reply, never raised
-PARTIAL       7    the unsent rest of the reply     keep it, send when writable
+PARTIAL       7    the unsent rest of the reply     keep it (after what it already
+                   (framed: of the gathered ones)   holds), send when writable
 ==========  =====  ===============================  ===================================
 
 DONE (0: answered in full, the handler returned None, or nothing to read after

@@ -18,12 +18,12 @@
 /* Largest body a 4-byte length prefix can express. */
 #define MAX_FRAME 0xFFFFFFFFULL
 
-/* The gathered replies: on the stack while small. */
+/* The gathered replies, on the heap (module.c: nothing large on the C stack, as a
+ * handler may poll again); 512 bytes at first, which pymalloc serves. */
 typedef struct {
     char *buf;
     size_t len;
     size_t cap;
-    char small[4096];
 } gathered_t;
 
 static int
@@ -33,17 +33,14 @@ gather(gathered_t *g, const char *head, size_t head_len, PyObject *reply, const 
     size_t body = (size_t)PyBytes_GET_SIZE(reply);
     size_t more = head_len + body + tail_len;
     if (g->cap - g->len < more) {
-        size_t cap = g->cap;
+        size_t cap = g->cap ? g->cap : 512;
         while (cap - g->len < more) {
             cap *= 2;
         }
-        char *grown = g->buf == g->small ? PyMem_Malloc(cap) : PyMem_Realloc(g->buf, cap);
+        char *grown = PyMem_Realloc(g->buf, cap);
         if (grown == NULL) {
             PyErr_NoMemory();
             return -1;
-        }
-        if (g->buf == g->small) {
-            memcpy(grown, g->small, g->len);
         }
         g->buf = grown;
         g->cap = cap;
@@ -146,10 +143,7 @@ serve_framed(state_t *st, int fd, PyObject *key, PyObject *spec, PyObject *fast,
     PyObject *member = PyTuple_GET_ITEM(spec, 0);
     PyObject *handler = PyTuple_GET_ITEM(spec, 1);
     PyObject *ctx = PyTuple_GET_ITEM(spec, 2);
-    gathered_t g;
-    g.buf = g.small;
-    g.len = 0;
-    g.cap = sizeof g.small;
+    gathered_t g = {NULL, 0, 0};
     const char *p = st->stream_buf;
     Py_ssize_t len = got;
     PyObject *hold = NULL;             /* the chunk's unread part, once a handler may run */
@@ -183,7 +177,8 @@ serve_framed(state_t *st, int fd, PyObject *key, PyObject *spec, PyObject *fast,
         if (reply == NULL) {
             stop = take_exception();
             if (stop == NULL) {
-                PyErr_SetString(PyExc_SystemError, "poll_fast: a handler failed without an exception");
+                PyErr_SetString(PyExc_SystemError,
+                                "poll_fast: a handler failed without an exception");
                 goto done;
             }
             stop_tag = OUT_RAISED;
@@ -254,8 +249,6 @@ serve_framed(state_t *st, int fd, PyObject *key, PyObject *spec, PyObject *fast,
 done:
     Py_XDECREF(stop);
     Py_XDECREF(hold);
-    if (g.buf != g.small) {
-        PyMem_Free(g.buf);
-    }
+    PyMem_Free(g.buf);
     return rc;
 }
