@@ -23,7 +23,10 @@ from common import LOAD_CORE, PYTHON, SERVER_CORE, free_port, pinned, server_pro
 from workloads import Peer, Round, Workload
 
 
-def bench_argv(url: str, conns: int, args: argparse.Namespace) -> list[str]:
+def bench_argv(
+    url: str, conns: int, args: argparse.Namespace, framing: str = "raw", pipeline: int = 1
+) -> list[str]:
+    framed = ["--framing", framing, "--pipeline", str(pipeline)] if framing != "raw" else []
     return [
         PYTHON,
         "-m",
@@ -40,11 +43,17 @@ def bench_argv(url: str, conns: int, args: argparse.Namespace) -> list[str]:
         "64",
         "--json",
         "-q",
+        *framed,
     ]
 
 
 def run_bench(
-    url: str, conns: int, args: argparse.Namespace, server_pid: int | None = None
+    url: str,
+    conns: int,
+    args: argparse.Namespace,
+    server_pid: int | None = None,
+    framing: str = "raw",
+    pipeline: int = 1,
 ) -> dict[str, object]:
     """One ``sockserve bench --json`` run, repeated while someone else used the CPUs.
 
@@ -55,7 +64,7 @@ def run_bench(
     """
     best: dict[str, object] | None = None
     for _ in range(args.retries + 1):
-        res = _bench_once(url, conns, args, server_pid)
+        res = _bench_once(bench_argv(url, conns, args, framing, pipeline), args, server_pid)
         if best is None or float(res["foreign_cpu"]) < float(best["foreign_cpu"]):  # type: ignore[arg-type]
             best = res
         if float(res["foreign_cpu"]) <= args.max_foreign:  # type: ignore[arg-type]
@@ -65,9 +74,9 @@ def run_bench(
 
 
 def _bench_once(
-    url: str, conns: int, args: argparse.Namespace, server_pid: int | None
+    argv: list[str], args: argparse.Namespace, server_pid: int | None
 ) -> dict[str, object]:
-    cmd = pinned(bench_argv(url, conns, args), LOAD_CORE)
+    cmd = pinned(argv, LOAD_CORE)
     busy0, srv0, gen0, t0 = cpu_busy(), proc_cpu(server_pid), children_cpu(), time.monotonic()
     # The server core's busy time over a window inside the measured part of the run
     # (after start-up and warm-up, before the end): see server_core_us below.
@@ -191,7 +200,8 @@ def run_round(
             for peer in order:
                 if w.name not in peer.workloads:
                     continue
-                res = run_bench(urls[peer.name][w.scheme], w.conns, args, pids[peer.name])
+                url = urls[peer.name][w.scheme]
+                res = run_bench(url, w.conns, args, pids[peer.name], w.framing, w.pipeline)
                 out[peer.name][w.name] = res
                 p99 = res.get("p99_us", 0)
                 print(

@@ -18,7 +18,7 @@ from summary import (
     table,
     worst_foreign,
 )
-from workloads import GOALS, Peer, Rounds, Workload
+from workloads import BY_NAME, GOALS, Peer, Rounds, Workload
 
 
 def plot(
@@ -50,7 +50,13 @@ def plot(
     ax2.set_yscale("log")
     ax2.set_title("p99 latency, closed loop (lower is better)")
     ax2.set_xticks(
-        list(xs), [f"{w.scheme}, {w.conns} conn{'s' * (w.conns > 1)}" for w in workloads]
+        list(xs),
+        [
+            f"{w.scheme}, {w.conns} conn{'s' * (w.conns > 1)}"
+            + (f", {w.framing}" if w.framing != "raw" else "")
+            + (f" x{w.pipeline}" if w.pipeline > 1 else "")
+            for w in workloads
+        ],
     )
     ax1.set_ylim(top=ax1.get_ylim()[1] * 1.2)  # room for the legend above the bars
     ax1.legend(ncol=4, fontsize=8, loc="upper right")
@@ -139,14 +145,15 @@ def _goal_rows(
     for wl, target, base in GOALS:
         if not any(w.name == wl for w in workloads):
             continue
-        got = goal_ratio(rounds, wl, base)
+        ours = BY_NAME[wl].ours
+        got = goal_ratio(rounds, wl, base, ours)
         if got is None:
             continue
         ratio, each = got
         per = ", ".join(f"{r:.2f}" for r in each)
-        best_a, best_b = best_of(rounds, "sockserve", wl), best_of(rounds, base, wl)
+        best_a, best_b = best_of(rounds, ours, wl), best_of(rounds, base, wl)
         best = f"; best runs {best_a / best_b:.2f}x" if best_a and best_b else ""
-        cap = capacity_ratio(rounds, wl, base)
+        cap = capacity_ratio(rounds, wl, base, ours)
         cap_cell = (
             f"{cap[0]:.2f}x (rounds: {', '.join(f'{r:.2f}' for r in cap[1])})"
             if cap

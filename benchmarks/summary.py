@@ -13,10 +13,12 @@ def median_of(rounds: Rounds, peer: str, wl: str, key: str) -> float | None:
     return statistics.median(vals) if vals else None
 
 
-def goal_ratio(rounds: Rounds, wl: str, base: str) -> tuple[float, list[float]] | None:
+def goal_ratio(
+    rounds: Rounds, wl: str, base: str, ours: str = "sockserve"
+) -> tuple[float, list[float]] | None:
     ratios = []
     for r in rounds:
-        a = r.get("sockserve", {}).get(wl, {}).get("rps")
+        a = r.get(ours, {}).get(wl, {}).get("rps")
         b = r.get(base, {}).get(wl, {}).get("rps")
         if a and b:
             ratios.append(float(a) / float(b))  # type: ignore[arg-type]
@@ -28,14 +30,16 @@ def goal_ratio(rounds: Rounds, wl: str, base: str) -> tuple[float, list[float]] 
 SATURATED = 0.9
 
 
-def capacity_ratio(rounds: Rounds, wl: str, base: str) -> tuple[float, list[float]] | None:
+def capacity_ratio(
+    rounds: Rounds, wl: str, base: str, ours: str = "sockserve"
+) -> tuple[float, list[float]] | None:
     """Per-round ratios of core time per request (base over sockserve): the speed-up a
     generator with room to spare would show. Only rounds where both server cores were
     saturated count: an idle core's time per request measures waiting (and sockserve's
     busy-poll fills such waits), not work."""
     ratios = []
     for r in rounds:
-        a, b = r.get("sockserve", {}).get(wl, {}), r.get(base, {}).get(wl, {})
+        a, b = r.get(ours, {}).get(wl, {}), r.get(base, {}).get(wl, {})
         saturated = all(float(x.get("server_core_busy", 0)) >= SATURATED for x in (a, b))  # type: ignore[arg-type]
         if saturated and a.get("server_core_us") and b.get("server_core_us"):
             ratios.append(float(b["server_core_us"]) / float(a["server_core_us"]))  # type: ignore[arg-type]

@@ -1,8 +1,11 @@
 """What the benchmark suite runs: workloads, the peer servers, the goals, and the results' shape.
 
 Every server runs the timestamp service on TCP, a Unix stream socket and UDP;
-a *workload* is one transport at one number of connections. The goals are the
-issue's: sockserve's requests/s over a named peer's, per workload.
+a *workload* is one transport at one number of connections (and one framing, with
+so many requests in flight per connection). Line and length framed workloads run
+against servers of their own framing: sockserve with ``--framing``, and the
+hand-written uvloop Protocols that split their buffer. The goals are the issue's:
+sockserve's requests/s over a named peer's, per workload.
 """
 
 from __future__ import annotations
@@ -23,15 +26,32 @@ class Workload:
     name: str
     scheme: str  # tcp | unix | udp
     conns: int
+    framing: str = "raw"
+    pipeline: int = 1
+    ours: str = "sockserve"  # the sockserve server (peer name) that serves it
 
 
-WORKLOADS = [
+RAW_WORKLOADS = [
     Workload("tcp-50", "tcp", 50),
     Workload("tcp-1", "tcp", 1),
     Workload("unix-50", "unix", 50),
     Workload("unix-1", "unix", 1),
     Workload("udp-50", "udp", 50),
 ]
+FRAMED_WORKLOADS = [
+    Workload(
+        f"{framing}-{conns}{'-p16' * (depth > 1)}",
+        "tcp",
+        conns,
+        framing,
+        depth,
+        f"sockserve-{framing}",
+    )
+    for framing in ("line", "length")
+    for conns, depth in ((50, 1), (1, 1), (50, 16))
+]
+WORKLOADS = RAW_WORKLOADS + FRAMED_WORKLOADS
+BY_NAME = {w.name: w for w in WORKLOADS}
 
 
 @dataclass(frozen=True)
@@ -39,7 +59,7 @@ class Peer:
     name: str
     label: str
     argv: tuple[str, ...]  # {tcp} {udp} {unix} are filled in
-    workloads: tuple[str, ...] = tuple(w.name for w in WORKLOADS)
+    workloads: tuple[str, ...] = tuple(w.name for w in RAW_WORKLOADS)
 
 
 _PEER_ARGS = ("--tcp", "{tcp}", "--udp", "{udp}", "--unix", "{unix}")
@@ -62,6 +82,27 @@ PEERS_ALL = [
         (PYTHON, str(PEERS / "socketserver_threads.py"), *_PEER_ARGS),
     ),
     Peer("twisted", "Twisted", (PYTHON, str(PEERS / "twisted_server.py"), *_PEER_ARGS)),
+    *(
+        peer
+        for framing in ("line", "length")
+        for peer in (
+            Peer(
+                f"sockserve-{framing}",
+                f"sockserve --framing {framing}",
+                (
+                    *(PYTHON, "-m", "sockserve", "serve", "timestamp", "--framing", framing),
+                    *("--listen", "tcp://127.0.0.1:{tcp}"),
+                ),
+                tuple(w.name for w in FRAMED_WORKLOADS if w.framing == framing),
+            ),
+            Peer(
+                f"uvloop-{framing}",
+                f"uvloop Protocol, {framing} buffer",
+                (PYTHON, str(PEERS / f"uvloop_{framing}_protocol.py"), "--tcp", "{tcp}"),
+                tuple(w.name for w in FRAMED_WORKLOADS if w.framing == framing),
+            ),
+        )
+    ),
     Peer(
         "blocking",
         "textbook blocking loop",
@@ -78,6 +119,13 @@ GOALS = [
     ("unix-50", 1.1, "uvloop"),
     ("unix-1", 1.1, "uvloop"),
     ("udp-50", 1.1, "blocking"),
+    # Line and length framing (issue 12): >= 1.1x the hand-written Protocol at 50
+    # connections (pipelined too), ahead at 1.
+    *(
+        (f"{framing}-{conns}", target, f"uvloop-{framing}")
+        for framing in ("line", "length")
+        for conns, target in (("50", 1.1), ("1", 1.0), ("50-p16", 1.1))
+    ),
 ]
 
 

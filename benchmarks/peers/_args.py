@@ -8,6 +8,7 @@ serve each endpoint in a thread of its own start them with :func:`run_threads`.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import threading
 from collections.abc import Callable, Iterable
@@ -31,3 +32,14 @@ def run_threads(targets: Iterable[Callable[[], object]]) -> None:
         t.start()
     for t in threads:
         t.join()
+
+
+async def serve_streams(factory: Callable[[], asyncio.Protocol]) -> None:
+    """Serve the stream endpoints asked for (TCP, Unix) with an asyncio Protocol; forever."""
+    args = parse()
+    loop = asyncio.get_running_loop()
+    if args.tcp:
+        await loop.create_server(factory, "127.0.0.1", args.tcp)
+    if args.unix:
+        await loop.create_unix_server(factory, args.unix)
+    await asyncio.Event().wait()

@@ -553,6 +553,17 @@ def test_listed_discrepancies_have_one_behaviour() -> None:
         assert fastio.batch_io(sock)[1] is fastio.recv_loop
 
 
+@contextmanager
+def fast_world() -> Iterator[tuple[select.epoll, socket.socket, socket.socket]]:
+    """An epoll set watching ``a`` (non-blocking) for reading; ``b`` is its peer."""
+    with select.epoll() as ep:
+        a, b = socket.socketpair()
+        with a, b:
+            a.setblocking(False)
+            ep.register(a.fileno(), select.EPOLLIN)
+            yield ep, a, b
+
+
 @pytest.mark.parametrize("side", ["c", "py"])
 @pytest.mark.parametrize(
     "behaviour",
@@ -562,11 +573,7 @@ def test_handler_outcomes_are_tagged_alike(side: str, behaviour: str) -> None:
     """A returned exception is a REPLY (never taken as raised); an exception raised after
     the handler closed its own connection still comes back RAISED (never dropped)."""
     assert _speedups is not None
-    with ExitStack() as stack:
-        ep = stack.enter_context(select.epoll())
-        a, b = (stack.enter_context(s) for s in socket.socketpair())
-        a.setblocking(False)
-        ep.register(a.fileno(), select.EPOLLIN)
+    with fast_world() as (ep, a, b):
         fast: dict[int, Any] = {}
         member = Member()
         fast[a.fileno()] = (member, make_handler(behaviour, fast, a.fileno()), None, 100, 0)
@@ -580,3 +587,119 @@ def test_handler_outcomes_are_tagged_alike(side: str, behaviour: str) -> None:
         assert (n, error, fd, owner) == (1, None, a.fileno(), member)
         want = fastio.RAISED if behaviour.startswith(("close", "raises")) else fastio.REPLY
         assert tag == want and isinstance(value, BaseException)
+
+
+# -- line and length framing on the fast path ------------------------------------------
+
+FRAMED_BEHAVIOURS = [
+    "echo", "echo", "echo", "none", "str", "bytearray", "returns-error", "raises",
+    "raises-kbd", "close-then-reply", "close-then-none", "big", "x4",
+]  # fmt: skip
+
+
+def framed_handler(behaviours: list[str], fast: dict[int, Any], fd: int) -> Any:
+    """A handler that does ``behaviours[i]`` on its i-th call (cycling), so both worlds
+    see the same sequence whatever the messages are."""
+    calls = [0]
+
+    def handler(request: bytes, ctx: Any) -> Any:
+        behaviour = behaviours[calls[0] % len(behaviours)]
+        calls[0] += 1
+        if behaviour == "big":
+            return request * 3 + b"B" * 300_000  # past the 4 KiB send buffer: PARTIAL
+        if behaviour == "x4":
+            return (b"<" + request + b">") * 700  # gathers past FLUSH_AT within a chunk
+        if behaviour == "close-then-none":
+            fast.pop(fd, None)
+            return None
+        return make_handler(behaviour, fast, fd)(request, ctx)
+
+    return handler
+
+
+@st.composite
+def framed_chunk(draw: Any, kind: int) -> bytes:
+    """One chunk as a peer sends it: whole messages (empty ones, ``\\r\\n``, bodies around
+    a small cap, a bad prefix) and a tail that is often a partial message."""
+    parts: list[bytes] = []
+    bodies = st.binary(max_size=12).map(lambda b: b.replace(b"\n", b""))
+    for body in draw(st.lists(bodies, max_size=8)):
+        if kind == fastio.KIND_LINE:
+            parts.append(body + draw(st.sampled_from([b"\n", b"\r\n", b"\r\r\n", b"\n\n"])))
+        else:
+            size: int = draw(st.sampled_from([len(body)] * 6 + [len(body) + 3, 2**32 - 1, 0]))
+            parts.append(size.to_bytes(4, "big") + body)
+    tail: bytes = draw(st.binary(max_size=7))
+    return b"".join(parts) + tail
+
+
+@FUZZ_MORE
+@given(
+    kind=st.sampled_from([fastio.KIND_LINE, fastio.KIND_LENGTH]),
+    seed=st.data(),
+    behaviours=st.lists(st.sampled_from(FRAMED_BEHAVIOURS), min_size=1, max_size=5),
+    max_message=st.sampled_from([0, 1, 5, 8, 12, 1000, 70000]),
+    many=st.booleans(),
+)
+def test_framed_poll_fast_agrees(
+    kind: int, seed: st.DataObject, behaviours: list[str], max_message: int, many: bool
+) -> None:
+    """C and the twin split, answer and hand back a framed chunk item for item, and put
+    the same bytes on the wire (whole replies gathered, partial sends, the unread rest)."""
+    chunk = seed.draw(framed_chunk(kind))
+    if many:  # a big chunk of whole messages: gathered replies flushed on the way
+        chunk = chunk * max(1, 20_000 // max(len(chunk), 1))
+    results = []
+    for side in ("c", "py"):
+        with fast_world() as (ep, a, b):
+            a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+            fast: dict[int, Any] = {}
+            member = Member()
+            handler = framed_handler(behaviours, fast, a.fileno())
+            fast[a.fileno()] = (member, handler, None, max_message, kind)
+            b.sendall(chunk)
+            if not chunk:
+                b.shutdown(socket.SHUT_WR)
+            wait_readable(a)
+            if side == "c":
+                got = outcome(_speedups.poll_fast, ep.fileno(), 8, fast)
+            else:
+                got = outcome(fastpath.poll_fast, ep, 8, fast)
+            if got[0] == "ok":
+                n, items, error = got[1]
+                assert all(fd == a.fileno() and m in (member, None) for fd, _, _, m in items)
+                got = ("ok", (n, [(tag, norm(value)) for _, tag, value, _ in items], norm(error)))
+            results.append((got, drain(b), member.active))
+    assert results[0] == results[1]
+
+
+@pytest.mark.parametrize("side", ["c", "py"])
+@pytest.mark.parametrize(
+    ("kind", "chunk", "replies", "rest"),
+    [
+        (fastio.KIND_LINE, b"a\r\n\nbb\npart", b"<a>\n<>\n<bb>\n", b"part"),
+        (fastio.KIND_LINE, b"12345678\n123456789\nc\n", b"<12345678>\n", b"123456789\nc\n"),
+        (fastio.KIND_LINE, b"1234567\r\r\n", b"<1234567\r>\n", b""),
+        (fastio.KIND_LINE, b"12345678\r\r\n", b"", b"12345678\r\r\n"),
+        (fastio.KIND_LENGTH, b"\0\0\0\0\0\0\0\x01x\0\0", b"\0\0\0\x02<>\0\0\0\x03<x>", b"\0\0"),
+        (fastio.KIND_LENGTH, b"\0\0\0\x09123456789", b"", b"\0\0\0\x09123456789"),
+    ],
+)
+def test_framed_chunk_is_split_as_the_codecs_split(
+    side: str, kind: int, chunk: bytes, replies: bytes, rest: bytes
+) -> None:
+    """Whole messages up to the cap (8) answered with their codec's framing, in one send;
+    the rest from the first message not served (partial, or over the cap) handed back
+    as DATA, for the codec to continue or refuse."""
+    assert _speedups is not None
+    with fast_world() as (ep, a, b):
+        member = Member()
+        fast = {a.fileno(): (member, lambda r, c: b"<" + r + b">", None, 8, kind)}
+        b.sendall(chunk)
+        wait_readable(a)
+        poll = _speedups.poll_fast if side == "c" else None
+        n, items, error = poll(ep.fileno(), 8, fast) if poll else fastpath.poll_fast(ep, 8, fast)
+        assert (n, error) == (1, None)
+        assert items == ([(a.fileno(), fastio.DATA, rest, member)] if rest else [])
+        assert drain(b) == replies
+        assert member.active == bool(replies)

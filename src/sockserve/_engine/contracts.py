@@ -154,6 +154,9 @@ class Poller(Protocol):
 
     def remove(self, fd: int) -> None: ...
 
+    def set_fast(self, fd: int, spec: Any) -> None:
+        """Whether the fast path may serve ``fd`` now: its spec, or None."""
+
 
 class RuntimeHost(Protocol):
     """What a runtime reports to (the server)."""

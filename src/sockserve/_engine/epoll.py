@@ -72,7 +72,8 @@ class Hub:
         self.members: dict[int, Member] = {}
         #: fd -> (member, handler, ctx, max_message, kind) of connections whose next
         #: readable event the fast path (C, or its twin in fastpath.py) may serve itself:
-        #: raw framing, a sync handler, only reading (nothing queued, not paused or closing).
+        #: a sync handler, only reading (nothing queued, not paused or closing), no
+        #: partial request buffered (see FastStream.fast_spec).
         self.fast: dict[int, tuple[Any, Any, Any, int, int]] = {}
         self._poll = self._poll_python if c_poll_fast is None else self._poll_c
         loop.add_reader(self._ep.fileno(), self._ready)
@@ -92,6 +93,13 @@ class Hub:
     def _note_fast(self, fd: int, member: Member, events: int) -> None:
         spec_of = getattr(member, "fast_spec", None)
         spec = spec_of() if spec_of is not None and events == _IN else None
+        if spec is not None:
+            self.fast[fd] = spec
+        else:
+            self.fast.pop(fd, None)
+
+    def set_fast(self, fd: int, spec: tuple[Any, Any, Any, int, int] | None) -> None:
+        """A member's own word that it may (a spec) or may not (None) be served fast now."""
         if spec is not None:
             self.fast[fd] = spec
         else:

@@ -48,25 +48,46 @@ data is read and lost); C takes its fd, the twin the socket:
   Addresses are the tuples ``recvfrom`` gives: ``(host, port)``, or
   ``(host, port, flowinfo, scope_id)``.
 
-The raw fast path, ``poll_fast(ep, maxevents, fast) -> (nevents, items, error)``
+The fast path, ``poll_fast(ep, maxevents, fast) -> (nevents, items, error)``
 (C takes the epoll fd, the twin in ``fastpath.py`` the ``select.epoll``): one
 ``epoll_wait`` with timeout 0 for at most maxevents (1..MAX_EVENTS) events. ``fast``
 is a ``dict`` fd -> spec ``(member, handler, ctx, max_message, kind)`` of
 connections whose plain requests may be answered here: kind names the framing
-(only ``KIND_RAW`` so far, anything else a ``ValueError``; the next framings get
-their own kind instead of another copy of this logic), max_message an int >= 0. An
-event that is exactly EPOLLIN on an fd in ``fast`` is served: one read of up to
-MAX_SIZE bytes; a chunk of at most max_message bytes is one request: ``member.active
-= True`` (the only member attribute either side touches), ``handler(data, ctx)``,
-and an exact-``bytes`` reply is sent at once if ``fast[fd]`` is still that same spec
-(else the connection was closed, its fd reused or it is writing: Python sends).
-What is not finished comes back as an item ``(fd, tag, value, member)``:
+(``KIND_RAW``, ``KIND_LINE``, ``KIND_LENGTH``; anything else a ``ValueError``; what
+comes next gets its own kind instead of another copy of this logic), max_message an
+int >= 0. An event that is exactly EPOLLIN on an fd in ``fast`` is served: one read
+of up to MAX_SIZE bytes. Each request: ``member.active = True`` (the only member
+attribute either side touches), ``handler(request, ctx)``, and its reply is sent
+here only if it is exact ``bytes`` and ``fast[fd]`` is still that same spec (else
+the connection was closed, its fd reused or it is writing: Python sends).
+
+``KIND_RAW``: a chunk of at most max_message bytes is one request, its reply sent at
+once; what is not finished comes back as one item (the table below). ``KIND_LINE`` / ``KIND_LENGTH`` (a spec is in ``fast`` only while its codec
+holds nothing): the chunk is split as ``framing/line.py`` / ``length.py`` split it,
+a line ending at ``\n`` with one ``\r`` before it stripped, a frame after its 4-byte
+big-endian prefix. Each whole message of at most max_message bytes is answered in
+order; the replies, framed as the codec frames them (``+ b"\n"``, or the prefix
+first), are gathered and sent in one send, and again each time FLUSH_AT (MAX_SIZE)
+bytes have gathered. The first thing not finished here ends the chunk, and the
+items of that fd come back in this order, each at most once:
+
+1. the gathered replies: PARTIAL with what the kernel did not take (also what was
+   gathered when ``fast[fd]`` changed: none of it sent), or ERRNO of the send;
+2. RAISED (a handler raised), or REPLY (not exact bytes, too long for a prefix, or
+   ``fast[fd]`` changed);
+3. DATA with the chunk's unread rest (a partial tail, a message over the cap, what
+   followed 2. or a PARTIAL), which the codec is fed as it is, so it continues
+   exactly where this stopped, its caps and errors included; not after RAISED or
+   ERRNO (the connection is failing).
+
+What is not finished comes back as items ``(fd, tag, value, member)``:
 
 ==========  =====  ===============================  ===================================
 tag          int   value                            the member's part
 ==========  =====  ===============================  ===================================
 EVENT         1    the event bits (member is None)  look the fd up, ``on_event(bits)``
-DATA          2    the bytes read (> max_message)   split and answer them (framing)
+DATA          2    bytes read, not answered (raw:   feed them to the codec, which
+                   > max_message)                   splits and answers them
 EOF           3    None                             end of stream
 ERRNO         4    recv's or send's errno           close with that ``OSError``
 RAISED        5    what the handler raised, any     its failure (or a real Ctrl-C, which
@@ -75,14 +96,15 @@ RAISED        5    what the handler raised, any     its failure (or a real Ctrl-
 REPLY         6    what the handler returned, not   send it as any reply (bytes-like) or
                    sent here (not exact bytes, or   report it; an exception object
                    no longer fast)                  returned is a reply, never raised
-PARTIAL       7    the unsent rest of the reply     keep it, send when writable
+PARTIAL       7    the unsent rest of the reply     keep it (after what it already
+                   (framed: of the gathered ones)   holds), send when writable
 ==========  =====  ===============================  ===================================
 
 DONE (0: answered in full, the handler returned None, or nothing to read after
 all) makes no item. ``error`` is None, or an exception that stopped the batch (not a
 handler's: a bad spec, a failed ``active`` assignment, MemoryError); ``items`` then
-holds what was taken off sockets before it, which the caller finishes first, then
-raises ``error``.
+holds what was taken off sockets before it (the failing connection's chunk is lost
+with it), which the caller finishes first, then raises ``error``.
 """
 
 from __future__ import annotations
@@ -110,7 +132,7 @@ _UDP = (socket.IPPROTO_UDP, getattr(socket, "IPPROTO_UDPLITE", 136))
 
 # Outcome tags of poll_fast items, and framing kinds of specs (see THE CONTRACT).
 DONE, EVENT, DATA, EOF, ERRNO, RAISED, REPLY, PARTIAL = range(8)
-KIND_RAW = 0
+KIND_RAW, KIND_LINE, KIND_LENGTH = range(3)
 
 
 def int_arg(value: object, lo: int, hi: int, what: str, error: type[Exception]) -> int:

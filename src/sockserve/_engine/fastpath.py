@@ -1,15 +1,15 @@
-"""The raw request/reply fast path, written once in Python beside its C twin.
+"""The request/reply fast path, written once in Python beside its C twin.
 
 ``poll_fast`` is the pure-Python twin of the C helper's ``poll_fast`` (the hub runs
-it without the helper); ``answer`` is its middle (one whole request: mark the
+it without the helper); ``answer`` is its raw middle (one whole request: mark the
 connection active, call the handler, say how it ended), which the other paths that
 already hold the bytes (``FastStream._received``, ``StreamProtocol.data_received``)
-call too. Both return the tagged outcomes of the contract written in the docstring
-of :mod:`.fastio`; ``handler_raised`` is how every path ends a RAISED one.
+call too; ``serve_framed`` is its line and length framing (the twin of
+``_speedups_c/framed.c``). All return the tagged outcomes of the contract written in
+the docstring of :mod:`.fastio`; ``handler_raised`` is how every path ends a RAISED one.
 
-Room for what comes next: a spec names its framing kind (``KIND_RAW`` only so far),
-so line and length framing, or async handlers, become new kinds served by this one
-routine and its C twin, not new copies of it.
+A spec names its framing kind, so what comes next (async handlers, say) is a new
+kind served by this one routine and its C twin, not a new copy of it.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from .fastio import (
     EOF,
     ERRNO,
     EVENT,
+    KIND_LENGTH,
+    KIND_LINE,
     KIND_RAW,
     MAX_EVENTS,
     MAX_SIZE,
@@ -37,6 +39,10 @@ from .fastio import (
 from .signals import is_signal_interrupt
 
 _IN = getattr(select, "EPOLLIN", 1)
+#: Gathered framed replies are sent once they reach this (framed.c's FLUSH_AT).
+FLUSH_AT = MAX_SIZE
+#: Largest body a 4-byte length prefix can express.
+MAX_FRAME = 2**32 - 1
 
 Outcome = tuple[int, Any]
 _DONE: Outcome = (DONE, None)
@@ -74,18 +80,98 @@ def handler_raised(member: Answering, exc: BaseException) -> None:
         member._handler_failed()
 
 
-def _spec_max(spec: object) -> int:
-    """Check a spec as the C helper does; its max_message."""
+def _spec_check(spec: object) -> tuple[int, int]:
+    """Check a spec as the C helper does; its max_message and kind."""
     if not isinstance(spec, tuple) or len(spec) != 5:
         raise TypeError("poll_fast: a spec is (member, handler, ctx, max_message, kind)")
     max_message = int_arg(spec[3], 0, sys.maxsize, "poll_fast: max_message", ValueError)
-    int_arg(spec[4], KIND_RAW, KIND_RAW, "poll_fast: kind", ValueError)
-    return max_message
+    return max_message, int_arg(spec[4], KIND_RAW, KIND_LENGTH, "poll_fast: kind", ValueError)
 
 
-def serve(fd: int, spec: Any, fast: dict[int, Any]) -> Outcome:
-    """Serve one readable fast connection: the twin of the C helper's ``serve_fast``."""
-    max_message = _spec_max(spec)
+def _next_message(kind: int, data: bytes, pos: int, max_message: int) -> tuple[int, int, int]:
+    """``(start, end, next)`` of the next whole message at ``data[pos:]``, or start -1: a
+    partial tail, or a message over the cap (the codec gives its error)."""
+    if kind == KIND_LINE:
+        nl = data.find(b"\n", pos)
+        if nl < 0:
+            return -1, 0, 0
+        end = nl - 1 if nl > pos and data[nl - 1] == 0x0D else nl
+        return (pos if end - pos <= max_message else -1), end, nl + 1
+    if len(data) - pos < 4:
+        return -1, 0, 0
+    need = int.from_bytes(data[pos : pos + 4], "big")
+    if need > max_message or need > len(data) - pos - 4:
+        return -1, 0, 0
+    return pos + 4, pos + 4 + need, pos + 4 + need
+
+
+def _flush(fd: int, out: list[bytes], append: Any, member: Any) -> int:
+    """Send the gathered replies: 0 when all went, else 1 (PARTIAL added) or 2 (ERRNO)."""
+    data = b"".join(out)
+    out.clear()
+    try:
+        sent = os.write(fd, data)
+    except BlockingIOError:
+        sent = 0
+    except OSError as exc:
+        append((fd, ERRNO, exc.errno, member))
+        return 2
+    if sent == len(data):
+        return 0
+    append((fd, PARTIAL, data[sent:], member))
+    return 1
+
+
+def serve_framed(fd: int, spec: Any, fast: dict[int, Any], data: bytes, append: Any) -> None:
+    """Serve one chunk of a line or length framed fast connection: the twin of the C
+    helper's ``serve_framed`` (framed.c), item for item."""
+    member, handler, ctx, max_message, kind = spec
+    out: list[bytes] = []
+    gathered = pos = sent = 0
+    stop: Outcome | None = None
+    still_fast = True
+    line = kind == KIND_LINE
+    while pos < len(data):
+        start, end, after = _next_message(kind, data, pos, max_message)
+        if start < 0:
+            break
+        pos = after
+        member.active = True
+        try:
+            reply = handler(data[start:end], ctx)
+        except BaseException as exc:  # SystemExit too: it ends this connection only
+            stop = (RAISED, exc)
+            break
+        still_fast = fast.get(fd) is spec
+        if reply is None:
+            if not still_fast:
+                break
+            continue
+        if not still_fast or type(reply) is not bytes or (not line and len(reply) > MAX_FRAME):
+            stop = (REPLY, reply)  # Python frames it, or reports it
+            break
+        out.append(reply + b"\n" if line else len(reply).to_bytes(4, "big") + reply)
+        gathered += len(out[-1])
+        if gathered >= FLUSH_AT:
+            gathered = 0
+            sent = _flush(fd, out, append, member)
+            if sent:
+                break
+    if out:
+        if still_fast:
+            sent = _flush(fd, out, append, member)
+        else:
+            append((fd, PARTIAL, b"".join(out), member))  # Python queues it first
+    if stop is not None:
+        append((fd, stop[0], stop[1], member))
+    if pos < len(data) and (stop is None or stop[0] != RAISED) and sent != 2:
+        append((fd, DATA, data[pos:] if pos else data, member))
+
+
+def serve(fd: int, spec: Any, fast: dict[int, Any], append: Any) -> Outcome:
+    """Serve one readable fast connection: the twin of the C helper's ``serve_fast``
+    (DONE too when ``serve_framed`` appended its own items)."""
+    max_message, kind = _spec_check(spec)
     try:
         data = os.read(fd, MAX_SIZE)
     except BlockingIOError:
@@ -94,6 +180,9 @@ def serve(fd: int, spec: Any, fast: dict[int, Any]) -> Outcome:
         return ERRNO, exc.errno
     if not data:
         return EOF, None
+    if kind != KIND_RAW:
+        serve_framed(fd, spec, fast, data, append)
+        return _DONE
     outcome = answer(spec[0], spec[1], spec[2], max_message, data)
     reply = outcome[1]
     # The handler ran Python code: send here only while this is still the fast
@@ -123,7 +212,7 @@ def poll_fast(ep: select.epoll, maxevents: int, fast: dict[int, Any]) -> PollRes
             if spec is None:
                 append((fd, EVENT, ev, None))
                 continue
-            tag, value = serve(fd, spec, fast)
+            tag, value = serve(fd, spec, fast, append)
             if tag:
                 append((fd, tag, value, spec[0]))
     except BaseException as exc:  # not a handler's (those are outcomes): stops the batch

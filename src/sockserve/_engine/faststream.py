@@ -16,12 +16,26 @@ from ..framing import Codec, make_codec
 from ..service import Context
 from .contracts import ConnOwner, Poller
 from .epoll import _ERR, _IN, _IN_OR_ERR, _OUT
-from .fastio import DATA, EOF, ERRNO, KIND_RAW, PARTIAL, RAISED, REPLY, stream_recv, stream_send
+from .fastio import (
+    DATA,
+    EOF,
+    ERRNO,
+    KIND_LENGTH,
+    KIND_LINE,
+    KIND_RAW,
+    PARTIAL,
+    RAISED,
+    REPLY,
+    stream_recv,
+    stream_send,
+)
 from .fastpath import answer, handler_raised
 from .requests import PAUSE_WRITE, QueuedConn, RequestQueue
 
 #: Bytes read per recv: a whole 64 KiB message in one call, like uvloop's read size.
 READ_SIZE = 65536
+#: The fast path's framing kind of each framing it serves (the contract in ``fastio``).
+FAST_KINDS = {"raw": KIND_RAW, "line": KIND_LINE, "length": KIND_LENGTH}
 
 
 class FastStream(QueuedConn):
@@ -38,6 +52,7 @@ class FastStream(QueuedConn):
         "_fast",
         "_handler",
         "_high",
+        "_kind",
         "_low",
         "_max",
         "_out",
@@ -63,9 +78,13 @@ class FastStream(QueuedConn):
         self.ctx = Context(peer, rt.endpoint)
         self._handler = rt.handler
         self._max = cfg.max_message
-        # raw framing with a sync handler: each chunk answered inline, no codec (made lazily).
-        self._fast = cfg.framing == "raw" and not rt.is_async
-        self._codec: Codec | None = None if self._fast else make_codec(cfg.framing, cfg.max_message)
+        # A sync handler: whole requests answered by the fast path (raw framing: each chunk
+        # inline, no codec, made lazily; line and length: split there, the codec holds
+        # what a chunk left unfinished, and the connection is fast while it holds none).
+        self._kind = FAST_KINDS.get(cfg.framing, -1)
+        self._fast = self._kind >= 0 and not rt.is_async
+        raw_fast = self._fast and self._kind == KIND_RAW
+        self._codec: Codec | None = None if raw_fast else make_codec(cfg.framing, cfg.max_message)
         self._high = cfg.write_high_water
         self._low = cfg.write_low_water
         self._out: list[bytes] | None = None
@@ -82,19 +101,31 @@ class FastStream(QueuedConn):
     # -- events ------------------------------------------------------------------------
 
     def fast_spec(self) -> tuple[FastStream, Any, Context, int, int] | None:
-        """What the fast path needs to answer this connection's plain requests itself."""
-        return (self, self._handler, self.ctx, self._max, KIND_RAW) if self._fast else None
+        """What the fast path needs to answer this connection's plain requests itself:
+        None while its codec holds part of a request (the next bytes continue it)."""
+        if not self._fast or (self._codec is not None and self._codec.buffered):
+            return None
+        return (self, self._handler, self.ctx, self._max, self._kind)
+
+    def _sync_fast(self) -> None:
+        """After the codec took input: fast again once it holds nothing, else not."""
+        if self._fast and self.fd >= 0 and self._events == _IN:
+            self.hub.set_fast(self.fd, self.fast_spec())
 
     def on_fast_result(self, tag: int, value: Any) -> None:
         """Finish what the fast path began (the outcomes of the contract in ``fastio``)."""
         if tag == REPLY:
             self._send(value)
         elif tag == PARTIAL:
-            self._hold(value)
+            if self._out:  # framed replies gathered after Python began writing
+                self._write(value)
+            else:
+                self._hold(value)
         elif tag == RAISED:
             handler_raised(self, value)
         elif tag == DATA:
-            self._received(value)
+            if not self.closing:  # what a chunk left: the codec continues from there
+                self._received(value)
         elif tag == EOF:
             self._on_eof()
         elif tag == ERRNO:
@@ -127,7 +158,7 @@ class FastStream(QueuedConn):
         if not data:
             self._on_eof()
             return
-        if self._fast:
+        if self._fast and self._kind == KIND_RAW:
             tag, value = answer(self, self._handler, self.ctx, self._max, data)
             if tag != DATA:
                 if tag:
@@ -139,6 +170,8 @@ class FastStream(QueuedConn):
             self._drain_codec()
         except ProtocolError as exc:
             self._protocol_error(exc)
+            return
+        self._sync_fast()
 
     def _get_codec(self) -> Codec:
         if self._codec is None:

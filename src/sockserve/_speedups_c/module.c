@@ -17,12 +17,13 @@
  *   without releasing the GIL around a call that cannot block, without parsing
  *   arguments by format string, and reading into one buffer instead of allocating
  *   64 KiB per read and shrinking it.
- * - poll_fast: one epoll_wait, and the plain raw requests it finds answered here.
+ * - poll_fast: one epoll_wait, and the plain requests it finds answered here (raw,
+ *   line and length framing: a chunk's whole messages, their replies in one send).
  *
  * The units of this one extension module (this folder; speedups.h is what they
  * share): module.c, the module, its state and method table; args.c, the argument
  * checks; datagram_recv.c and datagram_send.c, the batches; stream.c, recv/send;
- * poll.c, poll_fast.
+ * poll.c, poll_fast; framed.c, its line and length framing.
  *
  * Arguments are ints (int or a subclass), never objects with __index__: converting
  * those runs Python code, in the middle of a batch.

@@ -1,13 +1,13 @@
 /* sockserve._speedups: poll_fast, the epoll hub's fast path. One epoll_wait; the
- * plain raw requests it finds are answered here (serve_fast), everything else goes
- * back to Python as a tagged outcome (the outcomes: fastio.py; the Python twin of
- * serve_fast: _engine/fastpath.py). */
+ * plain requests it finds are answered here (serve_fast; line and length framing in
+ * framed.c), everything else goes back to Python as a tagged outcome (the outcomes:
+ * fastio.py; the Python twin of serve_fast: _engine/fastpath.py). */
 #include "speedups.h"
 
 #include <errno.h>
 
 /* The exception being raised, taken (the 3.12+ API where there is one). */
-static PyObject *
+HIDDEN PyObject *
 take_exception(void)
 {
 #if PY_VERSION_HEX >= 0x030C0000
@@ -25,35 +25,40 @@ take_exception(void)
 #endif
 }
 
-/* Check one spec, (member, handler, ctx, max_message, kind); 0 with *max set, or -1. */
+/* Check one spec, (member, handler, ctx, max_message, kind); 0 with *max and *kind set,
+ * or -1. */
 static int
-check_spec(PyObject *spec, Py_ssize_t *max)
+check_spec(PyObject *spec, Py_ssize_t *max, int *kind)
 {
     if (!PyTuple_Check(spec) || PyTuple_GET_SIZE(spec) != 5) {
         PyErr_SetString(PyExc_TypeError,
                         "poll_fast: a spec is (member, handler, ctx, max_message, kind)");
         return -1;
     }
-    long long value, kind;
+    long long value, which;
     if (int_arg(PyTuple_GET_ITEM(spec, 3), 0, PY_SSIZE_T_MAX, "poll_fast: max_message",
                 PyExc_ValueError, &value) < 0 ||
-        int_arg(PyTuple_GET_ITEM(spec, 4), KIND_RAW, KIND_RAW, "poll_fast: kind",
-                PyExc_ValueError, &kind) < 0) {
+        int_arg(PyTuple_GET_ITEM(spec, 4), KIND_RAW, KIND_LENGTH, "poll_fast: kind",
+                PyExc_ValueError, &which) < 0) {
         return -1;
     }
     *max = (Py_ssize_t)value;
+    *kind = (int)which;
     return 0;
 }
 
-/* Serve one readable fast connection (raw framing): recv, call the handler, send its
- * reply. Returns the outcome tag, with *value a new reference (NULL for OUT_DONE and
- * OUT_EOF), or -1 with an exception that stops the batch. */
+/* Serve one readable fast connection: recv; raw framing here (call the handler, send
+ * its reply), line and length framing in framed.c. Returns the outcome tag, with *value
+ * a new reference (NULL for OUT_DONE and OUT_EOF); OUT_DONE too when serve_framed added
+ * its own items; or -1 with an exception that stops the batch. */
 static int
-serve_fast(state_t *st, int fd, PyObject *key, PyObject *spec, PyObject *fast, PyObject **value)
+serve_fast(state_t *st, int fd, PyObject *key, PyObject *spec, PyObject *fast, PyObject **value,
+           PyObject *items)
 {
     *value = NULL;
     Py_ssize_t max;
-    if (check_spec(spec, &max) < 0) {
+    int kind;
+    if (check_spec(spec, &max, &kind) < 0) {
         return -1;
     }
     ssize_t got;
@@ -69,6 +74,11 @@ serve_fast(state_t *st, int fd, PyObject *key, PyObject *spec, PyObject *fast, P
     }
     if (got == 0) {
         return OUT_EOF;
+    }
+    if (kind != KIND_RAW) {
+        return serve_framed(st, fd, key, spec, fast, (Py_ssize_t)got, kind, max, items) < 0
+                   ? -1
+                   : OUT_DONE;
     }
     PyObject *data = PyBytes_FromStringAndSize(st->stream_buf, got);
     if (data == NULL) {
@@ -140,7 +150,7 @@ serve_fast(state_t *st, int fd, PyObject *key, PyObject *spec, PyObject *fast, P
 }
 
 /* Append (fd, tag, value, member) to rest; steals value. */
-static int
+HIDDEN int
 add_item(PyObject *rest, int fd, int tag, PyObject *value, PyObject *member)
 {
     PyObject *item = Py_BuildValue("(iiNO)", fd, tag, value != NULL ? value : Py_NewRef(Py_None),
@@ -221,7 +231,7 @@ poll_fast(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
             if (spec != NULL) {
                 Py_INCREF(spec); /* the handler may run code that unregisters it */
                 PyObject *value;
-                int tag = serve_fast(st, fd, key, spec, fast, &value);
+                int tag = serve_fast(st, fd, key, spec, fast, &value, rest);
                 Py_DECREF(key);
                 int rc = tag <= OUT_DONE
                              ? tag

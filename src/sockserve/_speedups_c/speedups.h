@@ -38,8 +38,8 @@ enum {
     OUT_REPLY = 6,
     OUT_PARTIAL = 7,
 };
-/* Framing kinds a spec may name; only raw is served here so far. */
-enum { KIND_RAW = 0 };
+/* Framing kinds a spec may name (fastio.py's KIND_*). */
+enum { KIND_RAW = 0, KIND_LINE = 1, KIND_LENGTH = 2 };
 
 /* The module state: module.c allocates and frees it, the units use it. */
 typedef struct {
@@ -87,6 +87,13 @@ HIDDEN int int_arg(PyObject *obj, long long lo, long long hi, const char *what, 
 HIDDEN int fd_args(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want,
                    const char *signature, int *fd);
 HIDDEN int require_udp(int fd, const char *who);
+
+/* poll.c: what the fast path's units share. */
+HIDDEN PyObject *take_exception(void);
+HIDDEN int add_item(PyObject *rest, int fd, int tag, PyObject *value, PyObject *member);
+/* framed.c: line and length framing on the fast path. */
+HIDDEN int serve_framed(state_t *st, int fd, PyObject *key, PyObject *spec, PyObject *fast,
+                        Py_ssize_t got, int kind, Py_ssize_t max, PyObject *items);
 
 /* The functions of the module, for its method table in module.c. */
 HIDDEN PyObject *recv_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
