@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
 
 from ..errors import ProtocolError
@@ -18,7 +19,8 @@ from .contracts import ConnOwner, Poller
 from .epoll import _ERR, _IN, _IN_OR_ERR, _OUT
 from .fastio import DATA, EOF, ERRNO, KIND_RAW, PARTIAL, RAISED, REPLY, stream_recv, stream_send
 from .fastpath import answer, handler_raised
-from .requests import PAUSE_WRITE, QueuedConn, RequestQueue
+from .requests import PAUSE_WRITE, RequestQueue
+from .stream import QueuedConn
 
 #: Bytes read per recv: a whole 64 KiB message in one call, like uvloop's read size.
 READ_SIZE = 65536
@@ -43,6 +45,7 @@ class FastStream(QueuedConn):
         "_out",
         "_out_size",
         "active",
+        "calls",
         "closing",
         "ctx",
         "eof",
@@ -63,8 +66,10 @@ class FastStream(QueuedConn):
         self.ctx = Context(peer, rt.endpoint)
         self._handler = rt.handler
         self._max = cfg.max_message
-        # raw framing with a sync handler: each chunk answered inline, no codec (made lazily).
-        self._fast = cfg.framing == "raw" and not rt.is_async
+        #: How the handler is called; while it runs inline (calls.inline), raw framing
+        #: answers each chunk at once, without a codec (made lazily, when it moves).
+        self.calls = calls = rt.calls
+        self._fast = cfg.framing == "raw" and not calls.is_async
         self._codec: Codec | None = None if self._fast else make_codec(cfg.framing, cfg.max_message)
         self._high = cfg.write_high_water
         self._low = cfg.write_low_water
@@ -75,7 +80,7 @@ class FastStream(QueuedConn):
         self.closing = False
         self.active = True
         self.idle_since = 0.0
-        self.requests = RequestQueue(self, rt, self.ctx)
+        self.requests = RequestQueue(self, rt, self.ctx, hub)
         hub.add(self.fd, self, _IN)
         rt.opened(self)
 
@@ -83,7 +88,9 @@ class FastStream(QueuedConn):
 
     def fast_spec(self) -> tuple[FastStream, Any, Context, int, int] | None:
         """What the fast path needs to answer this connection's plain requests itself."""
-        return (self, self._handler, self.ctx, self._max, KIND_RAW) if self._fast else None
+        if self._fast and self.calls.fast_ok:
+            return (self, self._handler, self.ctx, self._max, KIND_RAW)
+        return None
 
     def on_fast_result(self, tag: int, value: Any) -> None:
         """Finish what the fast path began (the outcomes of the contract in ``fastio``)."""
@@ -127,8 +134,12 @@ class FastStream(QueuedConn):
         if not data:
             self._on_eof()
             return
-        if self._fast:
+        calls = self.calls
+        if self._fast and calls.inline:
+            started = time.perf_counter() if calls.auto else 0.0
             tag, value = answer(self, self._handler, self.ctx, self._max, data)
+            if started:
+                calls.took(started)
             if tag != DATA:
                 if tag:
                     self.on_fast_result(tag, value)
