@@ -44,13 +44,11 @@ PAUSE_QUEUE = 2
 PAUSE_DRAIN = 4
 
 
-#: A ``def`` handler call that holds the loop longer than this moves the handler to the
-#: threads. Why 25 ms: every other client of the process waits that long, 100x a loopback
-#: request's latency, yet it is well above what handlers that compute rather than wait
-#: take (a dict lookup, a few KB of JSON: under 1 ms) and above most GC pauses.
+#: A ``def`` handler call that holds the loop longer than this moves it to the threads: every
+#: other client waited that long (100x a loopback request), well above what handlers that
+#: compute rather than wait take (a lookup, a few KB of JSON: < 1 ms) and most GC pauses.
 BLOCKING_AFTER = 0.025
-#: A handler suspected in a slow poll shared with other handlers (the C fast path cannot
-#: say whose call it was) runs this many timed calls in Python before it is trusted again.
+#: Timed calls a handler suspected in a shared slow poll makes in Python before it is trusted.
 PROBE_CALLS = 32
 
 
@@ -136,15 +134,12 @@ class HandlerCalls:
         for hub in self._hubs:
             hub.refresh_fast()
 
-    def in_thread(self, loop: asyncio.AbstractEventLoop, msg: bytes, ctx: Context) -> Any:
-        """The handler's reply to ``msg``, computed in a thread: a future of ``loop``."""
-        return self._pool.run(loop, self.handler, msg, ctx)
-
     def call(self, loop: asyncio.AbstractEventLoop, msg: bytes, ctx: Context) -> Awaitable[Any]:
-        """The reply to ``msg`` of a handler that does not run inline, as an awaitable."""
+        """The reply to ``msg`` of a handler that does not run inline: its coroutine, or
+        a future of ``loop`` computed in a thread."""
         if self.is_async:
             return cast(Awaitable[Any], self.handler(msg, ctx))
-        return cast(Awaitable[Any], self.in_thread(loop, msg, ctx))
+        return cast(Awaitable[Any], self._pool.run(loop, self.handler, msg, ctx))
 
 
 if sys.version_info >= (3, 12):
