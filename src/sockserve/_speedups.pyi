@@ -1,4 +1,4 @@
-"""Types of the optional C helper (``_speedups.c``); its contract: ``sockserve._engine.fastio``."""
+"""Types of the optional C helper (C sources: ``_speedups_c/``); its contract: ``sockserve._engine.fastio``."""
 
 from typing import Any
 

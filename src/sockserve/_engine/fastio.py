@@ -4,11 +4,11 @@ helper ``sockserve._speedups`` where it was built, else its pure-Python twins.
 Why: on loopback the system calls cost more than everything sockserve does in
 Python, so what is left to save is the work around them. The helper batches UDP
 with ``recvmmsg``/``sendmmsg``, makes stream ``recv``/``send`` cheaper and answers
-plain raw requests inside its epoll poll (see ``_speedups.c``). It is optional: it
+plain raw requests inside its epoll poll (see ``_speedups_c/``). It is optional: it
 needs a compiler at install time, and Linux; ``SOCKSERVE_PURE_PYTHON=1`` turns it
 off, to compare or to rule it out (``0`` or empty: on).
 
-THE CONTRACT (the one place it is written; ``_speedups.c`` and ``fastpath.py`` point
+THE CONTRACT (the one place it is written; ``_speedups_c/`` and ``fastpath.py`` point
 here, and ``tests/unit/test_fastpath_fuzz.py`` holds both sides to it)
 ----------------------------------------------------------------------------------
 
