@@ -1,0 +1,268 @@
+"""Issue 12 items 1-2: how a handler is called.
+
+A ``def`` handler runs inline until one call is seen to block the loop (then, logged
+once, in the handler threads); ``blocking``/``nonblocking`` (decorators, or the
+``--blocking``/``--nonblocking`` settings) force the choice. While a handler is stuck in a
+thread, other clients are answered, replies on one connection keep their order, and
+SIGTERM's drain timeout still ends the process. Async handlers leave the hub free to
+sleep (no busy-poll held while their tasks run).
+
+The stuck handlers wait on a ``threading.Event`` the test sets (no timing assertions):
+"answered while it is still blocked" means the other reply came back before the event
+was set. Each case runs on the epoll engine (the C fast path or its twin), on asyncio
+transports (``engine="asyncio"``, the TLS path) and over UDP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from faultkit import LogTap
+from support import ServerProcess, addr_of, wait_for
+
+import sockserve
+from sockserve.server import ServerThread
+
+#: A call this long is seen to block (the threshold is 25 ms), on any machine.
+SLOW = 0.08
+TIMEOUT = 10.0
+MOVED = "blocked the event loop"
+
+#: (scheme, settings) of each way a request reaches the handler.
+PATHS = {
+    "epoll": ("tcp", {}),
+    "asyncio": ("tcp", {"engine": "asyncio"}),
+    "udp": ("udp", {}),
+}
+
+
+class Gate:
+    """A handler that blocks on ``b"block"`` until released, naps on ``b"slow"``, and
+    answers everything else at once; it records the thread each call ran in."""
+
+    def __init__(self) -> None:
+        self.__name__ = "gated"  # the service's name, in the log line
+        self.release = threading.Event()
+        self.entered = threading.Event()
+        self.threads: list[str] = []
+
+    def __call__(self, request: bytes, ctx: sockserve.Context) -> bytes:
+        self.threads.append(threading.current_thread().name)
+        if request == b"block":
+            self.entered.set()
+            self.release.wait(TIMEOUT)
+        elif request == b"slow":
+            time.sleep(SLOW)
+        return request.upper()
+
+
+@pytest.fixture
+def gate() -> Iterator[Gate]:
+    g = Gate()
+    yield g
+    g.release.set()  # never leave a handler thread waiting after a failed test
+
+
+@pytest.fixture(params=sorted(PATHS))
+def path(request: pytest.FixtureRequest) -> tuple[str, dict[str, Any]]:
+    return PATHS[request.param]
+
+
+def _serve(
+    handler: Callable[..., Any], path: tuple[str, dict[str, Any]], **settings: Any
+) -> ServerThread:
+    scheme, extra = path
+    return ServerThread(handler, f"{scheme}://127.0.0.1:0", **extra, **settings)
+
+
+def _ask(url: str, request: bytes) -> bytes:
+    with sockserve.connect(url, timeout=TIMEOUT) as c:
+        reply = c.request(request)
+    assert reply is not None
+    return reply
+
+
+def _block_in_background(url: str, results: list[bytes]) -> threading.Thread:
+    t = threading.Thread(target=lambda: results.append(_ask(url, b"block")), daemon=True)
+    t.start()
+    return t
+
+
+def test_a_handler_seen_to_block_moves_to_the_threads_and_others_are_answered(
+    gate: Gate, path: tuple[str, dict[str, Any]], server_logs: LogTap
+) -> None:
+    with _serve(gate, path) as srv:
+        url = srv.url(path[0])
+        assert _ask(url, b"fast") == b"FAST"
+        assert server_logs.count(MOVED) == 0
+        assert _ask(url, b"slow") == b"SLOW"  # seen to block: moved from now on
+        server_logs.wait_for(MOVED)
+        blocked: list[bytes] = []
+        t = _block_in_background(url, blocked)
+        assert gate.entered.wait(TIMEOUT)
+        assert _ask(url, b"other") == b"OTHER"  # while the handler is still blocked
+        assert not gate.release.is_set() and not blocked
+        gate.release.set()
+        t.join(TIMEOUT)
+        assert blocked == [b"BLOCK"]
+        assert _ask(url, b"slow") == b"SLOW"
+    # Said once, naming the handler; the calls after it ran in the handler threads.
+    lines = [m for m in server_logs.messages() if MOVED in m]
+    assert len(lines) == 1 and lines[0].startswith("handler gated blocked"), lines
+    assert gate.threads[0] == gate.threads[1]  # inline, in the loop's thread
+    assert all(name.startswith("sockserve-handler-") for name in gate.threads[2:]), gate.threads
+
+
+@pytest.mark.parametrize("how", ["decorator", "setting"])
+def test_forced_blocking_goes_straight_to_the_threads(
+    gate: Gate, path: tuple[str, dict[str, Any]], how: str, server_logs: LogTap
+) -> None:
+    handler: Any = gate
+    settings: dict[str, Any] = {}
+    if how == "decorator":
+
+        def handler(request: bytes, ctx: sockserve.Context) -> bytes:
+            return gate(request, ctx)
+
+        handler = sockserve.blocking(handler)
+    else:
+        settings["blocking"] = True
+    with _serve(handler, path, **settings) as srv:
+        url = srv.url(path[0])
+        blocked: list[bytes] = []
+        t = _block_in_background(url, blocked)  # the very first request
+        assert gate.entered.wait(TIMEOUT)
+        assert _ask(url, b"other") == b"OTHER"
+        assert not blocked
+        gate.release.set()
+        t.join(TIMEOUT)
+        assert blocked == [b"BLOCK"]
+    assert all(name.startswith("sockserve-handler-") for name in gate.threads), gate.threads
+    assert server_logs.count(MOVED) == 0  # nothing was moved: it started there
+
+
+@pytest.mark.parametrize("how", ["decorator", "setting"])
+def test_nonblocking_is_never_moved(
+    gate: Gate, path: tuple[str, dict[str, Any]], how: str, server_logs: LogTap
+) -> None:
+    handler: Any = gate
+    settings: dict[str, Any] = {}
+    if how == "decorator":
+
+        def handler(request: bytes, ctx: sockserve.Context) -> bytes:
+            return gate(request, ctx)
+
+        handler = sockserve.nonblocking(handler)
+    else:
+        settings["nonblocking"] = True
+    with _serve(handler, path, **settings) as srv:
+        url = srv.url(path[0])
+        for _ in range(3):
+            assert _ask(url, b"slow") == b"SLOW"
+    assert len(set(gate.threads)) == 1 and not gate.threads[0].startswith("sockserve-handler")
+    assert server_logs.count(MOVED) == 0
+
+
+@pytest.mark.parametrize("engine", ["auto", "asyncio"])
+def test_replies_keep_their_order_on_one_connection(engine: str) -> None:
+    """Pipelined requests to a handler in the threads, the early ones slower than the
+    later: each connection's replies still come back in request order."""
+    naps = {b"0": 0.05, b"1": 0.03, b"2": 0.0, b"3": 0.02, b"4": 0.0}
+
+    @sockserve.blocking
+    def napper(request: bytes, ctx: sockserve.Context) -> bytes:
+        time.sleep(naps.get(request[:1], 0.0))
+        return b"re " + request
+
+    with ServerThread(napper, "tcp://127.0.0.1:0", framing="line", engine=engine) as srv:
+        requests = [str(i % 5).encode() + b"-" + str(i).encode() for i in range(20)]
+        with socket.create_connection(addr_of(srv.url("tcp")), timeout=TIMEOUT) as s:
+            s.sendall(b"".join(r + b"\n" for r in requests))
+            want = b"".join(b"re " + r + b"\n" for r in requests)
+            got = b""
+            while len(got) < len(want):
+                chunk = s.recv(65536)
+                assert chunk, got
+                got += chunk
+    assert got == want
+
+
+def test_marking_an_async_handler_or_a_bound_method_is_refused() -> None:
+    async def coro(request: bytes, ctx: sockserve.Context) -> bytes:
+        return request
+
+    with pytest.raises(sockserve.ServiceError, match="async def"):
+        sockserve.blocking(coro)
+    with pytest.raises(sockserve.ServiceError, match="cannot mark"):
+        sockserve.nonblocking(Gate().__call__)
+    with pytest.raises(sockserve.ConfigError, match="choose one"):
+        sockserve.ServerConfig(blocking=True, nonblocking=True)
+
+
+@pytest.mark.parametrize("scheme", ["tcp", "udp"])
+def test_async_handlers_leave_no_pending_task_on_the_hub(scheme: str) -> None:
+    """The hub does not busy-poll while its members' tasks run: the count of those must
+    come back to 0 (a leak would turn the busy-poll off for good), also for a handler
+    that suspends and one that raises."""
+
+    async def handler(request: bytes, ctx: sockserve.Context) -> bytes:
+        if request == b"nap":
+            await asyncio.sleep(0.001)
+        if request == b"raise":
+            raise ValueError("asked to")
+        return request
+
+    with ServerThread(handler, f"{scheme}://127.0.0.1:0") as srv:
+        url = srv.url(scheme)
+        for request in (b"now", b"nap", b"now", b"nap"):
+            assert _ask(url, request) == request
+        if scheme == "tcp":
+            with sockserve.connect(url, timeout=TIMEOUT) as c, pytest.raises(sockserve.ClientError):
+                c.request(b"raise")
+        hub = srv.server.hub
+        assert hub is not None
+        wait_for(lambda: hub.pending == 0, TIMEOUT, "the hub's pending tasks to end")
+
+
+def stuck(request: bytes, ctx: sockserve.Context) -> bytes:
+    """The handler of the SIGTERM test (run by ``sockserve serve`` as a module:attr)."""
+    import sys
+
+    print("stuck handler entered", file=sys.stderr, flush=True)
+    time.sleep(60)
+    return request
+
+
+def test_sigterm_exits_by_the_drain_timeout_with_a_handler_stuck_in_a_thread() -> None:
+    """The handler threads are daemons: one stuck in time.sleep(60) cannot keep the
+    process alive once the drain timeout has passed, and the loop (free all along)
+    finishes the graceful stop itself, without the watchdog."""
+    drain = 1.0
+    with (
+        ServerProcess(
+            "server.test_handler_dispatch:stuck",
+            "--listen",
+            "tcp://127.0.0.1:0",
+            "--blocking",
+            "--drain-timeout",
+            str(drain),
+        ) as srv,
+        socket.create_connection(addr_of(srv.endpoints[0]), timeout=5) as s,
+    ):
+        s.sendall(b"hello")
+        srv.wait_line("stuck handler entered")
+        sent = time.monotonic()
+        srv.signal(signal.SIGTERM)
+        rc, log = srv.wait(20)
+        took = time.monotonic() - sent
+    assert rc == 0, log
+    assert "drain timeout" in log
+    assert "a handler blocks the event loop" not in log  # the loop was free: no watchdog
+    assert drain <= took < drain + 5.0, (took, log)
