@@ -190,6 +190,14 @@ def handler_mode(handler: object) -> bool | None:
     return mode if isinstance(mode, bool) else None
 
 
+def keep_mode(wrapper: H, handler: object) -> H:
+    """``wrapper`` (of ``handler``: tracing, metrics) marked as ``handler`` is."""
+    mode = handler_mode(handler)
+    if mode is not None:
+        setattr(wrapper, MODE_ATTR, mode)
+    return wrapper
+
+
 def check_handler(handler: object, name: str) -> None:
     """Refuse at start a handler that cannot be called as ``handler(request, ctx)``.
 
@@ -268,10 +276,7 @@ def _traced_handler(handler: Handler | None) -> Handler | None:
         trace(ctx.local, ctx.peer, "reply to", reply)
         return reply
 
-    mode = handler_mode(handler)
-    if mode is not None:
-        setattr(traced_sync, MODE_ATTR, mode)  # traced, it blocks (or not) as before
-    return traced_sync
+    return keep_mode(traced_sync, handler)  # traced, it blocks (or not) as before
 
 
 class _TracedConnection:

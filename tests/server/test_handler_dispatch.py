@@ -28,7 +28,7 @@ from faultkit import LogTap
 from support import ServerProcess, addr_of, wait_for
 
 import sockserve
-from sockserve.server import ServerThread
+from sockserve.server import Server, ServerThread, make_binding
 
 #: A call this long is seen to block (the threshold is 25 ms), on any machine.
 SLOW = 0.08
@@ -266,3 +266,45 @@ def test_sigterm_exits_by_the_drain_timeout_with_a_handler_stuck_in_a_thread() -
     assert "drain timeout" in log
     assert "a handler blocks the event loop" not in log  # the loop was free: no watchdog
     assert drain <= took < drain + 5.0, (took, log)
+
+
+def _roundtrip(sock: socket.socket, request: bytes) -> bytes:
+    """One raw request on an open connection (its reply comes in one read: a few bytes)."""
+    sock.sendall(request)
+    return sock.recv(65536)
+
+
+def test_a_slow_poll_shared_by_two_handlers_moves_only_the_one_that_blocked(
+    server_logs: LogTap,
+) -> None:
+    """The fast path calls the handlers of several connections in one poll and cannot say
+    whose call blocked: both handlers are then timed alone, in Python, and only the one
+    seen to block there moves (its second slow call); the other stays inline and is put
+    back on the fast path once it has shown it is quick."""
+    quick, slow = Gate(), Gate()
+    quick.__name__, slow.__name__ = "quick", "slowpoke"
+    server = Server(
+        make_binding(quick, ["tcp://127.0.0.1:0"]), make_binding(slow, ["tcp://127.0.0.1:0"])
+    )
+    with ServerThread(server) as srv:
+        quick_addr, slow_addr = (addr_of(ep) for ep in srv.endpoints)
+        with (
+            socket.create_connection(quick_addr, timeout=TIMEOUT) as q,
+            socket.create_connection(slow_addr, timeout=TIMEOUT) as s,
+        ):
+            assert _roundtrip(q, b"hi") == b"HI" and _roundtrip(s, b"hi") == b"HI"
+            hub = server.hub
+            assert hub is not None and len(hub.fast) == 2
+            assert _roundtrip(s, b"slow") == b"SLOW"  # a slow poll: two suspects
+            assert server_logs.count(MOVED) == 0 and not hub.fast  # both timed alone
+            assert _roundtrip(s, b"slow") == b"SLOW"  # timed alone: this one blocked
+            server_logs.wait_for(MOVED)
+            for _ in range(40):  # the other is trusted again after its probe
+                assert _roundtrip(q, b"hi") == b"HI"
+            assert _roundtrip(s, b"after") == b"AFTER"
+            back = lambda: [spec[1] for spec in hub.fast.values()] == [quick]  # noqa: E731
+            wait_for(back, TIMEOUT, "the quick handler back on the fast path, alone")
+    lines = [m for m in server_logs.messages() if MOVED in m]
+    assert len(lines) == 1 and lines[0].startswith("handler slowpoke blocked"), lines
+    assert all(not name.startswith("sockserve-handler") for name in quick.threads)
+    assert slow.threads[-1].startswith("sockserve-handler-")
