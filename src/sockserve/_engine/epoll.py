@@ -98,7 +98,13 @@ class Hub:
             self._note_fast(fd, member, events)
 
     def task_done(self, task: asyncio.Task[None]) -> None:
+        """A pending task ended. With the last one the replies waited for are written:
+        poll for the next requests now, busy-polling with few clients as after a batch
+        the hub answered itself (the spin it skipped while the tasks ran)."""
         self.pending -= 1
+        few = len(self.members) <= SPIN_MEMBERS
+        if not self.pending and self.busy_poll and few and not self._closed:
+            self._ready(spin_first=True)
 
     def refresh_fast(self) -> None:
         """A handler may no longer run on the fast path: ask each fast member again."""
@@ -168,14 +174,14 @@ class Hub:
     def _poll_python(self) -> PollResult:
         return poll_fast(self._ep, MAX_EVENTS, self.fast)
 
-    def _ready(self) -> None:
+    def _ready(self, spin_first: bool = False) -> None:
         poll = self._poll
         members = self.members
         clock = time.perf_counter
         spin = self.busy_poll
         end_turn = 0.0
-        idle_until = 0.0
         started = clock()
+        idle_until = started + spin if spin_first else 0.0
         while True:
             count, items, error = poll()
             if count:
