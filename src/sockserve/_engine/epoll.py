@@ -34,6 +34,7 @@ from ..logs import server_log
 from .fastio import EVENT, PollResult, c_poll_fast
 from .fastpath import poll_fast
 from .requests import BLOCKING_AFTER
+from .signals import descheduled
 
 HAVE_EPOLL = hasattr(select, "epoll")
 
@@ -120,7 +121,11 @@ class Hub:
 
     def _slow_poll(self, elapsed: float) -> None:
         """One poll held the loop ``elapsed`` s: a handler the fast path called blocked.
-        With one watched handler on it, that one; with several, each is timed alone next."""
+        With one watched handler on it, that one; with several, each is timed alone next.
+        Not when the machine ran others meanwhile (the time this thread waited for a CPU)."""
+        elapsed -= descheduled()
+        if elapsed <= BLOCKING_AFTER:
+            return
         suspects = {
             calls
             for spec in self.fast.values()

@@ -28,7 +28,7 @@ from ..errors import ProtocolError
 from ..logs import fmt_peer, service_log
 from ..service import Context, handler_mode, is_async_handler
 from .contracts import CloseReason, ConnOwner, HandlerPool, Poller, QueueHost
-from .signals import is_signal_interrupt
+from .signals import descheduled, is_signal_interrupt
 
 if TYPE_CHECKING:
     from ..framing import Codec
@@ -56,18 +56,6 @@ class HandlerCalls:
     """How one handler is called on one server: inline (watched, or marked nonblocking),
     in the threads (seen to block, or marked blocking), or as a coroutine."""
 
-    __slots__ = (
-        "_hubs",
-        "_pool",
-        "auto",
-        "fast_ok",
-        "handler",
-        "inline",
-        "is_async",
-        "name",
-        "probing",
-    )
-
     def __init__(self, handler: Any, name: str, mode: bool | None, pool: HandlerPool) -> None:
         self.handler = handler
         self.name = name
@@ -80,6 +68,7 @@ class HandlerCalls:
         self.fast_ok = self.inline
         self.probing = 0
         self._hubs: list[Poller] = []
+        descheduled()  # this thread's (the loop's) baseline
 
     @classmethod
     def of(cls, pool: HandlerPool, handler: Any, name: str, config: ServerConfig) -> HandlerCalls:
@@ -98,7 +87,7 @@ class HandlerCalls:
 
     def took(self, started: float) -> None:
         elapsed = time.perf_counter() - started
-        if elapsed > BLOCKING_AFTER:
+        if elapsed > BLOCKING_AFTER and (elapsed := elapsed - descheduled()) > BLOCKING_AFTER:
             self.seen_blocking(elapsed)
         elif self.probing:
             self.probing -= 1
@@ -188,6 +177,7 @@ class RequestQueue:
         "_hub",
         "_owner",
         "_queue",
+        "_starting",
         "_worker",
         "paused",
     )
@@ -202,6 +192,7 @@ class RequestQueue:
         self._calls = cast(HandlerCalls, owner.calls)
         #: The epoll hub this connection is served from (None: an asyncio transport).
         self._hub = hub
+        self._starting = False  # its task is being started (eagerly: it may run now)
         self._queue: deque[bytes] | None = None
         self._worker: asyncio.Task[None] | None = None
         #: Why reading is paused: PAUSE_* bits.
@@ -337,7 +328,11 @@ class RequestQueue:
             self._queue = deque()
         self._queue.append(msg)
         if self._worker is None:
-            self._worker = start_task(self._owner.loop, self._run_queue(), self._hub)
+            self._starting = True
+            try:
+                self._worker = start_task(self._owner.loop, self._run_queue(), self._hub)
+            finally:
+                self._starting = False
         if len(self._queue) >= MAX_QUEUED:
             self.pause(PAUSE_QUEUE)
 
@@ -364,6 +359,8 @@ class RequestQueue:
                 host.send_reply(reply)
         finally:
             self._worker = None
+        if self._starting:
+            return  # answered in an eager first step: the dispatching caller goes on
         if host.eof or host.closing:
             host.close()
         elif self.paused == PAUSE_DRAIN:
