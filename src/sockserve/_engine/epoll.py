@@ -219,10 +219,10 @@ class Hub:
                     end_turn = now + MAX_TURN
                 elif now > end_turn:
                     return  # let the loop run timers, tasks and accepts; level-triggered, so we come back
-                if self.pending:
-                    return  # the replies waited for are its tasks': let the loop run them
+                # No spin while its tasks run: the replies waited for are theirs, written
+                # once it returns to the loop (task_done spins when the last one ends).
                 few = count <= SPIN_BATCH and len(members) <= SPIN_MEMBERS
-                idle_until = now + spin if spin and few else 0.0
+                idle_until = now + spin if spin and few and not self.pending else 0.0
                 started = clock()
             elif not idle_until or (started := clock()) > idle_until:
                 return
