@@ -133,21 +133,22 @@ def test_a_handler_seen_to_block_moves_to_the_threads_and_others_are_answered(
     assert all(name.startswith("sockserve-handler-") for name in gate.threads[2:]), gate.threads
 
 
+def _forced(way: Way, gate: Gate, how: str, mode: str) -> ServerThread:
+    """A server of ``gate`` marked ``mode`` by the decorator of that name, or the setting."""
+    if how == "setting":
+        return way.serve(gate, **{mode: True})
+
+    def handler(request: bytes, ctx: sockserve.Context) -> bytes:
+        return gate(request, ctx)
+
+    return way.serve(getattr(sockserve, mode)(handler))
+
+
 @pytest.mark.parametrize("how", ["decorator", "setting"])
 def test_forced_blocking_goes_straight_to_the_threads(
     gate: Gate, way: Way, how: str, server_logs: LogTap
 ) -> None:
-    handler: Any = gate
-    settings: dict[str, Any] = {}
-    if how == "decorator":
-
-        def handler(request: bytes, ctx: sockserve.Context) -> bytes:
-            return gate(request, ctx)
-
-        handler = sockserve.blocking(handler)
-    else:
-        settings["blocking"] = True
-    with way.serve(handler, **settings) as srv:
+    with _forced(way, gate, how, "blocking") as srv:
         url = srv.url(way.scheme)
         blocked: list[bytes] = []
         t = _block_in_background(way, url, blocked)  # the very first request
@@ -163,17 +164,7 @@ def test_forced_blocking_goes_straight_to_the_threads(
 
 @pytest.mark.parametrize("how", ["decorator", "setting"])
 def test_nonblocking_is_never_moved(gate: Gate, way: Way, how: str, server_logs: LogTap) -> None:
-    handler: Any = gate
-    settings: dict[str, Any] = {}
-    if how == "decorator":
-
-        def handler(request: bytes, ctx: sockserve.Context) -> bytes:
-            return gate(request, ctx)
-
-        handler = sockserve.nonblocking(handler)
-    else:
-        settings["nonblocking"] = True
-    with way.serve(handler, **settings) as srv:
+    with _forced(way, gate, how, "nonblocking") as srv:
         url = srv.url(way.scheme)
         for _ in range(2):
             assert way.ask(url, b"slow") == b"SLOW"
