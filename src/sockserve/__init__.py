@@ -33,7 +33,7 @@ if TYPE_CHECKING:
         TLSFileError,
     )
     from .server import Server, ServerConfig, ServerThread
-    from .service import Context, Service, StreamSession
+    from .service import Context, Service, StreamSession, blocking, nonblocking
 
 #: Where each public name that is not an error class lives (the errors are all in
 #: sockserve.errors); importing it is put off until the name is first used.
@@ -45,6 +45,8 @@ _HOMES: dict[str, str] = {
     "Context": "sockserve.service",
     "Service": "sockserve.service",
     "StreamSession": "sockserve.service",
+    "blocking": "sockserve.service",
+    "nonblocking": "sockserve.service",
     "AsyncClient": "sockserve.client.aio",
     "aconnect": "sockserve.client.aio",
     "serve": "sockserve.api",
@@ -94,7 +96,9 @@ __all__ = [
     "StreamSession",
     "TLSFileError",
     "aconnect",
+    "blocking",
     "connect",
+    "nonblocking",
     "parse_endpoint",
     "serve",
 ]

@@ -87,6 +87,12 @@ class ServerConfig:
     #: Server-wide: after a batch of requests, keep polling this many microseconds before
     #: sleeping (0 = off).
     busy_poll_us: int = _declared("busy_poll_us")
+    #: Server-wide: threads that run blocking ``def`` handlers (started as needed).
+    handler_threads: int = _declared("handler_threads")
+    #: Run the ``def`` handler in the handler threads from the first request...
+    blocking: bool = _declared("blocking")
+    #: ...or always inline, however slow; neither: inline until seen to block the loop.
+    nonblocking: bool = _declared("nonblocking")
     proxy_protocol: bool = _declared("proxy_protocol")
     proxy_from: tuple[Network, ...] = _declared("proxy_from")
     proxy_header_timeout: float = _declared("proxy_header_timeout")
@@ -131,6 +137,10 @@ class ServerConfig:
             raise ConfigError(
                 f"busy poll must be within 0-10000 microseconds, got {self.busy_poll_us}"
             )
+        if not 1 <= self.handler_threads <= 1024:
+            raise ConfigError(f"handler threads must be within 1-1024, got {self.handler_threads}")
+        if self.blocking and self.nonblocking:
+            raise ConfigError("--blocking and --nonblocking both given; choose one")
         if self.udp_rate is not None and self.udp_rate < 0:
             raise ConfigError(f"UDP rate must be >= 0 (0 = off), got {self.udp_rate}")
         if not 0 <= self.udp_min_source_port <= 65535:

@@ -12,7 +12,7 @@ import inspect
 import warnings
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from .endpoints import Endpoint
 from .errors import ServiceError
@@ -149,6 +149,55 @@ def is_async_handler(handler: object) -> bool:
     return inspect.iscoroutinefunction(call)
 
 
+#: The attribute :func:`blocking` and :func:`nonblocking` set on a handler.
+MODE_ATTR = "__sockserve_blocking__"
+
+H = TypeVar("H", bound=Callable[..., Any])
+
+
+def blocking(handler: H) -> H:
+    """Mark a ``def`` handler as one that blocks (disk, a database driver, ``time.sleep``):
+    it runs in the server's handler threads (``--handler-threads``) from its first request,
+    instead of inline on the event loop until it is seen to block."""
+    return _marked(handler, True)
+
+
+def nonblocking(handler: H) -> H:
+    """Mark a ``def`` handler as one that never blocks: it always runs inline on the event
+    loop, even when a call is slow (a long computation better done without a thread hop)."""
+    return _marked(handler, False)
+
+
+def _marked(handler: H, value: bool) -> H:
+    if is_async_handler(handler):
+        raise ServiceError(
+            f"handler {getattr(handler, '__name__', handler)!r} is an async def: it runs on "
+            "the event loop; blocking/nonblocking mark def handlers"
+        )
+    try:
+        setattr(handler, MODE_ATTR, value)
+    except (AttributeError, TypeError):  # a bound method or a builtin takes no attributes
+        raise ServiceError(
+            f"cannot mark handler {handler!r}: mark the function itself, or use serve "
+            "--blocking/--nonblocking"
+        ) from None
+    return handler
+
+
+def handler_mode(handler: object) -> bool | None:
+    """True: marked blocking; False: marked nonblocking; None: not marked (watched)."""
+    mode = getattr(handler, MODE_ATTR, None)
+    return mode if isinstance(mode, bool) else None
+
+
+def keep_mode(wrapper: H, handler: object) -> H:
+    """``wrapper`` (of ``handler``: tracing, metrics) marked as ``handler`` is."""
+    mode = handler_mode(handler)
+    if mode is not None:
+        setattr(wrapper, MODE_ATTR, mode)
+    return wrapper
+
+
 def check_handler(handler: object, name: str) -> None:
     """Refuse at start a handler that cannot be called as ``handler(request, ctx)``.
 
@@ -227,7 +276,7 @@ def _traced_handler(handler: Handler | None) -> Handler | None:
         trace(ctx.local, ctx.peer, "reply to", reply)
         return reply
 
-    return traced_sync
+    return keep_mode(traced_sync, handler)  # traced, it blocks (or not) as before
 
 
 class _TracedConnection:

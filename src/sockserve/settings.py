@@ -293,6 +293,14 @@ SETTINGS: tuple[Setting, ...] = (
             "sleeping; a client's next request usually arrives within it (default 50; 0 = off)",
             _RUN, "server", reloadable=False, metavar="USEC", aliases=("--busy-poll",),
             combine=max),
+    # Threads start as blocking handlers need them; a handler that never blocks uses none.
+    Setting("handler_threads", INT, 32, "threads that run blocking def handlers (one seen to "
+            "block the event loop, or marked blocking) (default 32)", _RUN, "server",
+            reloadable=False, metavar="N", combine=max),
+    Setting("blocking", FLAG, False, "run this service's def handler in the handler threads "
+            "from its first request (default: inline until it is seen to block the loop)", _RUN),
+    Setting("nonblocking", FLAG, False, "always run this service's def handler inline on the "
+            "event loop, even when it is slow", _RUN),
     Setting("proxy_protocol", FLAG, False, "stream connections must start with a PROXY v1/v2 "
             "header (HAProxy send-proxy); ctx.peer and the logs show the real client, "
             "--allow/--deny apply to it", _PROXY),

@@ -47,6 +47,9 @@ SAMPLES: dict[str, tuple[list[str], Any, Any]] = {
     "reuse_port": ([], True, True),
     "engine": (["asyncio"], "asyncio", "asyncio"),
     "busy_poll_us": (["0"], 0, 0),
+    "handler_threads": (["4"], 4, 4),
+    "blocking": ([], True, True),
+    "nonblocking": ([], True, True),
     "proxy_protocol": ([], True, True),
     "proxy_from": (["127.0.0.1/32"], ["127.0.0.1/32"], (ip_network("127.0.0.1/32"),)),
     "proxy_header_timeout": (["2"], 2, 2.0),
@@ -126,7 +129,12 @@ def test_errors_name_the_option_or_key() -> None:
 
 
 def test_scope_and_reload_marks() -> None:
-    assert {s.name for s in SERVER_WIDE} == {"max_conns", "drain_timeout", "busy_poll_us"}
+    assert {s.name for s in SERVER_WIDE} == {
+        "max_conns",
+        "drain_timeout",
+        "busy_poll_us",
+        "handler_threads",
+    }
     assert not_reloadable(["backlog", "engine", "busy_poll_us", "reuse_port", "service"]) == [
         "engine",
         "busy_poll_us",

@@ -15,10 +15,13 @@ connections.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import logging
+import queue
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Protocol, cast
@@ -78,6 +81,19 @@ class Conn(Protocol):
     def abort(self) -> None: ...
 
 
+class Calls(Protocol):
+    """How a handler is called (:class:`~.requests.HandlerCalls`), as connections ask it."""
+
+    is_async: bool
+    #: A ``def`` handler run inline on the loop; ``auto``: watched (a call that blocks
+    #: moves it to the threads); ``fast_ok``: the C fast path may call it.
+    inline: bool
+    auto: bool
+    fast_ok: bool
+
+    def took(self, started: float) -> None: ...  # an inline call begun at perf_counter() ended
+
+
 class ConnOwner(Protocol):
     """What a connection reports to (the runtime of its listener), and all it may use."""
 
@@ -87,6 +103,9 @@ class ConnOwner(Protocol):
     service: Service
     handler: Any
     is_async: bool
+
+    @property
+    def calls(self) -> Calls: ...
 
     def opened(self, conn: Conn) -> None:
         """The connection is set up: counted, logged, swept for idleness."""
@@ -154,8 +173,18 @@ class Poller(Protocol):
 
     def remove(self, fd: int) -> None: ...
 
-    def set_fast(self, fd: int, spec: Any) -> None:
-        """Whether the fast path may serve ``fd`` now: its spec, or None."""
+    def set_fast(self, fd: int, spec: Any) -> None: ...  # fd's fast-path spec now, or None
+
+    #: Its members' tasks running: it does not busy-poll meanwhile.
+    pending: int
+
+    def task_done(self, task: asyncio.Task[None]) -> None: ...  # a pending task ended
+
+    def refresh_fast(self) -> None:
+        """Drop the fast-path entries of connections whose handler may not run there now."""
+
+    def rescan(self) -> None:
+        """Put connections whose handler may run on the fast path again back on it."""
 
 
 class RuntimeHost(Protocol):
@@ -180,6 +209,10 @@ class RuntimeHost(Protocol):
 
     def datagram_ports(self) -> list[int]:
         """The ports this server serves UDP on (a datagram from one may start a loop)."""
+
+    @property
+    def handler_pool(self) -> HandlerPool:
+        """The threads blocking ``def`` handlers run in, server-wide."""
 
 
 class EndpointRuntime:
@@ -257,6 +290,57 @@ class ConnectionBudget:
             return
         for runtime in list(self._runtimes):
             runtime.below_limit()
+
+
+class HandlerPool:
+    """The server's threads for blocking ``def`` handlers (``--handler-threads``).
+
+    Why not ``concurrent.futures.ThreadPoolExecutor``: its threads are joined at
+    interpreter exit, so a handler stuck in ``time.sleep(60)`` would keep the process
+    alive after the drain timeout; these are daemon threads, started only as jobs need
+    them (none while no handler blocks). ``calls``: each handler's ``HandlerCalls`` on
+    this server (one, so a handler on several endpoints is moved, and logged, once).
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.calls: dict[tuple[int, bool | None], Any] = {}
+        self._jobs: queue.SimpleQueue[tuple[Any, ...]] = queue.SimpleQueue()
+        self._idle = threading.Semaphore(0)
+        self._lock = threading.Lock()
+        self._threads = 0
+
+    def run(self, loop: asyncio.AbstractEventLoop, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` in a thread: an ``asyncio.Future`` of ``loop`` with its result."""
+        fut = loop.create_future()
+        self._jobs.put((loop, fut, fn, args))
+        if not self._idle.acquire(blocking=False):
+            with self._lock:
+                if self._threads < self.size:
+                    self._threads += 1
+                    name = f"sockserve-handler-{self._threads}"
+                    threading.Thread(target=self._work, name=name, daemon=True).start()
+        return fut
+
+    def _work(self) -> None:
+        while True:
+            loop, fut, fn, args = self._jobs.get()
+            try:
+                ok, value = True, fn(*args)
+            except BaseException as exc:  # SystemExit too: the handler's failure, on the loop
+                ok, value = False, exc
+            with contextlib.suppress(RuntimeError):  # closed: nobody waits for this reply
+                loop.call_soon_threadsafe(_settle, fut, ok, value)
+            del loop, fut, fn, args, value  # no reference to the last job while idle
+            self._idle.release()
+
+
+def _settle(fut: asyncio.Future[Any], ok: bool, value: Any) -> None:
+    if not fut.done():  # cancelled: the connection closed while the handler ran
+        if ok:
+            fut.set_result(value)
+        else:
+            fut.set_exception(value)
 
 
 #: Give freed memory back to the OS (malloc_trim) once a listener's connections fall to

@@ -9,12 +9,11 @@ import functools
 import os
 import select
 import time
-from collections.abc import Awaitable
-from typing import Any, cast
+from typing import Any
 
 from ..config import ServerConfig
 from ..logs import conn_log, fmt_peer, server_log, service_log
-from ..service import Context, Service, is_async_handler
+from ..service import Context, Service
 from .contracts import BoundSocket, EndpointRuntime, RuntimeHost, describe
 from .fastio import BATCH as DATAGRAM_BATCH
 from .fastio import SendBatch, batch_io
@@ -28,6 +27,7 @@ from .guards import (
 )
 from .guards import LOOP_BURST as LOOP_BURST
 from .guards import LOOP_RATE as LOOP_RATE
+from .requests import HandlerCalls, start_task
 
 _EPOLLIN = getattr(select, "EPOLLIN", 1)
 #: Datagrams handled per wakeup before yielding to the loop, read DATAGRAM_BATCH at a time.
@@ -87,7 +87,8 @@ class DatagramRuntime(EndpointRuntime):
         if handler is None:
             raise ValueError(f"service {service.name} has no datagram behaviour")
         self.handler: Any = handler
-        self.is_async = is_async_handler(handler)
+        self.calls = HandlerCalls.of(host.handler_pool, handler, service.name, config)
+        self.is_async = self.calls.is_async
         inet = self.endpoint.is_inet
         self.inet = inet
         guard = self.guard = UdpGuard(
@@ -190,7 +191,7 @@ class DatagramRuntime(EndpointRuntime):
 
     def _serve_batch(self, batch: list[tuple[bytes, Any]]) -> None:
         target, _, send = self._io
-        handler, is_async, local = self.handler, self.is_async, self.endpoint
+        handler, calls, local = self.handler, self.calls, self.endpoint
         # Hot loop: the common guards (source port) are checked inline; rate, access,
         # loop budget and amplification go through methods only when configured. Plain
         # bytes replies are sent together after the batch (one sendmmsg with the helper).
@@ -215,9 +216,10 @@ class DatagramRuntime(EndpointRuntime):
                     ) and not self._admit(addr):
                         continue
                 ctx = Context(addr, local)
-                if is_async:
+                if not calls.inline:  # async, or a def seen (or marked) to block
                     self._start_async(data, ctx)
                     continue
+                started = clock() if calls.auto else 0.0
                 try:
                     reply = handler(data, ctx)
                 except KeyboardInterrupt:
@@ -225,6 +227,9 @@ class DatagramRuntime(EndpointRuntime):
                 except BaseException:  # SystemExit too: this datagram's failure only
                     self._handler_failed(addr)
                     continue
+                finally:
+                    if started:
+                        calls.took(started)
                 if reply is None:
                     continue
                 if not addr:
@@ -260,7 +265,9 @@ class DatagramRuntime(EndpointRuntime):
         if held >= MAX_INFLIGHT_PER_SOURCE or len(self.inflight) >= MAX_DATAGRAM_INFLIGHT:
             self.dropped += 1
             return
-        task = self.loop.create_task(self._answer_async(data, ctx))
+        task = start_task(self.loop, self._answer_async(data, ctx), self._hub)
+        if task is None:
+            return  # started eagerly, and answered already
         by_source[source] = held + 1
         self.inflight.add(task)
         task.add_done_callback(functools.partial(self._async_done, source))
@@ -326,7 +333,7 @@ class DatagramRuntime(EndpointRuntime):
 
     async def _answer_async(self, data: bytes, ctx: Context) -> None:
         try:
-            reply = await cast(Awaitable[Any], self.handler(data, ctx))
+            reply = await self.calls.call(self.loop, data, ctx)
         except (KeyboardInterrupt, asyncio.CancelledError):
             raise
         except BaseException:  # SystemExit too: this datagram's failure only

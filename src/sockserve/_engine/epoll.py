@@ -33,6 +33,8 @@ from typing import Any, Protocol
 from ..logs import server_log
 from .fastio import EVENT, PollResult, c_poll_fast
 from .fastpath import poll_fast
+from .requests import BLOCKING_AFTER
+from .signals import descheduled
 
 HAVE_EPOLL = hasattr(select, "epoll")
 
@@ -50,6 +52,9 @@ SPIN_BATCH = 4
 SPIN_MEMBERS = 8
 #: Longest one loop callback keeps serving before yielding to timers, tasks and accepts.
 MAX_TURN = 0.002
+#: What a request of a handler that does not block may take within a slow poll: a poll
+#: that served 1,000 requests of 30 us is slow for being many, no handler blocked in it.
+FAST_CALL = 0.0005
 
 
 class Member(Protocol):
@@ -75,6 +80,11 @@ class Hub:
         #: a sync handler, only reading (nothing queued, not paused or closing), no
         #: partial request buffered (see FastStream.fast_spec).
         self.fast: dict[int, tuple[Any, Any, Any, int, int]] = {}
+        self._events: dict[int, int] = {}
+        #: Tasks its members started (async handlers, thread jobs awaited) still running:
+        #: meanwhile it does not busy-poll (the reply it would wait for is theirs, written
+        #: only once it returns to the loop).
+        self.pending = 0
         self._poll = self._poll_python if c_poll_fast is None else self._poll_c
         loop.add_reader(self._ep.fileno(), self._ready)
         self._closed = False
@@ -82,13 +92,54 @@ class Hub:
     def add(self, fd: int, member: Member, events: int) -> None:
         self._ep.register(fd, events)
         self.members[fd] = member
+        self._events[fd] = events
         self._note_fast(fd, member, events)
 
     def modify(self, fd: int, events: int) -> None:
         self._ep.modify(fd, events)
         member = self.members.get(fd)
         if member is not None:
+            self._events[fd] = events
             self._note_fast(fd, member, events)
+
+    def task_done(self, task: asyncio.Task[None]) -> None:
+        """A pending task ended. With the last one the replies waited for are written:
+        poll for the next requests now, busy-polling with few clients as after a batch
+        the hub answered itself (the spin it skipped while the tasks ran)."""
+        self.pending -= 1
+        few = len(self.members) <= SPIN_MEMBERS
+        if not self.pending and self.busy_poll and few and not self._closed:
+            self._ready(spin_first=True)
+
+    def refresh_fast(self) -> None:
+        """A handler may no longer run on the fast path: ask each fast member again."""
+        for fd, spec in list(self.fast.items()):
+            if spec[0].fast_spec() is None:
+                del self.fast[fd]
+
+    def rescan(self) -> None:
+        """A handler may run on the fast path again: ask every member that is not on it."""
+        for fd, member in list(self.members.items()):
+            if fd not in self.fast:
+                self._note_fast(fd, member, self._events.get(fd, 0))
+
+    def _slow_poll(self, elapsed: float, count: int) -> None:
+        """One poll of ``count`` events held the loop ``elapsed`` s: a handler the fast
+        path called blocked. With one watched handler on it, that one; with several, each
+        is timed alone next. Not when the machine ran others meanwhile (the time this
+        thread waited for a CPU), nor when the poll was long for the requests it served."""
+        elapsed -= descheduled() + count * FAST_CALL
+        if elapsed <= BLOCKING_AFTER:
+            return
+        suspects = {
+            calls
+            for spec in self.fast.values()
+            if (calls := getattr(spec[0], "calls", None)) is not None and calls.auto
+        }
+        if len(suspects) == 1:
+            suspects.pop().seen_blocking(elapsed)
+        for calls in suspects:
+            calls.suspect()
 
     def _note_fast(self, fd: int, member: Member, events: int) -> None:
         spec_of = getattr(member, "fast_spec", None)
@@ -107,6 +158,7 @@ class Hub:
 
     def remove(self, fd: int) -> None:
         self.fast.pop(fd, None)
+        self._events.pop(fd, None)
         if self.members.pop(fd, None) is not None and not self._closed:
             # OSError/ValueError: already closed, and the kernel dropped it from the set.
             with contextlib.suppress(OSError, ValueError):
@@ -139,16 +191,19 @@ class Hub:
     def _poll_python(self) -> PollResult:
         return poll_fast(self._ep, MAX_EVENTS, self.fast)
 
-    def _ready(self) -> None:
+    def _ready(self, spin_first: bool = False) -> None:
         poll = self._poll
         members = self.members
         clock = time.perf_counter
         spin = self.busy_poll
         end_turn = 0.0
-        idle_until = 0.0
+        started = clock()
+        idle_until = started + spin if spin_first else 0.0
         while True:
             count, items, error = poll()
             if count:
+                if clock() - started > BLOCKING_AFTER and self.fast:
+                    self._slow_poll(clock() - started, count)
                 # Requests the fast path answered in full are not in the list (see fast).
                 for fd, tag, value, owner in items:
                     member = owner if owner is not None else members.get(fd)
@@ -172,7 +227,10 @@ class Hub:
                     end_turn = now + MAX_TURN
                 elif now > end_turn:
                     return  # let the loop run timers, tasks and accepts; level-triggered, so we come back
+                # No spin while its tasks run: the replies waited for are theirs, written
+                # once it returns to the loop (task_done spins when the last one ends).
                 few = count <= SPIN_BATCH and len(members) <= SPIN_MEMBERS
-                idle_until = now + spin if spin and few else 0.0
-            elif not idle_until or clock() > idle_until:
+                idle_until = now + spin if spin and few and not self.pending else 0.0
+                started = clock()
+            elif not idle_until or (started := clock()) > idle_until:
                 return

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from typing import Any
 
 from ..errors import ProtocolError
@@ -30,7 +31,8 @@ from .fastio import (
     stream_send,
 )
 from .fastpath import answer, handler_raised
-from .requests import PAUSE_WRITE, QueuedConn, RequestQueue
+from .requests import PAUSE_WRITE, RequestQueue
+from .stream import QueuedConn
 
 #: Bytes read per recv: a whole 64 KiB message in one call, like uvloop's read size.
 READ_SIZE = 65536
@@ -58,6 +60,7 @@ class FastStream(QueuedConn):
         "_out",
         "_out_size",
         "active",
+        "calls",
         "closing",
         "ctx",
         "eof",
@@ -78,11 +81,13 @@ class FastStream(QueuedConn):
         self.ctx = Context(peer, rt.endpoint)
         self._handler = rt.handler
         self._max = cfg.max_message
-        # A sync handler: whole requests answered by the fast path (raw framing: each chunk
-        # inline, no codec, made lazily; line and length: split there, the codec holds
-        # what a chunk left unfinished, and the connection is fast while it holds none).
+        #: How the handler is called; while it runs inline (calls.inline), whole requests
+        #: are answered by the fast path (raw framing: each chunk inline, no codec, made
+        #: lazily; line and length: split there, the codec holds what a chunk left
+        #: unfinished, and the connection is fast while it holds none).
+        self.calls = calls = rt.calls
         self._kind = FAST_KINDS.get(cfg.framing, -1)
-        self._fast = self._kind >= 0 and not rt.is_async
+        self._fast = self._kind >= 0 and not calls.is_async
         raw_fast = self._fast and self._kind == KIND_RAW
         self._codec: Codec | None = None if raw_fast else make_codec(cfg.framing, cfg.max_message)
         self._high = cfg.write_high_water
@@ -94,7 +99,7 @@ class FastStream(QueuedConn):
         self.closing = False
         self.active = True
         self.idle_since = 0.0
-        self.requests = RequestQueue(self, rt, self.ctx)
+        self.requests = RequestQueue(self, rt, self.ctx, hub)
         hub.add(self.fd, self, _IN)
         rt.opened(self)
 
@@ -102,8 +107,10 @@ class FastStream(QueuedConn):
 
     def fast_spec(self) -> tuple[FastStream, Any, Context, int, int] | None:
         """What the fast path needs to answer this connection's plain requests itself:
-        None while its codec holds part of a request (the next bytes continue it)."""
-        if not self._fast or (self._codec is not None and self._codec.buffered):
+        None while its handler may not run there, or its codec holds part of a request."""
+        if not self._fast or not self.calls.fast_ok:
+            return None
+        if self._codec is not None and self._codec.buffered:
             return None
         return (self, self._handler, self.ctx, self._max, self._kind)
 
@@ -158,8 +165,12 @@ class FastStream(QueuedConn):
         if not data:
             self._on_eof()
             return
-        if self._fast and self._kind == KIND_RAW:
+        calls = self.calls
+        if self._fast and self._kind == KIND_RAW and calls.inline:
+            started = time.perf_counter() if calls.auto else 0.0
             tag, value = answer(self, self._handler, self.ctx, self._max, data)
+            if started:
+                calls.took(started)
             if tag != DATA:
                 if tag:
                     self.on_fast_result(tag, value)

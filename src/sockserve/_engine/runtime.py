@@ -19,7 +19,7 @@ from typing import Any
 from ..config import ServerConfig
 from ..errors import ConfigError
 from ..logs import conn_log, fmt_peer, server_log
-from ..service import Service, is_async_handler
+from ..service import Service
 from .contracts import (
     TRIM_PEAK,
     BoundSocket,
@@ -33,6 +33,7 @@ from .contracts import (
 from .faststream import FastStream
 from .guards import AccessControl
 from .proxywrap import ProxyHeaderProtocol, wrap_factory
+from .requests import HandlerCalls
 from .stream import AnyConn, SessionProtocol, StreamProtocol
 
 #: Connections accepted per wakeup before yielding to the loop (fairness vs. throughput).
@@ -65,7 +66,8 @@ class StreamRuntime(EndpointRuntime):
         self.budget = host.budget
         self.ssl_context = ssl_context
         self.handler: Any = service.handler
-        self.is_async = is_async_handler(service.handler)
+        self.calls = HandlerCalls.of(host.handler_pool, service.handler, service.name, config)
+        self.is_async = self.calls.is_async
         # Plain request/reply connections go on the epoll engine when the server has one.
         self.hub = (
             host.hub
@@ -75,6 +77,8 @@ class StreamRuntime(EndpointRuntime):
             and config.engine == "auto"
             else None
         )
+        if self.hub is not None:
+            self.calls.watch(self.hub)
         self.access = AccessControl(config.allow, config.deny)
         self.conns: set[Conn] = set()
         self.pending = 0  # accepted sockets whose transport is still being set up (TLS)

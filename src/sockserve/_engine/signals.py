@@ -13,7 +13,8 @@ watchdog never fires.
 
 While these handlers are installed a SIGINT never raises ``KeyboardInterrupt``, so one
 raised by handler code is the handler's own: :func:`is_signal_interrupt` tells the
-request paths whether to treat it as any other handler error.
+request paths whether to treat it as any other handler error. :func:`descheduled` tells
+them whether a slow call blocked the loop or the machine ran something else meanwhile.
 """
 
 from __future__ import annotations
@@ -60,6 +61,22 @@ def is_signal_interrupt(exc: BaseException) -> bool:
     if not isinstance(exc, KeyboardInterrupt):
         return False
     return not _owned and threading.current_thread() is threading.main_thread()
+
+
+def descheduled() -> float:
+    """Seconds this thread waited for a CPU since its last call (Linux schedstat; 0
+    elsewhere): a call that took long because the machine ran others is not blocking."""
+    try:
+        with open("/proc/thread-self/schedstat", "rb") as f:
+            waited = int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return 0.0
+    before = _WAITED.get(tid := threading.get_ident(), waited)
+    _WAITED[tid] = waited
+    return waited - before
+
+
+_WAITED: dict[int, float] = {}
 
 
 class StopSignals:

@@ -9,6 +9,7 @@ client that sends but never reads costs bounded memory.
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any, cast
 
 from ..errors import ProtocolError
@@ -18,8 +19,43 @@ from ..service import Context, StreamSession
 from .contracts import ConnOwner
 from .fastio import DATA, RAISED, REPLY
 from .fastpath import answer, handler_raised
-from .requests import PAUSE_WRITE, QueuedConn, RequestQueue
+from .requests import PAUSE_WRITE, RequestQueue
 from .signals import is_signal_interrupt
+
+
+class QueuedConn:
+    """A connection whose requests a :class:`RequestQueue` answers, as others see it: its
+    owner (``busy``, ``drain``), the fast path (``_handler_failed``, ``_drain_codec``,
+    ``_protocol_error``) and introspection (``paused``, ``queued``). Needs ``requests``.
+    """
+
+    __slots__ = ()
+    requests: RequestQueue
+
+    @property
+    def busy(self) -> bool:
+        return self.requests.busy
+
+    @property
+    def paused(self) -> bool:
+        return bool(self.requests.paused)
+
+    @property
+    def queued(self) -> int:
+        """Requests waiting for the async handler."""
+        return self.requests.queued
+
+    def drain(self) -> None:
+        self.requests.drain()
+
+    def _handler_failed(self) -> None:
+        self.requests.handler_failed()
+
+    def _drain_codec(self) -> None:
+        self.requests.drain_codec()
+
+    def _protocol_error(self, exc: ProtocolError) -> None:
+        self.requests.protocol_error(exc)
 
 
 class TransportConn(asyncio.Protocol):
@@ -59,14 +95,15 @@ class TransportConn(asyncio.Protocol):
 class StreamProtocol(TransportConn, QueuedConn):
     """One request/reply connection on an asyncio transport (TLS, PROXY, ``engine=asyncio``)."""
 
-    __slots__ = ("_codec", "_fast", "_handler", "eof", "requests")
+    __slots__ = ("_calls", "_codec", "_fast", "_handler", "eof", "requests")
 
     def __init__(self, rt: ConnOwner, peer: Any) -> None:
         super().__init__(rt, peer)
         self._handler = rt.handler
         self._codec: Codec = make_codec(rt.config.framing, rt.config.max_message)
-        # raw framing with a sync handler: each chunk is answered inline, no codec calls.
-        self._fast = rt.config.framing == "raw" and not rt.is_async
+        # raw framing with a handler that runs inline: each chunk answered, no codec calls.
+        self._calls = rt.calls
+        self._fast = rt.config.framing == "raw" and not rt.calls.is_async
         self.eof = False
         self.requests = RequestQueue(self, rt, self.ctx)
 
@@ -77,8 +114,12 @@ class StreamProtocol(TransportConn, QueuedConn):
         self.rt.opened(self)
 
     def data_received(self, data: bytes) -> None:
-        if self._fast:  # the raw fast path's answer (fastpath.py), then this transport's part
+        calls = self._calls
+        if self._fast and calls.inline:  # the raw fast path's answer, then this transport's
+            started = time.perf_counter() if calls.auto else 0.0
             tag, value = answer(self, self._handler, self.ctx, self._codec.max_message, data)
+            if started:
+                calls.took(started)
             if tag == REPLY:
                 if type(value) is bytes:
                     self._transport.write(value)  # type: ignore[union-attr]

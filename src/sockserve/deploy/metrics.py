@@ -32,7 +32,7 @@ from bisect import bisect_left
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any, cast
 
-from ..service import Context, Handler, Service, is_async_handler
+from ..service import Context, Handler, Service, is_async_handler, keep_mode
 from .scrape import MetricsServer, open_metrics_socket, parse_listen
 
 if TYPE_CHECKING:
@@ -128,7 +128,7 @@ def _metered(handler: Handler, st: Stats) -> Handler:
         record(request, reply, clock() - start)
         return reply
 
-    return metered
+    return keep_mode(metered, handler)  # metered, it blocks (or not) as before
 
 
 class MetricsState:

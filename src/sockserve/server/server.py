@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any
 
-from .._engine.contracts import ConnectionBudget
+from .._engine.contracts import ConnectionBudget, HandlerPool
 from .._engine.datagram import DatagramRuntime
 from .._engine.epoll import HAVE_EPOLL, Hub
 from .._engine.runtime import StreamRuntime
@@ -68,6 +68,8 @@ class Server:
         self.drain_timeout = 0.0
         #: Connections open server-wide and their limit, shared by every stream runtime.
         self.budget = ConnectionBudget()
+        #: Threads for blocking def handlers, server-wide (started as they are needed).
+        self.handler_pool = HandlerPool(self.config.handler_threads)
         self._update_limits()
         self.loop: asyncio.AbstractEventLoop = None  # type: ignore[assignment]
         self.streams: list[StreamRuntime] = []
