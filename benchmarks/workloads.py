@@ -98,7 +98,13 @@ PEERS_ALL = [
             Peer(
                 f"uvloop-{framing}",
                 f"uvloop Protocol, {framing} buffer",
-                (PYTHON, str(PEERS / f"uvloop_{framing}_protocol.py"), "--tcp", "{tcp}"),
+                (
+                    PYTHON,
+                    str(PEERS / f"asyncio_{framing}_protocol.py"),
+                    "--uvloop",
+                    "--tcp",
+                    "{tcp}",
+                ),
                 tuple(w.name for w in FRAMED_WORKLOADS if w.framing == framing),
             ),
         )
