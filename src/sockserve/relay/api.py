@@ -18,6 +18,7 @@ import asyncio
 import contextlib
 import json
 import threading
+from http import HTTPStatus
 from typing import Any, cast
 from urllib.parse import unquote
 
@@ -302,7 +303,9 @@ class _ApiProtocol(asyncio.Protocol):
             headers.append((b"allow", b", ".join(m.encode() for m in _allowed(self.request))))
         if status != 204:
             headers.append((b"content-length", b"%d" % len(body)))
-        out = self.conn.send(h11.Response(status_code=status, headers=headers)) or b""
+        reason = HTTPStatus(status).phrase.encode()
+        out = self.conn.send(h11.Response(status_code=status, headers=headers, reason=reason))
+        out = out or b""
         if body:
             out += self.conn.send(h11.Data(data=body)) or b""
         self.transport.write(out + (self.conn.send(h11.EndOfMessage()) or b""))

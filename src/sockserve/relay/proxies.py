@@ -24,14 +24,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from ..endpoints import Endpoint, parse_endpoint
 from ..errors import ConfigError, EndpointError, SockserveError
 from .runner import Relay
 from .target import Target, parse_target
-from .toxics import Toxic, ToxicError, ToxicSet
+from .toxics import DuplicateToxic, Toxic, ToxicError, ToxicSet
 
 
 class ApiError(SockserveError):
@@ -97,19 +97,38 @@ def format_listen(endpoint: Endpoint) -> str:
     return f"[{host}]:{endpoint.port}" if ":" in host else f"{host}:{endpoint.port}"
 
 
+#: Builds the relay of a proxy being enabled: ``(listen, target, toxics) -> Relay``.
+Remake = Callable[[Endpoint, Target, ToxicSet], Relay]
+
+
 class Proxy:
     """One named proxy: a :class:`Relay` while enabled, none while disabled; the toxics stay."""
 
-    def __init__(self, name: str, listen: str, upstream: str, settings: Mapping[str, Any]) -> None:
+    def __init__(
+        self,
+        name: str,
+        listen: str,
+        upstream: str | Target,
+        remake: Remake,
+        toxics: ToxicSet | None = None,
+    ) -> None:
+        """``upstream`` as a :class:`Target` is trusted (``exec:`` allowed): it came from
+        the command line, not from a request."""
+        if isinstance(upstream, Target):
+            self.upstream, self._target = str(upstream), upstream
+            upstream = self.upstream
         self.name = name
-        self.toxics = ToxicSet()
+        self.toxics = ToxicSet() if toxics is None else toxics
         self.move(listen, upstream)
-        self._settings = settings
+        self.remake = remake
         self.relay: Relay | None = None
 
     def check(self, listen: str, upstream: str) -> tuple[Endpoint, Target]:
         """The addresses parsed, or 400: bad, one stream and one datagram, or toxics unfit."""
-        target = parse_target_checked(upstream)
+        if upstream == getattr(self, "upstream", None):
+            target = self._target
+        else:
+            target = parse_target_checked(upstream)
         endpoint = listen_endpoint(listen)
         if endpoint.is_stream != target.is_stream:
             raise ApiError(
@@ -154,7 +173,7 @@ class Proxy:
         if self.relay is not None:
             return
         try:
-            relay = Relay(self.endpoint, self._target, toxics=self.toxics, **self._settings)
+            relay = self.remake(self.endpoint, self._target, self.toxics)
             await relay.start()
         except (OSError, SockserveError) as exc:
             raise ApiError(f"proxy {self.name!r} listen {self.listen}: {exc}", 500) from None
@@ -174,9 +193,10 @@ class Proxy:
         """Toxiproxy's ``Differs``, negated: the same upstream and the same listen address."""
         if upstream != self.upstream:
             return False
-        if listen in (self.asked, self.listen, self.endpoint.url()):
-            return True
-        return listen_endpoint(listen) == self.endpoint
+        wanted = listen_endpoint(listen)
+        if wanted.is_inet and wanted.port == 0:  # any port: Go's "127.0.0.1:0" differs too
+            return wanted == self.endpoint
+        return listen == self.asked or wanted == self.endpoint  # a hostname as first given
 
 
 def parse_target_checked(upstream: str) -> Target:
@@ -210,8 +230,12 @@ class Proxies:
 
     def __init__(self, **settings: Any) -> None:
         self._proxies: dict[str, Proxy] = {}
-        self._settings = settings
         self._lock: asyncio.Lock | None = None
+
+        def remake(listen: Endpoint, target: Target, toxics: ToxicSet) -> Relay:
+            return Relay(listen, target, toxics=toxics, **settings)
+
+        self.remake = remake
 
     def __iter__(self) -> Iterator[Proxy]:
         return iter(list(self._proxies.values()))
@@ -245,9 +269,21 @@ class Proxies:
     async def _add(self, name: str, listen: str, upstream: str, enabled: bool) -> Proxy:
         if name in self._proxies:
             raise ApiError("proxy already exists", 409)
-        proxy = Proxy(name, listen, upstream, self._settings)
+        proxy = Proxy(name, listen, upstream, self.remake)
         if enabled:
             await proxy.start()
+        self._proxies[name] = proxy
+        return proxy
+
+    def adopt(self, name: str, relay: Relay, remake: Remake | None = None) -> Proxy:
+        """A relay started elsewhere (the command line's ``LISTEN TARGET``), shown and driven
+        by the API under ``name``. ``remake`` builds its replacement when the API enables
+        or moves it (a relay runs once); by default a Relay with this registry's settings."""
+        if name in self._proxies:
+            raise ApiError("proxy already exists", 409)
+        bound = relay.endpoints[0] if relay.endpoints else relay.listen
+        proxy = Proxy(name, bound.url(), relay.target, remake or self.remake, relay.toxics)
+        proxy.relay = relay
         self._proxies[name] = proxy
         return proxy
 
@@ -324,11 +360,11 @@ class Proxies:
             raise bad_body("expected a JSON object")
         try:
             toxic = Toxic.from_json(body)
+            proxy.toxics.add(toxic)  # raises if it does not suit the proxy's transport
         except ToxicError as exc:
             raise ApiError(str(exc), 400) from None
-        if proxy.toxics.get(toxic.name) is not None:
-            raise ApiError("toxic already exists", 409)
-        proxy.toxics.add(toxic)
+        except DuplicateToxic:
+            raise ApiError("toxic already exists", 409) from None
         return toxic
 
     def get_toxic(self, name: str, toxic: str) -> Toxic:
