@@ -298,9 +298,10 @@ class DatagramRelay:
         """A new flow for ``addr``, or None (logged) past the cap or if TARGET refuses."""
         peer = fmt_peer(addr)
         if len(self.flows) >= self.max_flows:
-            log = conn_log.debug if self._full_logged else server_log.warning
-            self._full_logged = True
-            log(
+            if self._full_logged:
+                return None
+            self._full_logged = True  # once: a flood must not flood the log too
+            server_log.warning(
                 "%s: %d flows open (the cap, --max-conns): datagrams from new sources such "
                 "as %s are dropped until one ends (after %ss idle)",
                 *(self.endpoint, len(self.flows), peer, self.flow_timeout),
