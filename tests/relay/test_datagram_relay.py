@@ -8,8 +8,10 @@ import asyncio
 import concurrent.futures
 import contextlib
 import os
+import random
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -452,3 +454,114 @@ def test_relay_thread_relays_udp(echo: Callable[..., EchoTarget]) -> None:
             c.send(b"via RelayThread")
             assert c.recv(100) == b"via RelayThread"
         assert relay.stats.bytes_up == relay.stats.bytes_down == len(b"via RelayThread")
+
+
+# -- toxics, per flow and per datagram ----------------------------------------------------
+
+
+def send_paced(c: socket.socket, relay: DatagramRelay, datagrams: list[bytes]) -> None:
+    """Send in bursts the relay reads before the next (none lost in the kernel's buffer)."""
+    start = relay.counts.datagrams_up + relay.counts.dropped
+    for i in range(0, len(datagrams), 50):
+        for data in datagrams[i : i + 50]:
+            c.send(data)
+        sent = start + min(i + 50, len(datagrams))
+        wait_for(lambda: relay.counts.datagrams_up + relay.counts.dropped >= sent, what="read")
+
+
+@pytest.mark.parametrize("seed", [7, None])
+def test_drop_half_within_binomial_bounds(
+    echo: Callable[..., EchoTarget], seed: int | None
+) -> None:
+    target = echo()
+    toxics = ToxicSet([Toxic("drop", stream="upstream", attributes={"probability": 0.5})])
+    rng = random.Random(seed) if seed is not None else None
+    n = 400
+    with (
+        relaying("udp://127.0.0.1:0", target.url, toxics, rng=rng) as relay,
+        client(relay.endpoint) as c,
+    ):
+        send_paced(c, relay, [b"%d" % i for i in range(n)])
+        dropped = relay.applied.get("drop", 0)
+        wait_for(lambda: len(target.received) == n - dropped, what="the rest at the target")
+        # Binomial(400, 0.5): mean 200, sd 10; 5 sd either side (one false alarm in ~2M).
+        assert 150 <= dropped <= 250
+        assert target.received == sorted(target.received, key=int)  # order kept
+        assert relay.counts.datagrams_up == n
+    assert relay.stats.toxics["drop"] == dropped  # folded in when the flow ended
+
+
+def test_duplicate_and_reorder_end_to_end(echo: Callable[..., EchoTarget]) -> None:
+    target = echo()
+    toxics = ToxicSet(
+        [
+            Toxic("reorder", stream="upstream", attributes={"probability": 1.0, "delay": 2000}),
+            Toxic("duplicate", stream="downstream", attributes={"probability": 1.0}),
+        ]
+    )
+    with (
+        relaying("udp://127.0.0.1:0", target.url, toxics) as relay,
+        client(relay.endpoint) as c,
+    ):
+        for i in range(4):
+            c.send(b"%d" % i)
+        got = [c.recv(10) for _ in range(8)]
+        # Each datagram waits for the next and leaves after it; each reply comes twice.
+        assert target.received == [b"1", b"0", b"3", b"2"]
+        assert got == [b"1", b"1", b"0", b"0", b"3", b"3", b"2", b"2"]
+        assert nothing_comes(c)
+        assert relay.applied == {"reorder": 2, "duplicate": 4}
+
+
+def test_toxicity_is_drawn_per_flow(echo: Callable[..., EchoTarget]) -> None:
+    target = echo()
+    toxics = ToxicSet(
+        [Toxic("drop", stream="upstream", toxicity=0.5, attributes={"probability": 1.0})]
+    )
+    with relaying("udp://127.0.0.1:0", target.url, toxics, rng=random.Random(3)) as relay:
+        clients = [client(relay.endpoint) for _ in range(40)]
+        try:
+            for c in clients:
+                for _ in range(3):
+                    c.send(b"x")
+            wait_for(lambda: relay.counts.datagrams_up == 120, what="all read")
+            wait_for(lambda: len(target.received) == 120 - relay.applied.get("drop", 0))
+        finally:
+            for c in clients:
+                c.close()
+        per_flow = {p: target.peers.count(p) for p in set(target.peers)}
+        assert set(per_flow.values()) == {3}  # a flow drops all of its datagrams or none
+        assert 5 <= len(per_flow) <= 35  # Binomial(40, 0.5): ~20 flows spared
+
+
+def test_a_toxic_added_at_run_time_reaches_an_open_flow(echo: Callable[..., EchoTarget]) -> None:
+    toxics = ToxicSet()
+    with (
+        relaying("udp://127.0.0.1:0", echo().url, toxics) as relay,
+        client(relay.endpoint) as c,
+    ):
+        c.send(b"before")
+        assert c.recv(10) == b"before"
+        toxics.add(Toxic("drop", attributes={"probability": 1.0}))  # downstream
+        wait_for(lambda: all(f.down is not None for f in relay.flows.values()), what="piped")
+        c.send(b"during")
+        assert nothing_comes(c)
+        toxics.remove("drop_downstream")
+        wait_for(lambda: all(f.down.passthrough for f in relay.flows.values() if f.down))
+        c.send(b"after")
+        assert c.recv(10) == b"after"
+        assert relay.stats.connections == 1
+
+
+def test_latency_per_datagram(echo: Callable[..., EchoTarget]) -> None:
+    toxics = ToxicSet([Toxic("latency", attributes={"latency": 100})])
+    with (
+        relaying("udp://127.0.0.1:0", echo().url, toxics) as relay,
+        client(relay.endpoint) as c,
+    ):
+        for _ in range(3):
+            start = time.monotonic()
+            c.send(b"ping")
+            assert c.recv(10) == b"ping"
+            took = time.monotonic() - start
+            assert 0.1 <= took < 0.1 + 0.5, took  # behaviour, with a loaded machine's slack

@@ -35,7 +35,6 @@ import asyncio
 import contextlib
 import errno
 import functools
-import importlib
 import os
 import random
 import resource
@@ -51,6 +50,7 @@ from ..errors import ConfigError, EndpointError
 from ..logs import conn_log, fmt_peer, server_log, trace
 from ..server.listeners import Listener, adopt_socket
 from ..settings import default
+from .pipes import DatagramPipe
 from .session import RelayStats
 
 if TYPE_CHECKING:
@@ -108,8 +108,8 @@ class _Flow:
     def __init__(self, sock: socket.socket, addr: Any, now: float) -> None:
         self.sock, self.fd, self.addr, self.last = sock, sock.fileno(), addr, now
         self.refused = 0
-        self.up: Any = None  # DatagramPipe client -> target, once there are toxics
-        self.down: Any = None
+        self.up: DatagramPipe | None = None  # client -> target, once there are toxics
+        self.down: DatagramPipe | None = None
 
 
 class DatagramRelay:
@@ -347,11 +347,11 @@ class DatagramRelay:
 
     def _pipe(self, flow: _Flow) -> None:
         """Put ``flow``'s datagrams through the toxics, each direction its own pipe."""
-        pipes = importlib.import_module("sockserve.relay.pipes")
+        assert self.toxics is not None
         up = functools.partial(self._send_up, flow)
         down = functools.partial(self._send_down, flow)
-        flow.up = pipes.DatagramPipe(self.loop, self.toxics, "upstream", up, rng=self.rng)
-        flow.down = pipes.DatagramPipe(self.loop, self.toxics, "downstream", down, rng=self.rng)
+        flow.up = DatagramPipe(self.loop, self.toxics, "upstream", up, rng=self.rng)
+        flow.down = DatagramPipe(self.loop, self.toxics, "downstream", down, rng=self.rng)
 
     def _toxics_changed(self) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to change
