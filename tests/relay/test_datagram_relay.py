@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import functools
 import os
 import random
 import socket
@@ -23,7 +24,8 @@ from support import check_stamp, wait_for
 from sockserve.config import ServerConfig
 from sockserve.endpoints import Endpoint, parse_endpoint
 from sockserve.errors import ConfigError
-from sockserve.relay.flows import MAX_DATAGRAM, DatagramRelay
+from sockserve.relay.flow import MAX_DATAGRAM
+from sockserve.relay.flows import DatagramRelay
 from sockserve.relay.runner import Relay, RelayThread
 from sockserve.relay.toxics import Toxic, ToxicError, ToxicSet
 from sockserve.server import ServerThread
@@ -466,7 +468,11 @@ def send_paced(c: socket.socket, relay: DatagramRelay, datagrams: list[bytes]) -
         for data in datagrams[i : i + 50]:
             c.send(data)
         sent = start + min(i + 50, len(datagrams))
-        wait_for(lambda: relay.counts.datagrams_up + relay.counts.dropped >= sent, what="read")
+        wait_for(functools.partial(_read_at_least, relay, sent), what="the burst read")
+
+
+def _read_at_least(relay: DatagramRelay, n: int) -> bool:
+    return relay.counts.datagrams_up + relay.counts.dropped >= n
 
 
 @pytest.mark.parametrize("seed", [7, None])
