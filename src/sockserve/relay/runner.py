@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import importlib
 import threading
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from typing import Any
 
@@ -262,4 +263,52 @@ class RelayThread:
         self.stop()
 
 
-__all__ = ["ORIGIN_OPTIONS", "Relay", "RelayStats", "RelayThread"]
+def metrics_page(relays: list[Relay]) -> Callable[[], bytes]:
+    """The Prometheus page of ``relays`` (``relay --metrics``), read when scraped.
+
+    Series, labelled ``listen`` and ``target``: ``sockserve_relay_connections_total``,
+    ``sockserve_relay_open_connections``, ``sockserve_relay_bytes_total`` (``direction``
+    upstream: client to target, downstream: back), ``sockserve_relay_errors_total``
+    (``kind``: connect, client_reset, target_reset) and
+    ``sockserve_relay_toxics_applied_total`` (``type``).
+    """
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    class Collector:
+        def collect(self) -> Iterator[Any]:
+            labels = ["listen", "target"]
+            conns = CounterMetricFamily(
+                "sockserve_relay_connections", "Connections relayed", labels=labels
+            )
+            opened = GaugeMetricFamily(
+                "sockserve_relay_open_connections", "Relayed now", labels=labels
+            )
+            moved = CounterMetricFamily(
+                "sockserve_relay_bytes", "Bytes relayed", labels=[*labels, "direction"]
+            )
+            errors = CounterMetricFamily(
+                "sockserve_relay_errors", "Failures", labels=[*labels, "kind"]
+            )
+            toxics = CounterMetricFamily(
+                "sockserve_relay_toxics_applied", "Toxics applied", labels=[*labels, "type"]
+            )
+            for r in relays:
+                key = [r.endpoints[0].url() if r.endpoints else str(r.listen), str(r.target)]
+                st = r.stats
+                conns.add_metric(key, st.connections)
+                opened.add_metric(key, st.open)
+                moved.add_metric([*key, "upstream"], st.bytes_up)
+                moved.add_metric([*key, "downstream"], st.bytes_down)
+                for kind, n in sorted(st.errors.items()):
+                    errors.add_metric([*key, kind], n)
+                for kind, n in sorted(st.toxics.items()):
+                    toxics.add_metric([*key, kind], n)
+            yield from (conns, opened, moved, errors, toxics)
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(Collector())
+    return lambda: generate_latest(registry)
+
+
+__all__ = ["ORIGIN_OPTIONS", "Relay", "RelayStats", "RelayThread", "metrics_page"]
