@@ -83,6 +83,7 @@ class FarSide(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.eof = False
         self.gone = False
+        self.full = False  # our write buffer is above its high-water mark
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         t: asyncio.Transport = transport  # type: ignore[assignment]
@@ -98,9 +99,11 @@ class FarSide(asyncio.Protocol):
         return self.session.target_eof()
 
     def pause_writing(self) -> None:
+        self.full = True
         self.session.conn_pause()
 
     def resume_writing(self) -> None:
+        self.full = False
         self.session.conn_resume()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -164,6 +167,7 @@ class RelaySession(StreamSession):
             trace(self.conn.ctx.local, self.conn.ctx.peer, "relayed to target from", data)
         if not self.joined:
             self.held.append(data)
+            self._pause_client()  # again: uvloop starts reading after connection_made
         elif self.up is not None and not self.up.passthrough:
             self.up.feed(data)
         elif self.far is not None:
@@ -329,7 +333,9 @@ class RelaySession(StreamSession):
         self._pause_client()
 
     def conn_resume(self) -> None:
-        if not self.client_eof and not self.done:
+        """Read the client again (the target connected, or its buffer drained)."""
+        far = self.far
+        if not self.client_eof and not self.done and not (far is not None and far.full):
             resume = getattr(self.conn, "resume_reading", None)
             if resume is not None:
                 resume()
