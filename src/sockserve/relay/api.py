@@ -19,7 +19,7 @@ import contextlib
 import json
 import threading
 from http import HTTPStatus
-from typing import Any, cast
+from typing import Any, NamedTuple, cast
 from urllib.parse import unquote
 
 import h11
@@ -164,10 +164,6 @@ def _json(payload: Any) -> bytes:
     return json.dumps(payload, separators=(",", ":")).encode()
 
 
-def _allowed(request: h11.Request | None) -> tuple[str, ...]:
-    return _ROUTES.get(parse_path(request.target)[1], ()) if request is not None else ()
-
-
 class _ApiProtocol(asyncio.Protocol):
     """One API connection: requests parsed by h11 and answered one at a time, in order."""
 
@@ -292,7 +288,7 @@ class _ApiProtocol(asyncio.Protocol):
         assert self.transport is not None
         headers = [(b"server", SERVER_HEADER)]
         if isinstance(payload, Raw):
-            body = bytes(payload)
+            body = payload.body
             headers.append((b"content-type", payload.content_type))
         elif payload is not None:
             body = _json(payload) + (b"\n" if status >= 400 else b"")
@@ -300,7 +296,8 @@ class _ApiProtocol(asyncio.Protocol):
         else:
             body = b""
         if status == 405:
-            headers.append((b"allow", b", ".join(m.encode() for m in _allowed(self.request))))
+            allowed = _ROUTES.get(parse_path(self.request.target)[1], ()) if self.request else ()
+            headers.append((b"allow", ", ".join(allowed).encode()))
         if status != 204:
             headers.append((b"content-length", b"%d" % len(body)))
         reason = HTTPStatus(status).phrase.encode()
@@ -337,14 +334,11 @@ _ROUTES: dict[tuple[str, ...], tuple[str, ...]] = {
 }
 
 
-class Raw(bytes):
+class Raw(NamedTuple):
     """A body sent as it is, not as JSON (``/version``, the 403 of a browser)."""
 
-    content_type = b"text/plain; charset=utf-8"
-
-
-class _Version(Raw):
-    content_type = b"application/json;charset=utf-8"
+    body: bytes
+    content_type: bytes = b"text/plain; charset=utf-8"
 
 
 def parse_path(target: bytes) -> tuple[tuple[str, ...], tuple[str, ...]]:
@@ -369,7 +363,8 @@ async def route(proxies: Proxies, request: h11.Request, body: bytes) -> tuple[in
         raise ApiError(f"method {method} not allowed here: use {', '.join(allowed)}", 405)
     match parts, method:
         case ("version",), _:
-            return 200, _Version(b'{"version": "%s"}\n' % TOXIPROXY_VERSION.encode())
+            version = b'{"version": "%s"}\n' % TOXIPROXY_VERSION.encode()
+            return 200, Raw(version, b"application/json;charset=utf-8")
         case ("reset",), _:
             await proxies.reset()
             return 204, None

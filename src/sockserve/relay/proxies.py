@@ -230,7 +230,7 @@ class Proxies:
 
     def __init__(self, **settings: Any) -> None:
         self._proxies: dict[str, Proxy] = {}
-        self._lock: asyncio.Lock | None = None
+        self.lock = asyncio.Lock()  # bound to a loop only when first waited on
 
         def remake(listen: Endpoint, target: Target, toxics: ToxicSet) -> Relay:
             return Relay(listen, target, toxics=toxics, **settings)
@@ -251,12 +251,6 @@ class Proxies:
         if proxy is None:
             raise ApiError("proxy not found", 404)
         return proxy
-
-    @property
-    def lock(self) -> asyncio.Lock:
-        if self._lock is None:
-            self._lock = asyncio.Lock()
-        return self._lock
 
     def to_json(self) -> dict[str, Any]:
         return {p.name: p.to_json() for p in self}
@@ -376,9 +370,7 @@ class Proxies:
     def update_toxic(self, name: str, toxic: str, body: Any) -> Toxic:
         """``POST``/``PATCH .../toxics/{toxic}``: new attributes or toxicity, kept otherwise."""
         toxics = self.get(name).toxics
-        self.get_toxic(name, toxic)
-        if not isinstance(body, dict):
-            raise bad_body("expected a JSON object")
+        self.get_toxic(name, toxic)  # 404 before any 400, as Toxiproxy
         try:
             return toxics.update(toxic, body)
         except ToxicError as exc:
