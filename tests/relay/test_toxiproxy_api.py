@@ -7,6 +7,7 @@ proxies relay to a real timestamp server, so "it works" means bytes crossed the 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import http.client
 import json
@@ -424,3 +425,59 @@ def test_a_stalled_client_blocks_nobody_and_is_timed_out(api: ApiThread, upstrea
         assert recv_until_closed(slow) == b""  # closed, unanswered, by the read timeout
         assert time.monotonic() - started < 5
     wait_for(lambda: len(api.server.conns) == 0 if api.server else True, what="conn freed")
+
+
+def udp_reply(listen: str, message: bytes, timeout: float) -> bytes | None:
+    host, port = addr(listen.removeprefix("udp://"))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(timeout)
+        s.sendto(message, (host, port))
+        try:
+            return s.recv(4096)
+        except TimeoutError:
+            return None
+
+
+def test_udp_proxy_with_a_datagram_toxic(api: ApiThread) -> None:
+    with ServerThread("timestamp", "udp://127.0.0.1:0") as st:
+        target = st.endpoints[0].url()
+        proxy = create(api, target, "dns", listen="udp://127.0.0.1:0")
+        assert proxy["listen"].startswith("udp://127.0.0.1:") and proxy["upstream"] == target
+        reply = udp_reply(proxy["listen"], b"dgram", 10)
+        assert reply is not None
+        check_stamp(reply, b"dgram")
+        status, _, body = call(api, "POST", "/proxies/dns/toxics", {"type": "limit_data"})
+        assert status == 400 and "stream" in body["error"]
+        drop = {"type": "drop", "stream": "upstream", "attributes": {"probability": 1.0}}
+        assert call(api, "POST", "/proxies/dns/toxics", drop)[0] == 200
+        assert udp_reply(proxy["listen"], b"lost", 0.5) is None  # every datagram dropped
+        assert call(api, "POST", "/reset")[0] == 204
+        reply = udp_reply(proxy["listen"], b"back", 10)
+        assert reply is not None
+        check_stamp(reply, b"back")
+
+
+def test_an_adopted_relay_is_driven_like_the_others(api: ApiThread, upstream: str) -> None:
+    """The command line's ``LISTEN TARGET`` relay, shown to the API (``Proxies.adopt``)."""
+    from sockserve.relay import Relay
+
+    async def adopt() -> str:
+        relay = Relay("tcp://127.0.0.1:0", upstream)
+        await relay.start()
+        return api.proxies.adopt("relay", relay).listen
+
+    listen = asyncio.run_coroutine_threadsafe(adopt(), api.loop).result(10)
+    assert call(api, "GET", "/proxies")[2] == {
+        "relay": {
+            "name": "relay",
+            "listen": listen,
+            "upstream": f"tcp://{upstream}",
+            "enabled": True,
+            "toxics": [],
+        }
+    }
+    round_trip(listen)
+    assert call(api, "POST", "/proxies/relay", {"enabled": False})[0] == 200
+    assert refused(listen)
+    assert call(api, "POST", "/proxies/relay", {"enabled": True})[0] == 200  # a new Relay
+    round_trip(listen)
