@@ -462,7 +462,7 @@ def test_an_adopted_relay_is_driven_like_the_others(api: ApiThread, upstream: st
     from sockserve.relay import Relay
 
     async def adopt() -> str:
-        relay = Relay("tcp://127.0.0.1:0", upstream)
+        relay = Relay("tcp://127.0.0.1:0", upstream, max_conns=3, connect_timeout=2.5)
         await relay.start()
         return api.proxies.adopt("relay", relay).listen
 
@@ -479,5 +479,8 @@ def test_an_adopted_relay_is_driven_like_the_others(api: ApiThread, upstream: st
     round_trip(listen)
     assert call(api, "POST", "/proxies/relay", {"enabled": False})[0] == 200
     assert refused(listen)
-    assert call(api, "POST", "/proxies/relay", {"enabled": True})[0] == 200  # a new Relay
+    assert call(api, "POST", "/proxies/relay", {"enabled": True})[0] == 200
     round_trip(listen)
+    again = api.proxies.get("relay").relay  # a new Relay (one runs once), set as the first
+    assert again is not None and again.config.max_conns == 3
+    assert again.link.origin.connect_timeout == 2.5

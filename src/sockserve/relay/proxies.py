@@ -4,25 +4,22 @@ the live toxics of each, over :class:`~sockserve.relay.runner.Relay`.
 :class:`Proxies` is what the HTTP API (:mod:`.api`) drives, and a Python API of its own.
 It follows Toxiproxy 2.12's ``proxy.go``/``proxy_collection.go`` where a client can tell:
 
-- a disabled proxy has no listener and no connections (disabling closes both); enabling
-  binds again, on the port it had (``listen`` holds the real port once bound);
-- a proxy keeps its toxics across disable/enable; ``reset`` enables every proxy and
-  removes every toxic;
-- ``populate`` keeps a proxy whose listen and upstream are unchanged (toxics and
-  connections too) and replaces one that differs;
+- a disabled proxy has no listener and no connections; enabling binds the port it had
+  again; its toxics stay; ``reset`` enables every proxy and removes every toxic;
+- ``populate`` keeps a proxy whose listen and upstream are unchanged, replaces the others;
 - addresses are ``HOST:PORT`` (TCP). Beyond Toxiproxy, ``listen`` and ``upstream`` may
   be sockserve URLs (``udp://``, ``unix://``, ``tls://``...). ``exec:`` upstreams are
   refused here: the API has no authentication, and a request must not run a program.
 
-Error handling: every failure is an :class:`ApiError` carrying Toxiproxy's status and a
-message (400 bad body or address, 404 unknown name, 409 duplicate, 500 cannot bind).
-Resource handling: :meth:`Proxies.close` stops every relay. Changes are serialized by
-one lock, so two API clients never interleave a disable with an enable.
+Error handling: every failure is an :class:`ApiError` with Toxiproxy's status (400 bad
+body or address, 404 unknown name, 409 duplicate, 500 cannot bind) and a message.
+Resource handling: :meth:`Proxies.close` stops every relay; changes are serialized.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -213,6 +210,20 @@ def parse_target_checked(upstream: str) -> Target:
         raise ApiError(f"upstream {upstream!r}: {exc}", 400) from None
 
 
+def _like(relay: Relay) -> Remake:
+    """Relays as ``relay`` is: its limits, TLS, PROXY header and origin settings."""
+    link = relay.link
+    origin = dataclasses.asdict(link.origin)
+
+    def remake(listen: Endpoint, target: Target, toxics: ToxicSet) -> Relay:
+        config = relay.config
+        return Relay(
+            listen, target, toxics=toxics, config=config, send_proxy=link.send_proxy, **origin
+        )
+
+    return remake
+
+
 def _proxy_fields(body: Any, where: str = "") -> tuple[str, str, str, bool | None]:
     if not isinstance(body, dict):
         raise bad_body(f"expected a JSON object{where}")
@@ -240,12 +251,6 @@ class Proxies:
     def __iter__(self) -> Iterator[Proxy]:
         return iter(list(self._proxies.values()))
 
-    def __len__(self) -> int:
-        return len(self._proxies)
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._proxies
-
     def get(self, name: str) -> Proxy:
         proxy = self._proxies.get(name)
         if proxy is None:
@@ -272,11 +277,11 @@ class Proxies:
     def adopt(self, name: str, relay: Relay, remake: Remake | None = None) -> Proxy:
         """A relay started elsewhere (the command line's ``LISTEN TARGET``), shown and driven
         by the API under ``name``. ``remake`` builds its replacement when the API enables
-        or moves it (a relay runs once); by default a Relay with this registry's settings."""
+        or moves it (a relay runs once); by default one with that relay's own settings."""
         if name in self._proxies:
             raise ApiError("proxy already exists", 409)
         bound = relay.endpoints[0] if relay.endpoints else relay.listen
-        proxy = Proxy(name, bound.url(), relay.target, remake or self.remake, relay.toxics)
+        proxy = Proxy(name, bound.url(), relay.target, remake or _like(relay), relay.toxics)
         proxy.relay = relay
         self._proxies[name] = proxy
         return proxy
