@@ -167,6 +167,8 @@ class RelaySession(StreamSession):
 
     def _far(self) -> FarSide:
         self.far = FarSide(self)
+        if self.link.toxics is not None:
+            self._pipes(self.link.toxics)  # now: the target may send before _open resumes
         return self.far
 
     def _joined(self) -> None:
@@ -176,8 +178,6 @@ class RelaySession(StreamSession):
         link = self.link
         if link.send_proxy:
             far.write(self._proxy_header())
-        if link.toxics is not None:
-            self._pipes(link.toxics)
         self.joined = True
         held, self.held = self.held, []
         for chunk in held:
