@@ -200,3 +200,16 @@ def test_api_beside_a_command_line_relay_shows_it_as_proxy_relay(serve: Serve) -
             assert time.perf_counter() - started >= 0.045
         code, log = proc.stop()
     assert code == 0, log
+
+
+def test_udp_relay_command(serve: Serve) -> None:
+    srv = serve("echo", "udp://127.0.0.1:0")
+    argv = [*SOCKSERVE, "relay", "udp://127.0.0.1:0", srv.url("udp")]
+    with ServerProcess(argv=argv, graceful=True) as proc:
+        host, port = proc.endpoints[0][6:].rsplit(":", 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.settimeout(10)
+            u.sendto(b"datagram", (host, int(port)))
+            assert u.recv(100) == b"datagram"
+        code, log = proc.stop()
+    assert code == 0, log
