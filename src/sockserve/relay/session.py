@@ -33,9 +33,8 @@ from typing import Any, ClassVar
 from ..framing.proxy import encode_v1, encode_v2
 from ..logs import fmt_peer, trace
 from ..service import StreamConnection, StreamSession
-from .exec import ExecChild, spawn
 from .pipes import StreamPipe
-from .target import FarSide, Link, RelayStats, connect
+from .target import ExecChild, FarSide, Link, RelayStats, connect, spawn
 from .toxics import ToxicSet
 
 relay_log = logging.getLogger("sockserve.relay")
