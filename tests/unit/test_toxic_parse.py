@@ -140,10 +140,10 @@ def test_command_line_stream_argument() -> None:
     [
         ("", "type", "invalid toxic type ''"),
         ("lateny=100", "type", "invalid toxic type 'lateny'"),
-        ("latency=fast", "latency", "must be a number, not 'fast'"),
+        ("latency=fast", "attributes.latency", "must be a number, not 'fast'"),
         ("latency=100,jitter", "jitter", "KEY=VALUE"),
         ("latency=100,latency=5", "latency", "twice"),
-        ("latency=100,rate=5", "rate", "no attribute 'rate'"),
+        ("latency=100,rate=5", "attributes.rate", "no attribute 'rate'"),
         ("latency=-1", "attributes.latency", "negative"),
         ("latency=1,toxicity=7", "toxicity", "between 0 and 1"),
         ("latency=1,stream=both", "stream", "upstream or downstream"),
