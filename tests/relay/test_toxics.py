@@ -377,6 +377,22 @@ def test_latency_on_datagrams_and_overflow() -> None:
     run_datagrams(ToxicSet([parse_toxic("latency=80,stream=upstream")]), body)
 
 
+def test_bandwidth_on_datagrams_never_cuts_one_and_passes_empty_ones() -> None:
+    async def body(pipe: DatagramPipe, received: Callable[[], list[bytes]]) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for size in (3000, 0, 3000):
+            pipe.feed(bytes(size))
+        got: list[bytes] = []
+        while len(got) < 3:
+            got += received()
+            await asyncio.sleep(0.005)
+        assert [len(d) for d in got] == [3000, 0, 3000]
+        assert loop.time() - t0 >= 0.06  # 6000 bytes at 100 KB/s
+
+    run_datagrams(ToxicSet([parse_toxic("bandwidth=100,stream=upstream")]), body)
+
+
 def test_stream_toxics_are_refused_on_a_datagram_relay_and_ignored_by_its_pipe() -> None:
     with pytest.raises(ToxicError, match="slicer applies only to stream relays"):
         ToxicSet([parse_toxic("slicer=10")], transport="datagram")
