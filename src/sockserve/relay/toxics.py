@@ -194,7 +194,7 @@ class Toxic:
         return cls(
             type=body["type"],
             name=body.get("name") or "",
-            stream=body.get("stream") or "downstream",
+            stream="downstream" if body.get("stream") is None else body["stream"],
             toxicity=1.0 if body.get("toxicity") is None else body["toxicity"],
             attributes={} if attributes is None else attributes,
         )
