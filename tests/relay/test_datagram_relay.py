@@ -92,7 +92,8 @@ def relaying(
 class EchoTarget:
     """A textbook datagram echo server in a thread: each datagram back to its sender."""
 
-    def __init__(self, family: int, addr: Any) -> None:
+    def __init__(self, family: int, addr: Any, reply: bool = True) -> None:
+        self.reply = reply
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock.bind(addr)
         self.sock.settimeout(0.05)
@@ -120,7 +121,7 @@ class EchoTarget:
                 return
             self.peers.append(peer)
             self.received.append(data)
-            if peer:
+            if peer and self.reply:
                 with contextlib.suppress(OSError):
                     self.sock.sendto(data, peer)
 
@@ -134,8 +135,10 @@ class EchoTarget:
 def echo() -> Iterator[Callable[..., EchoTarget]]:
     made: list[EchoTarget] = []
 
-    def make(family: int = socket.AF_INET, addr: Any = ("127.0.0.1", 0)) -> EchoTarget:
-        made.append(EchoTarget(family, addr))
+    def make(
+        family: int = socket.AF_INET, addr: Any = ("127.0.0.1", 0), reply: bool = True
+    ) -> EchoTarget:
+        made.append(EchoTarget(family, addr, reply))
         return made[-1]
 
     yield make
@@ -289,13 +292,26 @@ def test_idle_timeout_setting_is_the_flow_timeout(echo: Callable[..., EchoTarget
 
 
 def test_traffic_either_way_keeps_a_flow(echo: Callable[..., EchoTarget]) -> None:
+    quiet = echo(reply=False)  # the client talks, the target never answers
     with (
-        relaying("udp://127.0.0.1:0", echo().url, flow_timeout=0.4) as relay,
+        relaying("udp://127.0.0.1:0", quiet.url, flow_timeout=0.4) as relay,
         client(relay.endpoint) as c,
     ):
         for _ in range(8):  # 8 x 0.1 s: twice the timeout, never idle that long
             c.send(b"x")
-            assert c.recv(10) == b"x"
+            assert nothing_comes(c, 0.1)
+        assert relay.stats.connections == 1
+        assert len(quiet.received) == 8
+    pusher = echo(reply=False)  # the target talks, the client only listens
+    with (
+        relaying("udp://127.0.0.1:0", pusher.url, flow_timeout=0.4) as relay,
+        client(relay.endpoint) as c,
+    ):
+        c.send(b"subscribe")
+        wait_for(lambda: len(pusher.peers) == 1, what="the flow at the target")
+        for i in range(8):
+            pusher.sock.sendto(b"%d" % i, pusher.peers[0])
+            assert c.recv(10) == b"%d" % i
             assert nothing_comes(c, 0.1)
         assert relay.stats.connections == 1
 
