@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import pytest
 from strict import needs_ipv6
-from support import check_stamp, wait_for
+from support import SOCKSERVE, ServerProcess, check_stamp, run_cli, wait_for
 
 from sockserve.config import ServerConfig
 from sockserve.endpoints import Endpoint, parse_endpoint
@@ -587,3 +587,42 @@ def test_latency_per_datagram(echo: Callable[..., EchoTarget]) -> None:
             assert c.recv(10) == b"ping"
             took = time.monotonic() - start
             assert 0.1 <= took < 0.1 + 0.5, took  # behaviour, with a loaded machine's slack
+
+
+def test_relay_thread_unixgram_listen_removes_its_file(
+    echo: Callable[..., EchoTarget], sock_dir: Path
+) -> None:
+    path = sock_dir / "relay.sock"
+    with RelayThread(f"unixgram://{path}", echo().url) as relay:
+        with client(relay.endpoints[0]) as c:
+            c.send(b"ping")
+            assert c.recv(10) == b"ping"
+        assert path.exists()
+    assert not path.exists()
+
+
+def test_cli_relays_udp_and_expires_flows_by_idle_timeout(echo: Callable[..., EchoTarget]) -> None:
+    target = echo()
+    argv = [*SOCKSERVE, "relay", "udp://127.0.0.1:0", target.url, "--idle-timeout", "0.3"]
+    with ServerProcess(argv=argv, ready=0) as proc:
+        url = proc.wait_log(r"relaying (udp://\S+) ->")[0].group(1)
+        with client(parse_endpoint(url)) as c:
+            c.send(b"through the CLI")
+            assert c.recv(100) == b"through the CLI"
+        proc.wait_line("closed: idle for 0.3s")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["udp://127.0.0.1:0", "tcp://127.0.0.1:9"], "datagram endpoint but TARGET"),
+        (["unixgram:///tmp/ss-nowhere.sock", "exec:cat"], "datagram endpoint but TARGET"),
+        (["udp://127.0.0.1:0", "udp://127.0.0.1:9", "--toxic", "slicer=10"], "only to stream"),
+    ],
+)
+def test_cli_refuses_what_a_datagram_relay_cannot_do(args: list[str], says: str) -> None:
+    done = run_cli("relay", *args)
+    err = done.stderr.decode()
+    assert done.returncode == 2
+    assert says in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
