@@ -376,6 +376,29 @@ def test_unixgram_target_absent_drops_until_it_binds(
         assert c.recv(10) == b"late"
 
 
+def test_unixgram_target_restarted_is_reached_again(
+    echo: Callable[..., EchoTarget], sock_dir: Path
+) -> None:
+    path = sock_dir / "target.sock"
+    first = echo(socket.AF_UNIX, str(path))
+    with relaying("udp://127.0.0.1:0", f"unixgram://{path}") as relay, client(relay.endpoint) as c:
+        c.send(b"one")
+        assert c.recv(10) == b"one"
+        first.close()
+        path.unlink()
+        second = echo(socket.AF_UNIX, str(path))  # a new socket at the same path
+        c.settimeout(0.2)
+        for _ in range(25):  # the flow, connected to the old socket, finds the new one
+            c.send(b"two")
+            with contextlib.suppress(TimeoutError):
+                if c.recv(10) == b"two":
+                    break
+        else:
+            raise AssertionError("the flow never reached the restarted target")
+        assert b"two" in second.received
+        assert relay.stats.connections == 1
+
+
 # -- guards and floods -------------------------------------------------------------------
 
 

@@ -224,6 +224,9 @@ class DatagramRelay:
                 return
             except ConnectionRefusedError:
                 self._refused(flow)
+                if self._family == socket.AF_UNIX:  # its socket went: find the path's new one
+                    with contextlib.suppress(OSError):
+                        flow.sock.connect(self._target_addr)
             except OSError as exc:
                 if exc.errno not in _FULL and not isinstance(exc, InterruptedError):
                     self._failed(flow, "send", exc)
