@@ -169,6 +169,21 @@ def nothing_comes(s: socket.socket, wait: float = 0.3) -> bool:
     return False
 
 
+def answered(c: socket.socket, data: bytes, tries: int = 50) -> bool:
+    """Send ``data`` until it comes back (UDP may lose a try), skipping other replies."""
+    c.settimeout(0.2)
+    try:
+        for _ in range(tries):
+            c.send(data)
+            with contextlib.suppress(TimeoutError):
+                while c.recv(MAX_DATAGRAM) != data:
+                    pass
+                return True
+    finally:
+        c.settimeout(TIMEOUT)
+    return False
+
+
 def listen_url(kind: str, sock_dir: Path, name: str = "relay.sock") -> str:
     return f"unixgram://{sock_dir / name}" if kind == "unixgram" else "udp://127.0.0.1:0"
 
@@ -387,14 +402,8 @@ def test_unixgram_target_restarted_is_reached_again(
         first.close()
         path.unlink()
         second = echo(socket.AF_UNIX, str(path))  # a new socket at the same path
-        c.settimeout(0.2)
-        for _ in range(25):  # the flow, connected to the old socket, finds the new one
-            c.send(b"two")
-            with contextlib.suppress(TimeoutError):
-                if c.recv(10) == b"two":
-                    break
-        else:
-            raise AssertionError("the flow never reached the restarted target")
+        # The flow, connected to the old socket, finds the new one.
+        assert answered(c, b"two"), "the flow never reached the restarted target"
         assert b"two" in second.received
         assert relay.stats.connections == 1
 
@@ -441,14 +450,7 @@ def test_garbage_flood_from_many_sources_is_bounded(echo: Callable[..., EchoTarg
                     s.send(os.urandom(512))
             # The regular client is still served (its marker, sent until it gets
             # through, queues behind what is left of the flood).
-            regular.settimeout(0.2)
-            for _ in range(50):
-                regular.send(b"still here")
-                with contextlib.suppress(TimeoutError):
-                    if regular.recv(100) == b"still here":
-                        break
-            else:
-                raise AssertionError("the regular client's flow stopped working")
+            assert answered(regular, b"still here"), "the regular client's flow stopped working"
             assert len(relay.flows) == relay.stats.open == 20
             assert relay.stats.connections == 20
             assert relay.counts.dropped > 0  # the refused sources' (those read)
