@@ -8,6 +8,7 @@ import asyncio
 import concurrent.futures
 import contextlib
 import functools
+import logging
 import os
 import random
 import socket
@@ -383,9 +384,12 @@ def test_unixgram_target_absent_drops_until_it_binds(
 ) -> None:
     path = sock_dir / "later.sock"
     with relaying("udp://127.0.0.1:0", f"unixgram://{path}") as relay, client(relay.endpoint) as c:
-        c.send(b"early")
-        wait_for(lambda: relay.counts.refused == 1, what="the refusal counted")
-        server_logs.wait_for("cannot reach")
+        for _ in range(3):
+            c.send(b"early")
+        wait_for(lambda: relay.counts.refused == 3, what="the refusals counted")
+        server_logs.wait_for("cannot reach", count=3)
+        infos = [r for r in server_logs.records if r.levelno >= logging.INFO]
+        assert sum("cannot reach" in r.getMessage() for r in infos) == 1  # then debug
         echo(socket.AF_UNIX, str(path))
         c.send(b"late")
         assert c.recv(10) == b"late"
@@ -406,6 +410,21 @@ def test_unixgram_target_restarted_is_reached_again(
         assert answered(c, b"two"), "the flow never reached the restarted target"
         assert b"two" in second.received
         assert relay.stats.connections == 1
+
+
+def test_target_that_is_the_relay_itself_is_refused(sock_dir: Path) -> None:
+    lt = LoopThread()
+    try:
+        for url in ("udp://127.0.0.1:0", f"unixgram://{sock_dir / 'self.sock'}"):
+            lst = open_listener(parse_endpoint(url), backlog=1)
+            try:
+                relay = DatagramRelay(lt.loop, lst, lst.endpoint)
+                with pytest.raises(ConfigError, match="own LISTEN"):
+                    lt.run(relay.start)
+            finally:
+                close_listener(lst)
+    finally:
+        lt.close()
 
 
 # -- guards and floods -------------------------------------------------------------------

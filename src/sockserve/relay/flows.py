@@ -121,7 +121,7 @@ class DatagramRelay:
         self._reading = False
         self._timers: list[asyncio.TimerHandle] = []
         self._unwatch: Any = None
-        self._full_logged = False
+        self._full_logged = self._down_logged = False
         self._family: int = socket.AF_UNIX
         self._target_addr: Any = ep.address()
 
@@ -131,6 +131,8 @@ class DatagramRelay:
         """Resolve TARGET (EndpointError naming it if it cannot be) and start reading."""
         if self.target.is_inet:
             self._family, self._target_addr = resolve(self.target)
+        if self._target_addr == self._sock.getsockname():
+            raise ConfigError(f"TARGET {self.target} is this relay's own LISTEN (a loop)")
         if self._udp:
             self.guard.serving([self.endpoint.port])  # our own port is never a client's
         if self.toxics is not None:
@@ -246,10 +248,14 @@ class DatagramRelay:
             refused = isinstance(exc, (ConnectionRefusedError, FileNotFoundError))
             self.counts.refused += refused
             self.stats.error("target_refused" if refused else "flow_open")
+            # Logged at info until a flow opens again: every datagram of a flood tries.
+            log = conn_log.debug if self._down_logged else conn_log.info
+            self._down_logged = True
             why = "flow from %s: cannot reach %s: %s"
-            self._log(conn_log.info, "connect_failed", peer, why, (peer, self.target, exc))
+            self._log(log, "connect_failed", peer, why, (peer, self.target, exc))
             return None
         self.flows[addr] = flow
+        self._down_logged = False
         if self.toxics is not None and len(self.toxics):
             self._pipe(flow)
         self.loop.add_reader(flow.fd, self._flow_readable, flow)
