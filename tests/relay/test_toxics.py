@@ -4,10 +4,11 @@ and from another thread), backpressure, and the datagram toxics on real loopback
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import socket
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 
 import pytest
 
@@ -36,12 +37,40 @@ class SocketSink:
         self.sock.close()
 
 
-async def tcp_pair() -> tuple[socket.socket, socket.socket]:
+def nothing() -> None:
+    pass
+
+
+@contextlib.asynccontextmanager
+async def piped(
+    toxics: ToxicSet,
+    seed: int | None = 1,
+    *,
+    pause: Callable[[], None] = nothing,
+    resume: Callable[[], None] = nothing,
+    high_water: int = 256 * 1024,
+) -> AsyncIterator[tuple[StreamPipe, socket.socket]]:
+    """A StreamPipe writing into a fresh loopback TCP pair: the pipe and the reading end."""
     with socket.create_server(("127.0.0.1", 0)) as listener:
         far = socket.create_connection(listener.getsockname(), timeout=5)
         near, _ = listener.accept()
     near.setblocking(False)
-    return far, near
+    pipe = StreamPipe(
+        asyncio.get_running_loop(),
+        toxics,
+        "downstream",
+        SocketSink(far),
+        pause=pause,
+        resume=resume,
+        rng=None if seed is None else random.Random(seed),
+        high_water=high_water,
+    )
+    try:
+        yield pipe, near
+    finally:
+        pipe.close()
+        far.close()
+        near.close()
 
 
 async def read_until(near: socket.socket, n: int, timeout: float = 3) -> tuple[float, bytes]:
@@ -55,31 +84,6 @@ async def read_until(near: socket.socket, n: int, timeout: float = 3) -> tuple[f
     return loop.time(), got
 
 
-def nothing() -> None:
-    pass
-
-
-def stream_pipe(
-    toxics: ToxicSet,
-    far: socket.socket,
-    seed: int | None = 1,
-    *,
-    pause: Callable[[], None] = nothing,
-    resume: Callable[[], None] = nothing,
-    high_water: int = 256 * 1024,
-) -> StreamPipe:
-    return StreamPipe(
-        asyncio.get_running_loop(),
-        toxics,
-        "downstream",
-        SocketSink(far),
-        pause=pause,
-        resume=resume,
-        rng=None if seed is None else random.Random(seed),
-        high_water=high_water,
-    )
-
-
 def test_toxicity_is_drawn_once_per_connection() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -87,32 +91,33 @@ def test_toxicity_is_drawn_once_per_connection() -> None:
         always = ToxicSet([parse_toxic("latency=10000,toxicity=1")])
         half = ToxicSet([parse_toxic("latency=10000,toxicity=0.5")])
         sink = SocketSink(socket.socket())
+
+        def pipes(toxics: ToxicSet, seeds: list[int | None]) -> list[StreamPipe]:
+            return [
+                StreamPipe(
+                    loop,
+                    toxics,
+                    "downstream",
+                    sink,
+                    pause=nothing,
+                    resume=nothing,
+                    rng=None if s is None else random.Random(s),
+                )
+                for s in seeds
+            ]
+
         try:
-            for toxics, seeds in ((never, range(50)), (always, range(50))):
-                pipes = [
-                    StreamPipe(
-                        loop,
-                        toxics,
-                        "downstream",
-                        sink,
-                        pause=nothing,
-                        resume=nothing,
-                        rng=random.Random(s),
-                    )
-                    for s in seeds
-                ]
-                assert {p.passthrough for p in pipes} == {toxics is never}
-                for p in pipes:
+            for toxics in (never, always):
+                made = pipes(toxics, list(range(50)))
+                assert {p.passthrough for p in made} == {toxics is never}
+                for p in made:
                     p.close()
             # unseeded, 400 connections: binomial(400, 0.5) is 200 ± 10; 5 sigma bounds
-            pipes = [
-                StreamPipe(loop, half, "downstream", sink, pause=nothing, resume=nothing)
-                for _ in range(400)
-            ]
-            applied = sum(not p.passthrough for p in pipes)
+            made = pipes(half, [None] * 400)
+            applied = sum(not p.passthrough for p in made)
             assert 150 <= applied <= 250, applied
-            assert sum(p.applied.get("latency", 0) for p in pipes) == applied
-            for p in pipes:
+            assert sum(p.applied.get("latency", 0) for p in made) == applied
+            for p in made:
                 p.close()
         finally:
             sink.sock.close()
@@ -124,16 +129,12 @@ def test_toxicity_zero_never_delays_and_one_always_does() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for toxicity, slow in ((0.0, False), (1.0, True)):
-            far, near = await tcp_pair()
             toxics = ToxicSet([Toxic("latency", toxicity=toxicity, attributes={"latency": 150})])
-            pipe = stream_pipe(toxics, far, seed=None)
-            t0 = loop.time()
-            pipe.feed(b"ping")
-            t1, got = await read_until(near, 4)
-            assert got == b"ping" and (t1 - t0 >= 0.15) is slow
-            pipe.close()
-            far.close()
-            near.close()
+            async with piped(toxics, seed=None) as (pipe, near):
+                t0 = loop.time()
+                pipe.feed(b"ping")
+                t1, got = await read_until(near, 4)
+                assert got == b"ping" and (t1 - t0 >= 0.15) is slow
 
     asyncio.run(main())
 
@@ -141,10 +142,8 @@ def test_toxicity_zero_never_delays_and_one_always_does() -> None:
 def test_live_add_update_remove_reach_an_open_pipe() -> None:
     async def main() -> None:
         loop = asyncio.get_running_loop()
-        far, near = await tcp_pair()
         toxics = ToxicSet()
-        pipe = stream_pipe(toxics, far)
-        try:
+        async with piped(toxics) as (pipe, near):
             assert pipe.passthrough
             toxics.add(parse_toxic("latency=100"))
             assert not pipe.passthrough
@@ -167,20 +166,14 @@ def test_live_add_update_remove_reach_an_open_pipe() -> None:
             pipe.feed(b"e")
             t1, got = await read_until(near, 3)
             assert got == b"cde" and t1 - t0 < 0.1
-        finally:
-            pipe.close()
-            far.close()
-            near.close()
 
     asyncio.run(main())
 
 
 def test_a_change_from_another_thread_reaches_the_pipe_on_its_loop() -> None:
     async def main() -> None:
-        far, near = await tcp_pair()
         toxics = ToxicSet([parse_toxic("timeout=0")])
-        pipe = stream_pipe(toxics, far)
-        try:
+        async with piped(toxics) as (pipe, near):
             pipe.feed(b"held")
             await asyncio.sleep(0.05)
             remover = threading.Thread(target=toxics.remove, args=("timeout_downstream",))
@@ -190,27 +183,16 @@ def test_a_change_from_another_thread_reaches_the_pipe_on_its_loop() -> None:
             assert got == b"held" and pipe.passthrough
             assert isinstance(pipe.sink, SocketSink)
             assert pipe.sink.threads == {threading.get_ident()}  # written on the loop's thread
-        finally:
-            pipe.close()
-            far.close()
-            near.close()
 
     asyncio.run(main())
 
 
 def test_held_bytes_pause_the_source_and_resume_it() -> None:
     async def main() -> None:
-        far, near = await tcp_pair()
         toxics = ToxicSet([parse_toxic("timeout=0")])
         events: list[str] = []
-        pipe = stream_pipe(
-            toxics,
-            far,
-            high_water=1000,
-            pause=lambda: events.append("pause"),
-            resume=lambda: events.append("resume"),
-        )
-        try:
+        pause, resume = (lambda: events.append("pause")), (lambda: events.append("resume"))
+        async with piped(toxics, high_water=1000, pause=pause, resume=resume) as (pipe, near):
             pipe.feed(b"x" * 600)
             assert events == []
             pipe.feed(b"x" * 600)
@@ -220,34 +202,20 @@ def test_held_bytes_pause_the_source_and_resume_it() -> None:
             assert events == ["pause", "resume"]
             _, got = await read_until(near, 1800)
             assert got == b"x" * 1800
-        finally:
-            pipe.close()
-            far.close()
-            near.close()
 
     asyncio.run(main())
 
 
 def test_bandwidth_backpressure_resumes_as_bytes_leave() -> None:
     async def main() -> None:
-        far, near = await tcp_pair()
+        toxics = ToxicSet([parse_toxic("bandwidth=100")])
         events: list[str] = []
-        pipe = stream_pipe(
-            ToxicSet([parse_toxic("bandwidth=100")]),
-            far,
-            high_water=8000,
-            pause=lambda: events.append("pause"),
-            resume=lambda: events.append("resume"),
-        )
-        try:
+        pause, resume = (lambda: events.append("pause")), (lambda: events.append("resume"))
+        async with piped(toxics, high_water=8000, pause=pause, resume=resume) as (pipe, near):
             pipe.feed(bytes(10_000))
             assert events == ["pause"]
             _, got = await read_until(near, 10_000)  # 100 ms at 100 KB/s
             assert got == bytes(10_000) and events == ["pause", "resume"] and pipe.held == 0
-        finally:
-            pipe.close()
-            far.close()
-            near.close()
 
     asyncio.run(main())
 
@@ -309,6 +277,15 @@ def feed_all(pipe: DatagramPipe, received: Callable[[], list[bytes]], n: int) ->
     return got + received()
 
 
+async def arrivals(received: Callable[[], list[bytes]], n: int) -> list[bytes]:
+    """Wait (at most the test's timeout) until ``n`` datagrams have come."""
+    got: list[bytes] = []
+    while len(got) < n:
+        await asyncio.sleep(0.005)
+        got += received()
+    return got
+
+
 @pytest.mark.parametrize("seed", [5, None], ids=["seeded", "unseeded"])
 def test_drop_half_within_binomial_bounds(seed: int | None) -> None:
     async def body(pipe: DatagramPipe, received: Callable[[], list[bytes]]) -> None:
@@ -356,9 +333,7 @@ def test_reorder_swaps_with_the_next_datagram_or_gives_up() -> None:
         pipe.feed(b"late")
         t0 = loop.time()
         assert received() == []
-        while not (got := received()):
-            await asyncio.sleep(0.005)
-        assert got == [b"late"] and loop.time() - t0 >= 0.05
+        assert await arrivals(received, 1) == [b"late"] and loop.time() - t0 >= 0.05
 
     run_datagrams(ToxicSet([parse_toxic("reorder=1,delay=50,stream=upstream")]), body)
 
@@ -370,9 +345,7 @@ def test_latency_on_datagrams_and_overflow() -> None:
         pipe.feed(b"slow")
         pipe.feed(bytes(300 * 1024))  # more than the pipe holds: dropped, counted
         assert pipe.overflow == 1 and received() == []
-        while not (got := received()):
-            await asyncio.sleep(0.005)
-        assert got == [b"slow"] and loop.time() - t0 >= 0.08
+        assert await arrivals(received, 1) == [b"slow"] and loop.time() - t0 >= 0.08
 
     run_datagrams(ToxicSet([parse_toxic("latency=80,stream=upstream")]), body)
 
@@ -383,11 +356,7 @@ def test_bandwidth_on_datagrams_never_cuts_one_and_passes_empty_ones() -> None:
         t0 = loop.time()
         for size in (3000, 0, 3000):
             pipe.feed(bytes(size))
-        got: list[bytes] = []
-        while len(got) < 3:
-            got += received()
-            await asyncio.sleep(0.005)
-        assert [len(d) for d in got] == [3000, 0, 3000]
+        assert [len(d) for d in await arrivals(received, 3)] == [3000, 0, 3000]
         assert loop.time() - t0 >= 0.06  # 6000 bytes at 100 KB/s
 
     run_datagrams(ToxicSet([parse_toxic("bandwidth=100,stream=upstream")]), body)

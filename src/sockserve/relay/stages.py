@@ -209,38 +209,19 @@ class SlowClose(Timed):
         return [(self.after(now + extra), item)]
 
 
-class Timeout(Stage):
-    """Holds everything; ``timeout`` ms after it last got something (or after it began), it
-    closes the connection; 0 holds until the toxic goes."""
+class Holding(Stage):
+    """A stage that holds what it gets until its toxic goes or it ends the connection."""
 
     def __init__(self, chain: Chain, toxic: Toxic) -> None:
         super().__init__(chain, toxic)
         self.held: list[Item] = []
 
-    def activate(self) -> None:
-        if self.attr("timeout"):
-            self.at(self.chain.loop.time() + self.attr("timeout") / 1000, self._expire)
-
-    def _expire(self) -> None:
-        self.timer = None
+    def end(self, signal: Signal) -> None:
+        """Drop what is held and send ``signal`` (CLOSE or RESET) on."""
+        self.cancel()
         self.chain.discard(self.held)
         self.held = []
-        self.emit(Signal.CLOSE)
-
-    def push(self, item: Item) -> None:
-        if item is Signal.CLOSE or item is Signal.RESET:
-            self.cancel()
-            self.chain.discard(self.held)
-            self.held = []
-            self.emit(item)
-            return
-        self.held.append(item)
-        self.activate()
-
-    def configure(self, toxic: Toxic) -> None:
-        self.toxic = toxic
-        self.cancel()
-        self.activate()
+        self.emit(signal)
 
     def drain(self) -> list[Item]:
         self.cancel()
@@ -248,38 +229,44 @@ class Timeout(Stage):
         return held
 
 
-class ResetPeer(Stage):
+class Timeout(Holding):
+    """Holds everything; ``timeout`` ms after it last got something (or after it began), it
+    closes the connection; 0 holds until the toxic goes."""
+
+    def activate(self) -> None:
+        if self.attr("timeout"):
+            when = self.chain.loop.time() + self.attr("timeout") / 1000
+            self.at(when, lambda: self.end(Signal.CLOSE))
+
+    def push(self, item: Item) -> None:
+        if item is Signal.CLOSE or item is Signal.RESET:
+            self.end(item)
+        else:
+            self.held.append(item)
+            self.activate()
+
+    def configure(self, toxic: Toxic) -> None:
+        self.toxic = toxic
+        self.cancel()
+        self.activate()
+
+
+class ResetPeer(Holding):
     """``timeout`` ms after the first thing it gets, resets the connection; it lets nothing by."""
 
-    def __init__(self, chain: Chain, toxic: Toxic) -> None:
-        super().__init__(chain, toxic)
-        self.held: list[Item] = []
-        self.started = 0.0
+    started = 0.0
 
     def push(self, item: Item) -> None:
         self.held.append(item)
         if len(self.held) == 1:
             self.started = self.chain.loop.time()
-            self._arm()
-
-    def _arm(self) -> None:
-        if self.held:
-            self.at(self.started + self.attr("timeout") / 1000, self._fire)
-
-    def _fire(self) -> None:
-        self.timer = None
-        self.chain.discard(self.held)
-        self.held = []
-        self.emit(Signal.RESET)
+            self.configure(self.toxic)
 
     def configure(self, toxic: Toxic) -> None:
         self.toxic = toxic
-        self._arm()
-
-    def drain(self) -> list[Item]:
-        self.cancel()
-        held, self.held = self.held, []
-        return held
+        if self.held:
+            when = self.started + self.attr("timeout") / 1000
+            self.at(when, lambda: self.end(Signal.RESET))
 
 
 class LimitData(Stage):
