@@ -236,6 +236,21 @@ def test_two_clients_get_their_own_replies(echo: Callable[..., EchoTarget]) -> N
         assert relay.stats.open == 2
 
 
+@needs_ipv6
+def test_dual_stack_listen_serves_ipv4_and_ipv6_clients(echo: Callable[..., EchoTarget]) -> None:
+    target = echo()
+    with relaying("udp://*:0", target.url) as relay:
+        port = relay.endpoint.port
+        for family, host in ((socket.AF_INET, "127.0.0.1"), (socket.AF_INET6, "::1")):
+            with socket.socket(family, socket.SOCK_DGRAM) as c:
+                c.settimeout(TIMEOUT)
+                c.connect((host, port))
+                for _ in range(3):  # several, so replies also leave in one sendmmsg batch
+                    c.send(host.encode())
+                assert [c.recv(100) for _ in range(3)] == [host.encode()] * 3
+        assert relay.stats.connections == 2
+
+
 @pytest.mark.parametrize("kind", ["udp", "unixgram"])
 def test_largest_and_empty_datagrams_cross_whole(
     kind: str, echo: Callable[..., EchoTarget], sock_dir: Path
@@ -670,3 +685,15 @@ def test_cli_refuses_what_a_datagram_relay_cannot_do(args: list[str], says: str)
     assert done.returncode == 2
     assert says in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_trace_dumps_both_directions(echo: Callable[..., EchoTarget], server_logs: Any) -> None:
+    with (
+        relaying("udp://127.0.0.1:0", echo().url, trace=True) as relay,
+        client(relay.endpoint) as c,
+    ):
+        c.send(b"traced!")
+        assert c.recv(10) == b"traced!"
+        server_logs.wait_for("relayed to target from")
+        server_logs.wait_for("relayed from target to")
+        assert server_logs.count("|traced!|") == 2  # the hex dump's text column, each way
