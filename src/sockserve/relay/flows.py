@@ -58,8 +58,7 @@ from .flow import (
     recv_unix,
     resolve,
 )
-from .session import RelayStats
-from .target import Target
+from .target import RelayStats, Target
 
 if TYPE_CHECKING:
     from .toxics import ToxicSet
