@@ -54,12 +54,11 @@ from .flow import (
     Flow,
     default_max_flows,
     flow_timeout_of,
+    pipe,
     recv_unix,
     resolve,
 )
-from .pipes import DatagramPipe
-from .session import RelayStats
-from .target import Target
+from .target import RelayStats, Target
 
 if TYPE_CHECKING:
     from .toxics import ToxicSet
@@ -121,7 +120,7 @@ class DatagramRelay:
         self._reading = False
         self._timers: list[asyncio.TimerHandle] = []
         self._unwatch: Any = None
-        self._full_logged = False
+        self._full_logged = self._down_logged = False
         self._family: int = socket.AF_UNIX
         self._target_addr: Any = ep.address()
 
@@ -131,6 +130,8 @@ class DatagramRelay:
         """Resolve TARGET (EndpointError naming it if it cannot be) and start reading."""
         if self.target.is_inet:
             self._family, self._target_addr = resolve(self.target)
+        if self._target_addr == self._sock.getsockname():
+            raise ConfigError(f"TARGET {self.target} is this relay's own LISTEN (a loop)")
         if self._udp:
             self.guard.serving([self.endpoint.port])  # our own port is never a client's
         if self.toxics is not None:
@@ -157,13 +158,8 @@ class DatagramRelay:
 
     @property
     def applied(self) -> dict[str, int]:
-        """Toxic type -> times applied, over every flow closed or open."""
-        total = dict(self.stats.toxics)
-        for flow in self.flows.values():
-            for pipe in (flow.up, flow.down):
-                for kind, n in pipe.applied.items() if pipe is not None else ():
-                    total[kind] = total.get(kind, 0) + n
-        return total
+        """Toxic type -> times applied, over every flow closed or open (live)."""
+        return self.stats.toxics
 
     # -- client -> target --------------------------------------------------------------
 
@@ -190,21 +186,18 @@ class DatagramRelay:
                 return
 
     def _upstream(self, batch: list[tuple[bytes, Any]]) -> None:
-        stats, counts, flows, guard = self.stats, self.counts, self.flows, self.guard
+        stats, counts, flows = self.stats, self.counts, self.flows
         now = self.loop.time()
-        udp, min_port, own = self._udp, guard.min_port, guard.own_ports
-        slow, loop_guard = guard.access.active or guard.rate > 0, guard.loop_guard
-        eph_lo, eph_hi = ephemeral_ports()
+        # Every source is judged (unixgram peers have no address to judge): a guard costs
+        # about a microsecond next to a relayed datagram's tens.
+        admit, ephemeral = self.guard.admit if self._udp else None, ephemeral_ports()
         for data, addr in batch:
-            if udp:
-                port = addr[1]
-                if (
-                    port < min_port
-                    or port in own
-                    or slow
-                    or (loop_guard and not eph_lo <= port <= eph_hi)
-                ) and not self._admit(addr, now):
-                    continue
+            if admit is not None and (why := admit(addr[0], addr[1], now, ephemeral)):
+                counts.dropped += 1
+                conn_log.debug(
+                    "%s: dropped a datagram from %s: %s", self.endpoint, fmt_peer(addr), why
+                )
+                continue
             flow = flows.get(addr)
             if flow is None:
                 flow = self._open(addr, now)
@@ -229,19 +222,14 @@ class DatagramRelay:
                 return
             except ConnectionRefusedError:
                 self._refused(flow)
+                if self._family == socket.AF_UNIX:  # its socket went: find the path's new one
+                    with contextlib.suppress(OSError):
+                        flow.sock.connect(self._target_addr)
             except OSError as exc:
                 if exc.errno not in _FULL and not isinstance(exc, InterruptedError):
                     self._failed(flow, "send", exc)
                 break
         self.counts.dropped += 1
-
-    def _admit(self, addr: Any, now: float) -> bool:
-        why = self.guard.admit(addr[0], addr[1], now, ephemeral_ports())
-        if why is None:
-            return True
-        self.counts.dropped += 1
-        conn_log.debug("%s: dropped a datagram from %s: %s", self.endpoint, fmt_peer(addr), why)
-        return False
 
     def _open(self, addr: Any, now: float) -> Flow | None:
         """A new flow for ``addr``, or None (logged) past the cap or if TARGET refuses."""
@@ -259,10 +247,14 @@ class DatagramRelay:
             refused = isinstance(exc, (ConnectionRefusedError, FileNotFoundError))
             self.counts.refused += refused
             self.stats.error("target_refused" if refused else "flow_open")
+            # Logged at info until a flow opens again: every datagram of a flood tries.
+            log = conn_log.debug if self._down_logged else conn_log.info
+            self._down_logged = True
             why = "flow from %s: cannot reach %s: %s"
-            self._log(conn_log.info, "connect_failed", peer, why, (peer, self.target, exc))
+            self._log(log, "connect_failed", peer, why, (peer, self.target, exc))
             return None
         self.flows[addr] = flow
+        self._down_logged = False
         if self.toxics is not None and len(self.toxics):
             self._pipe(flow)
         self.loop.add_reader(flow.fd, self._flow_readable, flow)
@@ -276,8 +268,8 @@ class DatagramRelay:
         assert self.toxics is not None
         up = functools.partial(self._send_up, flow)
         down = functools.partial(self._send_down, flow)
-        flow.up = DatagramPipe(self.loop, self.toxics, "upstream", up, rng=self.rng)
-        flow.down = DatagramPipe(self.loop, self.toxics, "downstream", down, rng=self.rng)
+        args = (self.loop, self.toxics, self.stats.toxics, self.rng)
+        flow.up, flow.down = pipe(*args, "upstream", up), pipe(*args, "downstream", down)
 
     def _toxics_changed(self) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to change
@@ -374,7 +366,7 @@ class DatagramRelay:
             del self.flows[flow.addr]
         with contextlib.suppress(OSError, ValueError):
             self.loop.remove_reader(flow.fd)
-        flow.close(self.stats.toxics)
+        flow.close()
         self.stats.open = len(self.flows)
         peer = fmt_peer(flow.addr)
         self._log(conn_log.info, "flow_close", peer, "flow from %s closed: %s", (peer, why))
