@@ -403,6 +403,21 @@ def test_oversized_bodies_are_413(api: ApiThread) -> None:
         assert recv_until_closed(s).startswith(b"HTTP/1.1 431 ")
 
 
+def test_expect_100_continue_is_answered(api: ApiThread, upstream: str) -> None:
+    """curl sends ``Expect: 100-continue`` before a body over 1 KiB and waits for the 100."""
+    body = json.dumps([{"name": f"p{i}", "upstream": upstream} for i in range(20)]).encode()
+    assert api.server is not None
+    with socket.create_connection(("127.0.0.1", api.server.endpoint.port), timeout=10) as s:
+        s.sendall(
+            b"POST /populate HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+            b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body)
+        )
+        assert s.recv(4096).startswith(b"HTTP/1.1 100 ")
+        s.sendall(body)
+        assert recv_until_closed(s).startswith(b"HTTP/1.1 201 ")
+    assert len(call(api, "GET", "/proxies")[2]) == 20
+
+
 def test_pipelined_requests_are_answered_in_order(api: ApiThread, upstream: str) -> None:
     create(api, upstream)
     one = b"GET /version HTTP/1.1\r\nhost: x\r\n\r\n"
