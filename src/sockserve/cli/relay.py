@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import ConfigError, EndpointError, ServiceError, SockserveError
 from .main import EXIT_FAIL, EXIT_USAGE
@@ -19,6 +19,7 @@ if TYPE_CHECKING:
     from .._engine.signals import StopSignals
     from ..endpoints import Endpoint
     from ..relay.runner import Relay
+    from ..relay.toxics import Toxic
 
 EPILOG = """\
 examples:
@@ -189,11 +190,9 @@ def build_relays(args: argparse.Namespace) -> list[Relay]:
     ]
 
 
-def _toxic(stream: str, text: str) -> Any:
-    try:
-        from ..relay.toxics import parse_toxic  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        raise ConfigError("--toxic: toxics are not available in this build") from None
+def _toxic(stream: Literal["upstream", "downstream"], text: str) -> Toxic:
+    from ..relay.toxics import parse_toxic
+
     try:
         return parse_toxic(text, stream)
     except (ValueError, SockserveError) as exc:

@@ -14,7 +14,7 @@ import asyncio
 import contextlib
 import importlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
 from typing import Any
 
@@ -28,6 +28,7 @@ from ..server.server import Server
 from ..service import Service
 from .session import Link, RelayStats, session_class
 from .target import Origin, Target, parse_target
+from .toxics import Toxic, ToxicSet
 
 #: Keyword arguments of ``Relay`` that say how to reach the target, not how to serve.
 ORIGIN_OPTIONS = frozenset(f.name for f in fields(Origin))
@@ -51,7 +52,7 @@ class Relay:
         listen: str | Endpoint,
         target: str | Endpoint | Target,
         *,
-        toxics: Any = (),
+        toxics: ToxicSet | Iterable[Toxic] = (),
         config: ServerConfig | None = None,
         send_proxy: int = 0,
         **settings: Any,
@@ -68,7 +69,7 @@ class Relay:
                 f"LISTEN {self.listen} is a {kind} endpoint but TARGET {self.target} is not: "
                 "relay tcp/unix/tls to tcp/unix/tls/exec:, udp/unixgram to udp/unixgram"
             )
-        self.toxics = _toxic_set(toxics)
+        self.toxics = _toxic_set(toxics, self.listen.is_stream)
         self.stats = RelayStats()
         tls_target = self.target.kind == "tls"
         self.link = Link(
@@ -78,7 +79,7 @@ class Relay:
             self.stats,
             send_proxy=send_proxy,
             trace=self.config.trace,
-            toxics=self.toxics if _has_toxics(self.toxics) else None,
+            toxics=self.toxics,
             ssl_context=origin.ssl_context() if tls_target else None,
         )
         self.server: Server | None = None
@@ -143,26 +144,11 @@ class Relay:
         await self.stop()
 
 
-def _toxic_set(toxics: Any) -> Any:
-    """The relay's live ToxicSet (relay/toxics.py), made from the toxics given."""
-    try:
-        mod = importlib.import_module("sockserve.relay.toxics")
-    except ImportError:
-        given = list(toxics)
-        if given:
-            raise ConfigError("toxics are not available in this build") from None
-        return None
-    if isinstance(toxics, mod.ToxicSet):
-        return toxics
-    tset = mod.ToxicSet()
-    for t in toxics:
-        tset.add(t)
+def _toxic_set(toxics: ToxicSet | Iterable[Toxic], stream: bool) -> ToxicSet:
+    """The relay's live ToxicSet: the one given (shared, e.g. with the API), or a new one."""
+    tset = toxics if isinstance(toxics, ToxicSet) else ToxicSet(toxics)
+    tset.restrict("stream" if stream else "datagram")
     return tset
-
-
-def _has_toxics(tset: Any) -> bool:
-    """Whether sessions need the toxics (a live set may gain some later: always, if one)."""
-    return tset is not None
 
 
 class RelayThread:
@@ -205,7 +191,7 @@ class RelayThread:
         return self.relay.stats
 
     @property
-    def toxics(self) -> Any:
+    def toxics(self) -> ToxicSet:
         return self.relay.toxics
 
     def url(self) -> str:

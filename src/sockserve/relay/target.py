@@ -16,10 +16,14 @@ import asyncio
 import shlex
 import ssl
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Protocol
 
+from .._engine.stream import set_linger_zero
+from ..config import ServerConfig
 from ..endpoints import Endpoint, parse_endpoint
 from ..errors import ConfigError, EndpointError
+from .toxics import ToxicSet
 
 #: What every TARGET error message lists.
 FORMS = "tcp://HOST:PORT, HOST:PORT, unix:///PATH, tls://HOST:PORT, udp://..., or exec:COMMAND"
@@ -140,3 +144,104 @@ async def connect(
         coro = loop.create_connection(factory, ep.host, ep.port)
     transport, protocol = await asyncio.wait_for(coro, origin.connect_timeout)
     return transport, protocol
+
+
+@dataclass
+class RelayStats:
+    """Counters of one relay, read by ``--metrics`` and the API at scrape time."""
+
+    connections: int = 0  # accepted and relayed, in all
+    open: int = 0  # relayed now
+    bytes_up: int = 0  # client -> target
+    bytes_down: int = 0  # target -> client
+    errors: dict[str, int] = field(default_factory=dict)  # kind -> count
+    toxics: dict[str, int] = field(default_factory=dict)  # toxic type -> times applied
+
+    def error(self, kind: str) -> None:
+        self.errors[kind] = self.errors.get(kind, 0) + 1
+
+
+@dataclass
+class Link:
+    """What every session of one relay shares: where to connect, how, and what to count."""
+
+    target: Target
+    origin: Origin
+    config: ServerConfig
+    stats: RelayStats
+    send_proxy: int = 0  # 0 off, 1 or 2: the PROXY protocol version sent to the target
+    trace: bool = False
+    toxics: ToxicSet | None = None  # the relay's live toxics (None: never any)
+    ssl_context: ssl.SSLContext | None = None  # for tls:// targets
+
+
+class FarOwner(Protocol):
+    """What a :class:`FarSide` reports to: its session (``session.RelaySession``)."""
+
+    @property
+    def link(self) -> Link: ...
+
+    def from_target(self, data: bytes) -> None: ...
+    def target_eof(self) -> bool: ...
+    def conn_pause(self) -> None: ...
+    def conn_resume(self) -> None: ...
+    def target_lost(self, exc: Exception | None) -> None: ...
+
+
+class FarSide(asyncio.Protocol):
+    """The target's side of one relayed connection; it reports everything to the session."""
+
+    def __init__(self, session: FarOwner) -> None:
+        self.session = session
+        self.transport: asyncio.Transport | None = None
+        self.eof = False
+        self.gone = False
+        self.full = False  # our write buffer is above its high-water mark
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        t: asyncio.Transport = transport  # type: ignore[assignment]
+        cfg = self.session.link.config
+        t.set_write_buffer_limits(cfg.write_high_water, cfg.write_low_water)
+        self.transport = t
+
+    def data_received(self, data: bytes) -> None:
+        self.session.from_target(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        return self.session.target_eof()
+
+    def pause_writing(self) -> None:
+        self.full = True
+        self.session.conn_pause()
+
+    def resume_writing(self) -> None:
+        self.full = False
+        self.session.conn_resume()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.gone = True
+        self.session.target_lost(exc)
+
+    # what the session and the pipes call
+    def write(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def write_eof(self) -> bool:
+        t = self.transport
+        if t is None or t.is_closing():
+            return True
+        if t.can_write_eof():
+            t.write_eof()
+            return True
+        return False
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+
+    def reset(self) -> None:
+        if self.transport is not None:
+            set_linger_zero(self.transport)
+            self.transport.abort()
