@@ -139,3 +139,77 @@ backend be
     assert reply[0] == b"127.0.0.3", reply
     assert int(reply[1]) == client_port
     assert reply[-1] == b"who"
+
+
+def _http(method: str, url: str, body: dict[str, Any] | None = None) -> tuple[int, Any]:
+    import json
+    import urllib.error
+
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            raw = resp.read()
+            return resp.status, json.loads(raw) if raw.strip().startswith((b"{", b"[")) else raw
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
+
+
+def test_api_alone_creates_proxies_that_relay(serve: Serve) -> None:
+    srv = serve("echo", "tcp://127.0.0.1:0")
+    api = free_port()
+    argv = [*SOCKSERVE, "relay", "--api", f"127.0.0.1:{api}"]
+    with ServerProcess(argv=argv, ready=0, graceful=True) as proc:
+        proc.wait_line(f"127.0.0.1:{api}")
+        base = f"http://127.0.0.1:{api}"
+        status, body = _http(
+            "POST",
+            f"{base}/proxies",
+            {"name": "echo", "listen": "127.0.0.1:0", "upstream": srv.url("tcp")[6:]},
+        )
+        assert status == 201, body
+        listen = body["listen"]
+        with connect(f"tcp://{listen}") as c:
+            c.sendall(b"made by the API")
+            assert c.recv(100) == b"made by the API"
+        code, log = proc.stop()
+    assert code == 0, log
+
+
+def test_api_beside_a_command_line_relay_shows_it_as_proxy_relay(serve: Serve) -> None:
+    srv = serve("echo", "tcp://127.0.0.1:0")
+    api = free_port()
+    argv = [*SOCKSERVE, "relay", "tcp://127.0.0.1:0", srv.url("tcp"), "--api", f"127.0.0.1:{api}"]
+    with ServerProcess(argv=argv, graceful=True) as proc:
+        proc.wait_line(f"127.0.0.1:{api}")
+        base = f"http://127.0.0.1:{api}"
+        status, proxies = _http("GET", f"{base}/proxies")
+        assert status == 200 and "relay" in proxies, proxies
+        status, toxic = _http(
+            "POST",
+            f"{base}/proxies/relay/toxics",
+            {"type": "latency", "attributes": {"latency": 50}},
+        )
+        assert status == 200, toxic
+        with connect(proc.endpoints[0]) as c:
+            import time
+
+            started = time.perf_counter()
+            c.sendall(b"slowed by the API")
+            assert c.recv(100) == b"slowed by the API"
+            assert time.perf_counter() - started >= 0.045
+        code, log = proc.stop()
+    assert code == 0, log
+
+
+def test_udp_relay_command(serve: Serve) -> None:
+    srv = serve("echo", "udp://127.0.0.1:0")
+    argv = [*SOCKSERVE, "relay", "udp://127.0.0.1:0", srv.url("udp")]
+    with ServerProcess(argv=argv, graceful=True) as proc:
+        host, port = proc.endpoints[0][6:].rsplit(":", 1)
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+            u.settimeout(10)
+            u.sendto(b"datagram", (host, int(port)))
+            assert u.recv(100) == b"datagram"
+        code, log = proc.stop()
+    assert code == 0, log

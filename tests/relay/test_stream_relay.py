@@ -446,3 +446,25 @@ def test_relay_in_a_coroutine() -> None:
                 return data
 
     assert asyncio.run(main()) == b"async"
+
+
+def test_idle_timeout_closes_both_sides(sockserve_relay: StartRelay) -> None:
+    peer = OnePeer(read_to_eof)
+    relay = sockserve_relay(peer.url, idle_timeout=0.3)
+    with connect(relay.url()) as c:
+        c.sendall(b"then silence")
+        assert read_to_eof(c) == b""  # closed by the relay, not by us
+    assert peer.result() == b"then silence"  # and the target saw the close
+
+
+def test_proxy_protocol_on_listen_passes_the_real_client_on(sockserve_relay: StartRelay) -> None:
+    from sockserve.framing.proxy import encode_v1
+
+    peer = OnePeer(read_to_eof)
+    relay = sockserve_relay(peer.url, proxy_protocol=True, send_proxy=1)
+    with connect(relay.url()) as c:
+        c.sendall(encode_v1(("192.0.2.7", 4242), ("198.51.100.1", 80)) + b"payload")
+        c.shutdown(socket.SHUT_WR)
+        got = peer.result()
+    assert got.startswith(b"PROXY TCP4 192.0.2.7 127.0.0.1 4242 "), got
+    assert got.endswith(b"\r\npayload")

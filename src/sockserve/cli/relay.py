@@ -16,7 +16,10 @@ from ..errors import ConfigError, EndpointError, ServiceError, SockserveError
 from .main import EXIT_FAIL, EXIT_USAGE
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from .._engine.signals import StopSignals
+    from ..deploy.metrics import MetricsServer
     from ..endpoints import Endpoint
     from ..relay.runner import Relay
     from ..relay.toxics import Toxic
@@ -211,9 +214,9 @@ def run(args: argparse.Namespace) -> int:
 
             parse_listen(args.metrics)
         if args.api is not None:
-            from ..deploy.metrics import parse_listen
+            from ..relay.api import api_endpoint
 
-            parse_listen(args.api)
+            api_endpoint(args.api)
     except (ConfigError, EndpointError, ServiceError) as exc:
         print(f"sockserve relay: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -250,7 +253,7 @@ class Foreground:
         if self._asked:
             self._stop.set()
         started: list[Relay] = []
-        closers: list[Any] = []
+        closers: list[Callable[[], Awaitable[None]]] = []
         try:
             for relay in self.relays:
                 await relay.start()
@@ -262,13 +265,14 @@ class Foreground:
                     extra={"event": "relaying", "endpoint": relay.endpoints[0]},
                 )
             if self.api is not None:
-                closers.append(await _start_api(self.api, self.relays))
+                closers += await _start_api(self.api, started)
             if self.metrics is not None:
-                closers.append(await _start_metrics(self.metrics, self.relays))
+                http = await _start_metrics(self.metrics, self.relays)
+                closers.append(_async(http.close))
             await self._stop.wait()
         finally:
-            for closer in closers:
-                closer.close()
+            for close in closers:
+                await close()
             for relay in started:
                 await relay.stop(drain=not self.forced)
 
@@ -288,15 +292,26 @@ class Foreground:
                 relay.server.remove_socket_files()
 
 
-async def _start_api(endpoint: str, relays: list[Relay]) -> Any:
-    try:
-        from ..relay.api import serve_api  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        raise ConfigError("--api: the Toxiproxy API is not available in this build") from None
-    return await serve_api(endpoint, relays)
+async def _start_api(address: str, relays: list[Relay]) -> list[Callable[[], Awaitable[None]]]:
+    """Toxiproxy's API on ``address``; the command line's relay is its proxy ``relay``."""
+    from ..relay.api import api_endpoint, serve_api
+    from ..relay.proxies import Proxies
+
+    proxies = Proxies()
+    for i, relay in enumerate(relays):
+        proxies.adopt("relay" if i == 0 else f"relay{i}", relay)
+    api = await serve_api(api_endpoint(address), proxies)
+    return [api.close, proxies.close]
 
 
-async def _start_metrics(address: str, relays: list[Relay]) -> Any:
+def _async(close: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    async def closer() -> None:
+        close()
+
+    return closer
+
+
+async def _start_metrics(address: str, relays: list[Relay]) -> MetricsServer:
     from ..deploy.metrics import MetricsServer, open_metrics_socket
     from ..relay.runner import metrics_page
 

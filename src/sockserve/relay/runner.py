@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
@@ -21,11 +20,13 @@ from typing import Any
 from ..config import ServerConfig
 from ..endpoints import Endpoint, parse_endpoint
 from ..errors import ConfigError
+from ..logs import server_log
 from ..server.binding import Binding
 from ..server.listeners import Listener, close_listener, open_listener
 from ..server.loop import log_loop_exception, new_event_loop
 from ..server.server import Server
 from ..service import Service
+from .flows import DatagramRelay
 from .session import Link, RelayStats, session_class
 from .target import Origin, Target, parse_target
 from .toxics import Toxic, ToxicSet
@@ -83,7 +84,7 @@ class Relay:
             ssl_context=origin.ssl_context() if tls_target else None,
         )
         self.server: Server | None = None
-        self._datagram: Any = None
+        self._datagram: DatagramRelay | None = None
         self._datagram_listener: Listener | None = None
         self._endpoints: list[Endpoint] = []
         if self.listen.is_stream:
@@ -110,18 +111,25 @@ class Relay:
         if self.server is not None:
             await self.server.start()
             return
-        flows = importlib.import_module("sockserve.relay.flows")  # relayudp's module
         cfg = self.config
         lst = open_listener(
             self.listen, backlog=cfg.backlog, reuse_port=cfg.reuse_port, unix_mode=cfg.unix_mode
         )
+        loop = asyncio.get_running_loop()
+        try:
+            self._datagram = DatagramRelay(loop, lst, self.target, self.toxics, cfg, self.stats)
+            self._datagram.start()
+        except BaseException:
+            close_listener(lst)  # bind nothing on failure, as Server.start
+            self._datagram = None
+            raise
         self._datagram_listener = lst
         self._endpoints = [lst.endpoint]
-        loop = asyncio.get_running_loop()
-        self._datagram = flows.DatagramRelay(
-            loop, lst.sock, self.target, self.toxics, cfg, self.stats
+        server_log.info(
+            "listening on %s (relay, datagram)",
+            lst.endpoint,
+            extra={"event": "listening", "endpoint": lst.endpoint, "service": "relay"},
         )
-        self._datagram.start()
 
     async def stop(self, drain: bool = False) -> None:
         """Stop accepting and close every relayed connection (after the drain timeout with
@@ -196,11 +204,6 @@ class RelayThread:
 
     def url(self) -> str:
         return self.relay.url()
-
-    def call(self, fn: Any, *args: Any) -> None:
-        """Run ``fn(*args)`` on the relay's loop (toxic changes from another thread)."""
-        assert self._loop is not None
-        self._loop.call_soon_threadsafe(fn, *args)
 
     def start(self) -> RelayThread:
         self._thread.start()

@@ -33,9 +33,8 @@ from typing import Any, ClassVar
 from ..framing.proxy import encode_v1, encode_v2
 from ..logs import fmt_peer, trace
 from ..service import StreamConnection, StreamSession
-from .exec import ExecChild, spawn
 from .pipes import StreamPipe
-from .target import FarSide, Link, RelayStats, connect
+from .target import ExecChild, FarSide, Link, RelayStats, connect, spawn
 from .toxics import ToxicSet
 
 relay_log = logging.getLogger("sockserve.relay")
@@ -167,6 +166,8 @@ class RelaySession(StreamSession):
 
     def _far(self) -> FarSide:
         self.far = FarSide(self)
+        if self.link.toxics is not None:
+            self._pipes(self.link.toxics)  # now: the target may send before _open resumes
         return self.far
 
     def _joined(self) -> None:
@@ -176,8 +177,6 @@ class RelaySession(StreamSession):
         link = self.link
         if link.send_proxy:
             far.write(self._proxy_header())
-        if link.toxics is not None:
-            self._pipes(link.toxics)
         self.joined = True
         held, self.held = self.held, []
         for chunk in held:
