@@ -111,3 +111,26 @@ def test_half_close_passes_through_a_toxic(sockserve_relay: StartRelay, serve: S
         c.sendall(b"a" * 100_000)
         c.shutdown(socket.SHUT_WR)
         assert read_to_eof(c) == b"a" * 100_000
+
+
+def test_bytes_held_by_a_toxic_still_reach_a_target_that_half_closed(
+    sockserve_relay: StartRelay,
+) -> None:
+    """The client sends and half-closes; an upstream latency holds its bytes and its FIN
+    while the target answers and half-closes: the held bytes still arrive."""
+    from relay_helpers import OnePeer
+
+    def target(conn: socket.socket) -> bytes:
+        conn.sendall(b"early answer")
+        conn.shutdown(socket.SHUT_WR)
+        return read_to_eof(conn)
+
+    peer = OnePeer(target)
+    relay = sockserve_relay(
+        peer.url, toxics=[Toxic("latency", stream="upstream", attributes={"latency": 100})]
+    )
+    with connect(relay.url()) as c:
+        c.sendall(b"late question")
+        c.shutdown(socket.SHUT_WR)
+        assert read_to_eof(c) == b"early answer"
+    assert peer.result() == b"late question"

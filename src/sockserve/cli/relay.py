@@ -151,7 +151,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
     o.add_argument("--log-format", choices=("text", "json"), default="text", help="log format")
     o.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
-    o.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="warning")
+    for flag, level in (("verbose", "debug"), ("quiet", "warning")):
+        o.add_argument(
+            f"-{flag[0]}",
+            f"--{flag}",
+            dest="log_level",
+            action="store_const",
+            const=level,
+            help=f"same as --log-level {level}",
+        )
     o.add_argument(
         "--no-access-log",
         dest="access_log",

@@ -205,6 +205,11 @@ class RelayThread:
     def url(self) -> str:
         return self.relay.url()
 
+    def call(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run ``fn(*args)`` on the relay's loop (from the test's or the caller's thread)."""
+        assert self._loop is not None, "RelayThread is not started"
+        self._loop.call_soon_threadsafe(fn, *args)
+
     def start(self) -> RelayThread:
         self._thread.start()
         if not self._ready.wait(self._timeout):

@@ -269,7 +269,7 @@ class RelaySession(StreamSession):
         """EOF towards the client (a plain close on TLS)."""
         self.down_done = True
         far = self.far
-        if self.up_done or self.client_eof or (far is not None and far.gone):
+        if self.up_done or (far is not None and far.gone):
             self.finish()
         elif not self.conn.shutdown_write():
             self.conn.close()
