@@ -20,8 +20,10 @@ class SocketSink:
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
+        self.threads: set[int] = set()  # the threads it was written from
 
     def write(self, data: bytes) -> None:
+        self.threads.add(threading.get_ident())
         self.sock.sendall(data)
 
     def write_eof(self) -> None:
@@ -186,6 +188,8 @@ def test_a_change_from_another_thread_reaches_the_pipe_on_its_loop() -> None:
             _, got = await read_until(near, 4)
             remover.join(timeout=5)
             assert got == b"held" and pipe.passthrough
+            assert isinstance(pipe.sink, SocketSink)
+            assert pipe.sink.threads == {threading.get_ident()}  # written on the loop's thread
         finally:
             pipe.close()
             far.close()
@@ -373,6 +377,22 @@ def test_latency_on_datagrams_and_overflow() -> None:
     run_datagrams(ToxicSet([parse_toxic("latency=80,stream=upstream")]), body)
 
 
+def test_bandwidth_on_datagrams_never_cuts_one_and_passes_empty_ones() -> None:
+    async def body(pipe: DatagramPipe, received: Callable[[], list[bytes]]) -> None:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        for size in (3000, 0, 3000):
+            pipe.feed(bytes(size))
+        got: list[bytes] = []
+        while len(got) < 3:
+            got += received()
+            await asyncio.sleep(0.005)
+        assert [len(d) for d in got] == [3000, 0, 3000]
+        assert loop.time() - t0 >= 0.06  # 6000 bytes at 100 KB/s
+
+    run_datagrams(ToxicSet([parse_toxic("bandwidth=100,stream=upstream")]), body)
+
+
 def test_stream_toxics_are_refused_on_a_datagram_relay_and_ignored_by_its_pipe() -> None:
     with pytest.raises(ToxicError, match="slicer applies only to stream relays"):
         ToxicSet([parse_toxic("slicer=10")], transport="datagram")
@@ -382,3 +402,20 @@ def test_stream_toxics_are_refused_on_a_datagram_relay_and_ignored_by_its_pipe()
         assert feed_all(pipe, received, 2) == [b"0000", b"0001"]
 
     run_datagrams(ToxicSet([parse_toxic("limit_data=1,stream=upstream")]), body)
+
+
+def test_a_pipe_left_open_stops_following_once_its_loop_is_gone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    toxics = ToxicSet()
+    sink = SocketSink(socket.socket())
+
+    async def main() -> StreamPipe:
+        loop = asyncio.get_running_loop()
+        return StreamPipe(loop, toxics, "downstream", sink, pause=nothing, resume=nothing)
+
+    pipe = asyncio.run(main())  # its relay forgot to close it
+    sink.sock.close()
+    toxics.add(parse_toxic("latency=1"))
+    toxics.add(parse_toxic("latency=1,name=again"))
+    assert pipe.closed and "watcher failed" not in caplog.text

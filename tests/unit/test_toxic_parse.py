@@ -56,6 +56,10 @@ def test_name_and_stream_and_toxicity_from_the_body() -> None:
         {"type": "bandwidth", "stream": "UPSTREAM", "toxicity": 0.25, "attributes": {"rate": 64}}
     )
     assert (toxic.name, toxic.stream, toxic.toxicity) == ("bandwidth_upstream", "upstream", 0.25)
+    assert (
+        Toxic.from_json({"type": "timeout", "name": "", "stream": None}).name
+        == "timeout_downstream"
+    )
     named = Toxic.from_json({"type": "timeout", "name": "stall", "attributes": None, "x": 1})
     assert named.name == "stall" and named.attributes == {"timeout": 0}
     # integral floats are accepted for integer attributes (JavaScript has no integers)
@@ -72,6 +76,7 @@ def test_name_and_stream_and_toxicity_from_the_body() -> None:
         ({}, "type", "'type' is missing"),
         ({"type": 3}, "type", "invalid toxic type 3"),
         ({"type": "latency", "stream": "sideways"}, "stream", "upstream or downstream"),
+        ({"type": "latency", "stream": ""}, "stream", "upstream or downstream"),
         ({"type": "latency", "toxicity": 1.5}, "toxicity", "between 0 and 1"),
         ({"type": "latency", "toxicity": -0.1}, "toxicity", "negative"),
         ({"type": "latency", "toxicity": "1"}, "toxicity", "a number"),
@@ -140,10 +145,10 @@ def test_command_line_stream_argument() -> None:
     [
         ("", "type", "invalid toxic type ''"),
         ("lateny=100", "type", "invalid toxic type 'lateny'"),
-        ("latency=fast", "latency", "must be a number, not 'fast'"),
+        ("latency=fast", "attributes.latency", "must be a number, not 'fast'"),
         ("latency=100,jitter", "jitter", "KEY=VALUE"),
         ("latency=100,latency=5", "latency", "twice"),
-        ("latency=100,rate=5", "rate", "no attribute 'rate'"),
+        ("latency=100,rate=5", "attributes.rate", "no attribute 'rate'"),
         ("latency=-1", "attributes.latency", "negative"),
         ("latency=1,toxicity=7", "toxicity", "between 0 and 1"),
         ("latency=1,stream=both", "stream", "upstream or downstream"),

@@ -94,6 +94,8 @@ class _Chain:
             here = False
         if here:
             self._sync()
+        elif self.loop.is_closed():  # its relay is gone without closing it: stop following
+            self.close()
         else:  # a change from another thread: act on the pipe's own loop
             self.loop.call_soon_threadsafe(self._sync)
 

@@ -163,7 +163,7 @@ class Bandwidth(Timed):
 
     def plan(self, item: Item, arrival: float, now: float) -> list[tuple[float, Item]]:
         rate = self.attr("rate") * 1000
-        if isinstance(item, Signal) or not rate:
+        if isinstance(item, Signal) or not rate or not item:  # (an empty datagram is one)
             return [(self.after(now), item)]
         # pieces of 20 ms at the rate (a datagram is never cut), so a reader sees it steady
         step = len(item) if not self.chain.stream else max(1, int(rate) // 50)

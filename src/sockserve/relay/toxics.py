@@ -194,7 +194,7 @@ class Toxic:
         return cls(
             type=body["type"],
             name=body.get("name") or "",
-            stream=body.get("stream") or "downstream",
+            stream="downstream" if body.get("stream") is None else body["stream"],
             toxicity=1.0 if body.get("toxicity") is None else body["toxicity"],
             attributes={} if attributes is None else attributes,
         )
@@ -216,7 +216,7 @@ class Toxic:
         )
 
 
-def _scalar(text: str, key: str) -> int | float:
+def _scalar(text: str, key: str, field: str) -> int | float:
     try:
         return int(text)
     except ValueError:
@@ -224,7 +224,7 @@ def _scalar(text: str, key: str) -> int | float:
     try:
         return float(text)
     except ValueError:
-        raise ToxicError(f"{key} must be a number, not {text!r}", key) from None
+        raise ToxicError(f"{key} must be a number, not {text!r}", field) from None
 
 
 def parse_toxic(text: str, stream: Direction = "downstream") -> Toxic:
@@ -240,7 +240,7 @@ def parse_toxic(text: str, stream: Direction = "downstream") -> Toxic:
     fields: dict[str, Any] = {"type": type_, "stream": stream}
     attributes: dict[str, int | float] = {}
     if has_value:
-        attributes[kind.main] = _scalar(value.strip(), kind.main)
+        attributes[kind.main] = _scalar(value.strip(), kind.main, f"attributes.{kind.main}")
     seen = {kind.main} if has_value else set()
     for item in items[1:]:
         key, eq, value = (part.strip() for part in item.partition("="))
@@ -252,12 +252,14 @@ def parse_toxic(text: str, stream: Direction = "downstream") -> Toxic:
         if key in ("name", "stream"):
             fields[key] = value
         elif key == "toxicity":
-            fields[key] = _scalar(value, key)
+            fields[key] = _scalar(value, key, key)
         elif key in kind.attributes:
-            attributes[key] = _scalar(value, key)
+            attributes[key] = _scalar(value, key, f"attributes.{key}")
         else:
             known = ", ".join([*kind.attributes, "name", "stream", "toxicity"])
-            raise ToxicError(f"toxic {type_} has no attribute {key!r} (it has: {known})", key)
+            raise ToxicError(
+                f"toxic {type_} has no attribute {key!r} (it has: {known})", f"attributes.{key}"
+            )
     return Toxic(attributes=attributes, **fields)
 
 
