@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import pytest
 from strict import needs_ipv6
-from support import check_stamp, wait_for
+from support import SOCKSERVE, ServerProcess, check_stamp, run_cli, wait_for
 
 from sockserve.config import ServerConfig
 from sockserve.endpoints import Endpoint, parse_endpoint
@@ -92,7 +92,8 @@ def relaying(
 class EchoTarget:
     """A textbook datagram echo server in a thread: each datagram back to its sender."""
 
-    def __init__(self, family: int, addr: Any) -> None:
+    def __init__(self, family: int, addr: Any, reply: bool = True) -> None:
+        self.reply = reply
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
         self.sock.bind(addr)
         self.sock.settimeout(0.05)
@@ -120,7 +121,7 @@ class EchoTarget:
                 return
             self.peers.append(peer)
             self.received.append(data)
-            if peer:
+            if peer and self.reply:
                 with contextlib.suppress(OSError):
                     self.sock.sendto(data, peer)
 
@@ -134,8 +135,10 @@ class EchoTarget:
 def echo() -> Iterator[Callable[..., EchoTarget]]:
     made: list[EchoTarget] = []
 
-    def make(family: int = socket.AF_INET, addr: Any = ("127.0.0.1", 0)) -> EchoTarget:
-        made.append(EchoTarget(family, addr))
+    def make(
+        family: int = socket.AF_INET, addr: Any = ("127.0.0.1", 0), reply: bool = True
+    ) -> EchoTarget:
+        made.append(EchoTarget(family, addr, reply))
         return made[-1]
 
     yield make
@@ -289,13 +292,26 @@ def test_idle_timeout_setting_is_the_flow_timeout(echo: Callable[..., EchoTarget
 
 
 def test_traffic_either_way_keeps_a_flow(echo: Callable[..., EchoTarget]) -> None:
+    quiet = echo(reply=False)  # the client talks, the target never answers
     with (
-        relaying("udp://127.0.0.1:0", echo().url, flow_timeout=0.4) as relay,
+        relaying("udp://127.0.0.1:0", quiet.url, flow_timeout=0.4) as relay,
         client(relay.endpoint) as c,
     ):
         for _ in range(8):  # 8 x 0.1 s: twice the timeout, never idle that long
             c.send(b"x")
-            assert c.recv(10) == b"x"
+            assert nothing_comes(c, 0.1)
+        assert relay.stats.connections == 1
+        assert len(quiet.received) == 8
+    pusher = echo(reply=False)  # the target talks, the client only listens
+    with (
+        relaying("udp://127.0.0.1:0", pusher.url, flow_timeout=0.4) as relay,
+        client(relay.endpoint) as c,
+    ):
+        c.send(b"subscribe")
+        wait_for(lambda: len(pusher.peers) == 1, what="the flow at the target")
+        for i in range(8):
+            pusher.sock.sendto(b"%d" % i, pusher.peers[0])
+            assert c.recv(10) == b"%d" % i
             assert nothing_comes(c, 0.1)
         assert relay.stats.connections == 1
 
@@ -358,6 +374,29 @@ def test_unixgram_target_absent_drops_until_it_binds(
         echo(socket.AF_UNIX, str(path))
         c.send(b"late")
         assert c.recv(10) == b"late"
+
+
+def test_unixgram_target_restarted_is_reached_again(
+    echo: Callable[..., EchoTarget], sock_dir: Path
+) -> None:
+    path = sock_dir / "target.sock"
+    first = echo(socket.AF_UNIX, str(path))
+    with relaying("udp://127.0.0.1:0", f"unixgram://{path}") as relay, client(relay.endpoint) as c:
+        c.send(b"one")
+        assert c.recv(10) == b"one"
+        first.close()
+        path.unlink()
+        second = echo(socket.AF_UNIX, str(path))  # a new socket at the same path
+        c.settimeout(0.2)
+        for _ in range(25):  # the flow, connected to the old socket, finds the new one
+            c.send(b"two")
+            with contextlib.suppress(TimeoutError):
+                if c.recv(10) == b"two":
+                    break
+        else:
+            raise AssertionError("the flow never reached the restarted target")
+        assert b"two" in second.received
+        assert relay.stats.connections == 1
 
 
 # -- guards and floods -------------------------------------------------------------------
@@ -571,3 +610,42 @@ def test_latency_per_datagram(echo: Callable[..., EchoTarget]) -> None:
             assert c.recv(10) == b"ping"
             took = time.monotonic() - start
             assert 0.1 <= took < 0.1 + 0.5, took  # behaviour, with a loaded machine's slack
+
+
+def test_relay_thread_unixgram_listen_removes_its_file(
+    echo: Callable[..., EchoTarget], sock_dir: Path
+) -> None:
+    path = sock_dir / "relay.sock"
+    with RelayThread(f"unixgram://{path}", echo().url) as relay:
+        with client(relay.endpoints[0]) as c:
+            c.send(b"ping")
+            assert c.recv(10) == b"ping"
+        assert path.exists()
+    assert not path.exists()
+
+
+def test_cli_relays_udp_and_expires_flows_by_idle_timeout(echo: Callable[..., EchoTarget]) -> None:
+    target = echo()
+    argv = [*SOCKSERVE, "relay", "udp://127.0.0.1:0", target.url, "--idle-timeout", "0.3"]
+    with ServerProcess(argv=argv, ready=0) as proc:
+        url = proc.wait_log(r"relaying (udp://\S+) ->")[0].group(1)
+        with client(parse_endpoint(url)) as c:
+            c.send(b"through the CLI")
+            assert c.recv(100) == b"through the CLI"
+        proc.wait_line("closed: idle for 0.3s")
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["udp://127.0.0.1:0", "tcp://127.0.0.1:9"], "datagram endpoint but TARGET"),
+        (["unixgram:///tmp/ss-nowhere.sock", "exec:cat"], "datagram endpoint but TARGET"),
+        (["udp://127.0.0.1:0", "udp://127.0.0.1:9", "--toxic", "slicer=10"], "only to stream"),
+    ],
+)
+def test_cli_refuses_what_a_datagram_relay_cannot_do(args: list[str], says: str) -> None:
+    done = run_cli("relay", *args)
+    err = done.stderr.decode()
+    assert done.returncode == 2
+    assert says in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err

@@ -2,14 +2,16 @@
 flows: their size, idle timeout and count. :mod:`.flows` runs them; this module holds what
 needs no event loop, so it reads (and is tested) on its own.
 
-Resource handling: a flow owns its socket and its pipes; :meth:`Flow.close` releases both
-and hands back what its toxics did, for the relay's totals.
+Resource handling: a flow owns its socket and its pipes; :meth:`Flow.close` releases both.
 """
 
 from __future__ import annotations
 
+import asyncio
+import random
 import resource
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,7 @@ from ..endpoints import Endpoint
 from ..errors import EndpointError
 from ..settings import default
 from .pipes import DatagramPipe
+from .toxics import Direction, ToxicSet
 
 #: Largest datagram relayed (a UDP payload is at most 65,507 bytes over IPv4 anyway).
 MAX_DATAGRAM = 65536
@@ -82,14 +85,28 @@ class Flow:
             raise
         return cls(sock, addr, now)
 
-    def close(self, applied: dict[str, int]) -> None:
-        """Close the socket and the pipes, adding what the toxics did to ``applied``."""
+    def close(self) -> None:
         self.sock.close()
         for pipe in (self.up, self.down):
             if pipe is not None:
                 pipe.close()
-                for kind, n in pipe.applied.items():
-                    applied[kind] = applied.get(kind, 0) + n
+
+
+def pipe(
+    loop: asyncio.AbstractEventLoop,
+    toxics: ToxicSet,
+    applied: dict[str, int],
+    rng: random.Random | None,
+    direction: Direction,
+    send: Callable[[bytes], None],
+) -> DatagramPipe:
+    """A flow's pipe for ``direction``, counting what its toxics do into ``applied``: the
+    relay's own totals, live (every flow's pipes share them, so none is lost at close)."""
+    made = DatagramPipe(loop, toxics, direction, send, rng=rng)
+    for kind, n in made.applied.items():  # drawn as it was made
+        applied[kind] = applied.get(kind, 0) + n
+    made.applied = applied
+    return made
 
 
 def recv_unix(sock: socket.socket, count: int, counts: DatagramStats) -> list[tuple[bytes, Any]]:

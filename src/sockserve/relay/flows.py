@@ -54,10 +54,10 @@ from .flow import (
     Flow,
     default_max_flows,
     flow_timeout_of,
+    pipe,
     recv_unix,
     resolve,
 )
-from .pipes import DatagramPipe
 from .session import RelayStats
 from .target import Target
 
@@ -157,13 +157,8 @@ class DatagramRelay:
 
     @property
     def applied(self) -> dict[str, int]:
-        """Toxic type -> times applied, over every flow closed or open."""
-        total = dict(self.stats.toxics)
-        for flow in self.flows.values():
-            for pipe in (flow.up, flow.down):
-                for kind, n in pipe.applied.items() if pipe is not None else ():
-                    total[kind] = total.get(kind, 0) + n
-        return total
+        """Toxic type -> times applied, over every flow closed or open (live)."""
+        return self.stats.toxics
 
     # -- client -> target --------------------------------------------------------------
 
@@ -229,6 +224,9 @@ class DatagramRelay:
                 return
             except ConnectionRefusedError:
                 self._refused(flow)
+                if self._family == socket.AF_UNIX:  # its socket went: find the path's new one
+                    with contextlib.suppress(OSError):
+                        flow.sock.connect(self._target_addr)
             except OSError as exc:
                 if exc.errno not in _FULL and not isinstance(exc, InterruptedError):
                     self._failed(flow, "send", exc)
@@ -276,8 +274,8 @@ class DatagramRelay:
         assert self.toxics is not None
         up = functools.partial(self._send_up, flow)
         down = functools.partial(self._send_down, flow)
-        flow.up = DatagramPipe(self.loop, self.toxics, "upstream", up, rng=self.rng)
-        flow.down = DatagramPipe(self.loop, self.toxics, "downstream", down, rng=self.rng)
+        args = (self.loop, self.toxics, self.stats.toxics, self.rng)
+        flow.up, flow.down = pipe(*args, "upstream", up), pipe(*args, "downstream", down)
 
     def _toxics_changed(self) -> None:
         with contextlib.suppress(RuntimeError):  # the loop is closed: nothing to change
@@ -374,7 +372,7 @@ class DatagramRelay:
             del self.flows[flow.addr]
         with contextlib.suppress(OSError, ValueError):
             self.loop.remove_reader(flow.fd)
-        flow.close(self.stats.toxics)
+        flow.close()
         self.stats.open = len(self.flows)
         peer = fmt_peer(flow.addr)
         self._log(conn_log.info, "flow_close", peer, "flow from %s closed: %s", (peer, why))
