@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 from strict import needs
-from support import check_stamp
+from support import SOCKSERVE, ServerProcess, check_stamp, free_port
 
 from sockserve.relay.api import ApiThread
 from sockserve.server import ServerThread
@@ -151,3 +151,30 @@ def test_populate_and_destroy_all(server: Any, upstream: str) -> None:
     server.destroy_all()
     assert server.proxies() == {}
     assert all(refused(p.listen) for p in made)
+
+
+def test_sockserve_relay_api_as_toxiproxy_server(upstream: str) -> None:
+    """The drop-in: ``sockserve relay LISTEN TARGET --api`` run where ``toxiproxy-server``
+    would be, and the client reaching the command line's relay as its proxy ``relay``."""
+    port = free_port()
+    argv = [*SOCKSERVE, "relay", "tcp://127.0.0.1:0", upstream, "--api", f"127.0.0.1:{port}"]
+    with ServerProcess(argv=argv, graceful=True) as proc:
+        proc.wait_line(f"127.0.0.1:{port}")
+        client = toxiproxy.Toxiproxy()
+        saved = (APIConsumer.host, APIConsumer.port)
+        client.update_api_consumer("127.0.0.1", port)
+        try:
+            relay = client.get_proxy("relay")
+            assert relay is not None and relay.enabled is True
+            assert f"tcp://{relay.listen}" == proc.endpoints[0]
+            plain = round_trips(relay.listen)
+            relay.add_toxic(type="latency", attributes={"latency": 100})
+            assert 0.095 <= round_trips(relay.listen) - plain < 0.2
+            made = client.create(upstream=upstream, name="second")
+            round_trips(made.listen, 1)
+            assert client.reset()
+            assert relay.toxics() == {}
+        finally:
+            client.update_api_consumer(*saved)
+        code, log = proc.stop()
+    assert code == 0, log

@@ -133,6 +133,7 @@ def test_duplicate_proxy_is_409(api: ApiThread, upstream: str) -> None:
         (b'{"name": "x", "upstream": "exec:sh -c id"}', "exec: targets are not allowed"),
         (b'{"name": "x", "upstream": "udp://127.0.0.1:9"}', "one is a stream endpoint"),
         (b"\xff\xfe{}", "malformed JSON"),
+        (b"[" * 200_000, "malformed JSON"),  # nested past the parser's recursion limit
     ],
 )
 def test_bad_proxy_bodies_are_400_with_a_message(api: ApiThread, body: bytes, says: str) -> None:
@@ -403,6 +404,21 @@ def test_oversized_bodies_are_413(api: ApiThread) -> None:
         assert recv_until_closed(s).startswith(b"HTTP/1.1 431 ")
 
 
+def test_expect_100_continue_is_answered(api: ApiThread, upstream: str) -> None:
+    """curl sends ``Expect: 100-continue`` before a body over 1 KiB and waits for the 100."""
+    body = json.dumps([{"name": f"p{i}", "upstream": upstream} for i in range(20)]).encode()
+    assert api.server is not None
+    with socket.create_connection(("127.0.0.1", api.server.endpoint.port), timeout=10) as s:
+        s.sendall(
+            b"POST /populate HTTP/1.1\r\nhost: x\r\nexpect: 100-continue\r\n"
+            b"connection: close\r\ncontent-length: %d\r\n\r\n" % len(body)
+        )
+        assert s.recv(4096).startswith(b"HTTP/1.1 100 ")
+        s.sendall(body)
+        assert recv_until_closed(s).startswith(b"HTTP/1.1 201 ")
+    assert len(call(api, "GET", "/proxies")[2]) == 20
+
+
 def test_pipelined_requests_are_answered_in_order(api: ApiThread, upstream: str) -> None:
     create(api, upstream)
     one = b"GET /version HTTP/1.1\r\nhost: x\r\n\r\n"
@@ -484,3 +500,37 @@ def test_an_adopted_relay_is_driven_like_the_others(api: ApiThread, upstream: st
     again = api.proxies.get("relay").relay  # a new Relay (one runs once), set as the first
     assert again is not None and again.config.max_conns == 3
     assert again.link.origin.connect_timeout == 2.5
+
+
+def test_hostile_bytes_never_harm_the_api(
+    api: ApiThread, upstream: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Truncated, mangled and random requests: each is answered 4xx or closed, nothing is
+    logged as a failure of ours, and the API and its relays go on serving."""
+    import random
+
+    listen = create(api, upstream)["listen"]
+    good = b'POST /proxies/ts/toxics HTTP/1.1\r\nhost: x\r\ncontent-length: 17\r\n\r\n{"type":"latency"}'
+    rng = random.Random(1312)
+    cases = [good[:n] for n in range(0, len(good), 7)]
+    cases += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 300))) for _ in range(40)]
+    cases += [good.replace(b"17", b"-1"), good.replace(b"17", b"1" * 30), good + b"\x00" * 50]
+    cases += [
+        b"GET /%s HTTP/1.1\r\nhost: x\r\n\r\n" % bytes(rng.randrange(33, 127) for _ in range(50))
+    ]
+    assert api.server is not None
+    api.server.read_timeout = 0.2  # the truncated ones are closed by it
+    caplog.set_level("ERROR", logger="sockserve")
+    for data in cases:
+        port = api.server.endpoint.port
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as s,
+            contextlib.suppress(ConnectionResetError, BrokenPipeError),
+        ):
+            s.sendall(data)
+            reply = recv_until_closed(s)
+            assert reply == b"" or reply.startswith(b"HTTP/1.1 "), (data, reply[:80])
+        call(api, "DELETE", "/proxies/ts/toxics/latency_downstream")  # if the whole one landed
+    assert [r.getMessage() for r in caplog.records] == []
+    assert call(api, "GET", "/version")[0] == 200
+    round_trip(listen)

@@ -82,8 +82,7 @@ class ApiServer:
         return f"http://[{ep.host}]:{ep.port}" if ep.is_ipv6 else f"http://{ep.host}:{ep.port}"
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self.loop = loop
+        loop = self.loop = asyncio.get_running_loop()
         ep = self.endpoint
         host = None if ep.is_dualstack else ep.host
         try:
@@ -97,13 +96,13 @@ class ApiServer:
 
     async def close(self) -> None:
         """Stop listening and drop every API connection (the proxies are the caller's)."""
-        if self._server is not None:
-            self._server.close()
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
         for conn in list(self.conns):
             conn.abort()
-        if self._server is not None:
-            await self._server.wait_closed()
-            self._server = None
+        if server is not None:
+            await server.wait_closed()
 
 
 class ApiThread:
@@ -111,8 +110,7 @@ class ApiThread:
 
     ``with ApiThread() as api:`` binds ``127.0.0.1:0`` (or ``listen``) and returns once
     serving (raising the bind error if not); ``api.url`` is what a Toxiproxy client is
-    pointed at. Leaving the block closes the API and stops every proxy. ``settings`` go
-    to every relay.
+    pointed at. Leaving the block stops the API and every proxy. ``settings``: each relay's.
     """
 
     def __init__(self, listen: str | Endpoint = "127.0.0.1:0", **settings: Any) -> None:
@@ -250,6 +248,11 @@ class _ApiProtocol(asyncio.Protocol):
                 if int(length) > MAX_BODY:  # h11 has checked it is digits
                     self._fail(413, f"request body over {MAX_BODY} bytes")
                     return
+                if self.conn.they_are_waiting_for_100_continue:  # curl, for bodies over 1 KiB
+                    go_on = h11.InformationalResponse(
+                        status_code=100, headers=[], reason=b"Continue"
+                    )
+                    self.transport.write(self.conn.send(go_on) or b"")
             elif isinstance(event, h11.Data):
                 self.body += event.data
                 if len(self.body) > MAX_BODY:  # chunked bodies have no length up front
