@@ -71,7 +71,7 @@ class StreamConnection(Protocol):
 
     def write(self, data: bytes) -> None: ...
     def close(self) -> None: ...
-    def shutdown_write(self) -> None: ...
+    def shutdown_write(self) -> bool | None: ...
 
     @property
     def writable(self) -> bool:
@@ -91,6 +91,11 @@ class StreamSession:
     peer half-closes (default: close), ``on_writable`` when the write buffer drains
     below its low-water mark, and ``on_close`` once at the end.
     """
+
+    #: Pause reading this connection while its own write buffer is full (echo, chargen: the
+    #: input makes the output). False for a session that paces reading itself (a relay
+    #: pauses by the far side's buffer, and reads on while only this side's is full).
+    pause_on_full = True
 
     def __init__(self, conn: StreamConnection) -> None:
         self.conn = conn

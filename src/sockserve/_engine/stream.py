@@ -9,6 +9,9 @@ client that sends but never reads costs bounded memory.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import socket
+import struct
 import time
 from typing import Any, cast
 
@@ -205,15 +208,20 @@ class SessionProtocol(TransportConn):
     kernel throw away the reply it had not read yet.
     """
 
-    __slots__ = ("_eof", "_linger", "session", "writable")
+    __slots__ = ("_eof", "_linger", "_own_pause", "lost", "session", "writable")
 
     def __init__(self, rt: ConnOwner, peer: Any) -> None:
         super().__init__(rt, peer)
         self.writable = True
         self._eof = False  # the peer half-closed: never resume reading (uvloop would re-read EOF)
         self._linger: asyncio.TimerHandle | None = None  # set while lingering
+        #: Why the connection ended, once it has (None: an orderly close), for on_close.
+        self.lost: Exception | None = None
         assert rt.service.stream is not None
         self.session: StreamSession = rt.service.stream(self)
+        # Echo-style backpressure (pause reading while our own writes back up) unless the
+        # session paces this side itself (a relay: the far side's buffer decides).
+        self._own_pause = self.session.pause_on_full
 
     # StreamConnection API offered to the session
     def write(self, data: bytes) -> None:
@@ -225,9 +233,30 @@ class SessionProtocol(TransportConn):
         else:
             self.closing = True  # tells producers (chargen) to stop
 
-    def shutdown_write(self) -> None:
+    def shutdown_write(self) -> bool:
+        """Half-close (FIN after what is buffered); False where there is none (TLS)."""
         if self._transport is not None and self._transport.can_write_eof():
             self._transport.write_eof()
+            return True
+        return False
+
+    def get_extra_info(self, name: str) -> Any:
+        """The transport's ``get_extra_info`` (``sockname``: where the client connected)."""
+        return self._transport.get_extra_info(name) if self._transport is not None else None
+
+    def pause_reading(self) -> None:
+        """Stop reading this connection (a session pacing it by another's write buffer)."""
+        if self._transport is not None and not self._transport.is_closing():
+            self._transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._transport is not None and not self.closing and not self._eof:
+            self._transport.resume_reading()
+
+    def reset(self) -> None:
+        """Abort with an RST (SO_LINGER 0), not a FIN: how a relay passes a reset on."""
+        set_linger_zero(self._transport)
+        self.abort()
 
     def close(self) -> None:
         """Flush, half-close and linger (see the class docstring); a plain close once
@@ -280,18 +309,24 @@ class SessionProtocol(TransportConn):
 
     def pause_writing(self) -> None:
         self.writable = False
-        if self._transport is not None and not self._eof and self._linger is None:
+        if (
+            self._own_pause
+            and self._transport is not None
+            and not self._eof
+            and self._linger is None
+        ):
             self._transport.pause_reading()
 
     def resume_writing(self) -> None:
         self.writable = True
-        if self._transport is not None and not self.closing and not self._eof:
+        if self._own_pause and self._transport is not None and not self.closing and not self._eof:
             self._transport.resume_reading()
         self._call("on_writable")
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._linger is not None:
             self._linger.cancel()
+        self.lost = exc
         self._call("on_close")
         self.rt.closed(self, exc)
 
@@ -313,7 +348,24 @@ class SessionProtocol(TransportConn):
                 self.abort()
 
 
+def set_linger_zero(transport: asyncio.BaseTransport | None) -> None:
+    """Make the next close of ``transport``'s socket send RST (SO_LINGER on, 0 s)."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return
+    # Already closed, or not a socket (a pipe): an abort is all there is.
+    with contextlib.suppress(OSError, AttributeError, NotImplementedError):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+
 #: What a stream runtime builds for an accepted connection (a PROXY header first: proxywrap).
 AnyConn = StreamProtocol | SessionProtocol
 
-__all__ = ["AnyConn", "SessionProtocol", "StreamProtocol", "TransportConn", "conn_log"]
+__all__ = [
+    "AnyConn",
+    "SessionProtocol",
+    "StreamProtocol",
+    "TransportConn",
+    "conn_log",
+    "set_linger_zero",
+]

@@ -52,6 +52,10 @@ COMMANDS = {
     "call": ("sockserve.cli.call", "send requests to an endpoint and print the replies"),
     "chat": ("sockserve.cli.chat", "interactive client: each line you type is a request"),
     "services": ("sockserve.cli.services", "list the built-in services"),
+    "relay": (
+        "sockserve.cli.relay",
+        "join every connection on LISTEN to TARGET (socat/toxiproxy-style relay)",
+    ),
     "bench": ("sockserve.cli.bench", "load-test an endpoint"),
     "completion": (
         "sockserve.cli.completion",
