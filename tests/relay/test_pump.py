@@ -177,9 +177,13 @@ def test_a_reset_passes_as_a_reset(build: str, target: Target, who: str) -> None
         wait_for(lambda: r.stats.open == 0, TIMEOUT, "the reset connection to end")
 
 
-def test_a_target_that_never_reads_stops_the_client(build: str, target: Target) -> None:
+@pytest.mark.parametrize("splice", ["1", "0"])
+def test_a_target_that_never_reads_stops_the_client(
+    build: str, target: Target, splice: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Backpressure: the client can put only the kernel buffers' worth (and one read held
-    by the pump) in flight, not more: the relay's memory does not grow."""
+    by the pump, or a pipe's worth) in flight, not more: the relay's memory does not grow."""
+    monkeypatch.setenv("SOCKSERVE_RELAY_SPLICE", splice)
     with RelayThread("tcp://127.0.0.1:0", target.url) as r:
         c = connect(r)
         t = target.accept()  # never reads
