@@ -97,10 +97,22 @@ def send(port: int, total: int) -> float:
     return time.perf_counter() - start
 
 
-def bulk_once(port: int, total: int) -> float:
+def tree_cpu(pid: int) -> float:
+    """CPU seconds of a process and its reaped children (socat forks one per connection)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
+def bulk_once(port: int, total: int, pid: int) -> tuple[float, float]:
+    """Seconds for ``total`` bytes through the relay, and the relay's CPU seconds."""
     cmd = pinned([PYTHON, __file__, "--send", str(port), str(total)], LOAD_CORE)
+    cpu = tree_cpu(pid)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=True)
-    return float(out.stdout.strip())
+    time.sleep(0.2)  # socat's child for the connection is reaped
+    return float(out.stdout.strip()), tree_cpu(pid) - cpu
 
 
 def main() -> None:
@@ -127,7 +139,7 @@ def main() -> None:
             sys.exit(f"relay.py: unknown relay {r!r}; known: {', '.join(RELAYS)}")
         if r in ("socat", "haproxy") and shutil.which(r) is None:
             sys.exit(f"relay.py: {r} is not installed (apt-get install {r})")
-    results: dict[str, dict[str, list[float]]] = {"rr": {}, "bulk": {}}
+    results: dict[str, dict[str, list[float]]] = {"rr": {}, "bulk": {}, "bulk_cpu": {}}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         log = work / "servers.log"
@@ -152,8 +164,10 @@ def main() -> None:
                                 res = run_bench(f"tcp://127.0.0.1:{port}", args.conns, args, pid)
                                 value = float(res["rps"])  # type: ignore[arg-type]
                             else:
-                                secs = bulk_once(port, args.bulk_mib << 20)
+                                secs, cpu = bulk_once(port, args.bulk_mib << 20, pid)
                                 value = (args.bulk_mib << 20) / secs / 1e6
+                                gib = args.bulk_mib / 1024
+                                results["bulk_cpu"].setdefault(name, []).append(cpu / gib)
                         results[kind].setdefault(name, []).append(value)
                         unit = "req/s" if kind == "rr" else "MB/s"
                         print(
@@ -165,17 +179,21 @@ def main() -> None:
 
 
 def report(results: dict[str, dict[str, list[float]]], relays: list[str]) -> None:
-    for kind, unit in (("rr", "req/s"), ("bulk", "MB/s")):
+    for kind, unit in (("rr", "req/s"), ("bulk", "MB/s"), ("bulk_cpu", "relay CPU s/GiB")):
         rows = results[kind]
         if not rows:
             continue
         med = {name: statistics.median(v) for name, v in rows.items()}
         ours = med.get("sockserve")
-        print(f"\n{kind}: median {unit} (ratio sockserve / relay)")
+        what = "relay / sockserve" if kind == "bulk_cpu" else "sockserve / relay"
+        print(f"\n{kind}: median {unit} (ratio {what})")
         for name in relays:
             if name in med:
                 ratio = f"{ours / med[name]:.2f}x" if ours and med[name] else "-"
-                print(f"  {name:18} {med[name]:12,.0f}  {ratio}")
+                if kind == "bulk_cpu" and ours and med[name]:
+                    ratio = f"{med[name] / ours:.2f}x"
+                fmt = ",.2f" if kind == "bulk_cpu" else ",.0f"
+                print(f"  {name:18} {med[name]:12{fmt}}  {ratio}")
 
 
 if __name__ == "__main__":

@@ -14,16 +14,19 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from strict import require
 from support import free_port, wait_for
 
 from sockserve._engine import epoll
 from sockserve.relay import RelayThread
 from sockserve.relay.pump import Pump
+from sockserve.relay.toxics import Toxic
 from sockserve.server import ServerThread
 
 TIMEOUT = 10
@@ -34,8 +37,8 @@ def build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
     """Which poll the relay's hub runs: the C helper's, or its twin (as without it)."""
     if request.param == "py":
         monkeypatch.setattr(epoll, "c_poll_fast", None)
-    elif epoll.c_poll_fast is None:
-        pytest.skip("sockserve._speedups is not in use")  # the "py" case is this build
+    else:
+        require(epoll.c_poll_fast is not None, "sockserve._speedups is not in use")
     return str(request.param)
 
 
@@ -210,20 +213,22 @@ def test_a_target_that_never_reads_stops_the_client(
 
 
 def test_bulk_goes_through_splice_intact(build: str) -> None:
-    with ServerThread("echo", "tcp://127.0.0.1:0") as echo:
-        with RelayThread("tcp://127.0.0.1:0", echo.url("tcp")) as r:
-            c = connect(r)
-            data = os.urandom(6 << 20)
-            got: list[bytes] = []
-            reader = threading.Thread(target=lambda: got.append(recv_until_eof(c)))
-            reader.start()
-            c.sendall(data)
-            c.shutdown(socket.SHUT_WR)
-            reader.join(TIMEOUT * 3)
-            assert got == [data]
-            c.close()
-            wait_for(lambda: r.stats.open == 0, TIMEOUT, "the bulk connection to end")
-            assert r.stats.bytes_up == r.stats.bytes_down == len(data)
+    with (
+        ServerThread("echo", "tcp://127.0.0.1:0") as echo,
+        RelayThread("tcp://127.0.0.1:0", echo.url("tcp")) as r,
+    ):
+        c = connect(r)
+        data = os.urandom(6 << 20)
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(recv_until_eof(c)))
+        reader.start()
+        c.sendall(data)
+        c.shutdown(socket.SHUT_WR)
+        reader.join(TIMEOUT * 3)
+        assert got == [data]
+        c.close()
+        wait_for(lambda: r.stats.open == 0, TIMEOUT, "the bulk connection to end")
+        assert r.stats.bytes_up == r.stats.bytes_down == len(data)
 
 
 def test_a_target_that_is_down_resets_the_client(
@@ -243,9 +248,6 @@ def test_a_target_that_is_down_resets_the_client(
 
 
 def test_a_relay_with_toxics_uses_the_session_path(build: str, target: Target) -> None:
-    pytest.importorskip("sockserve.relay.toxics")
-    from sockserve.relay.toxics import Toxic
-
     with RelayThread("tcp://127.0.0.1:0", target.url, toxics=[Toxic("latency")]) as r:
         c = connect(r)
         t = target.accept()
@@ -266,3 +268,35 @@ def test_idle_timeout_closes_a_pumped_connection(build: str, target: Target) -> 
         assert t.recv(10) == b""
         c.close()
         t.close()
+
+
+def test_a_toxic_added_live_applies_to_a_pumped_connection(build: str, target: Target) -> None:
+    """Toxiproxy applies a new toxic to open connections: the pump hands both directions
+    to StreamPipes, which then follow the set (removed again: no more latency added)."""
+    with RelayThread("tcp://127.0.0.1:0", target.url) as r:
+        c = connect(r)
+        t = target.accept()
+
+        def round_trip(data: bytes) -> float:
+            started = time.perf_counter()
+            c.sendall(data)
+            assert t.recv(100) == data
+            t.sendall(data[::-1])
+            assert c.recv(100) == data[::-1]
+            return time.perf_counter() - started
+
+        assert round_trip(b"before") < 0.5
+        (pump,) = conns_of(r)
+        r.call(r.toxics.add, Toxic("latency", attributes={"latency": 150}))
+        wait_for(lambda: pump.piped, TIMEOUT, "the pump to hand over to the pipes")
+        assert round_trip(b"with latency") >= 0.14
+        r.call(r.toxics.remove, "latency_downstream")
+        wait_for(lambda: not len(r.toxics), TIMEOUT, "the toxic to go")
+        assert round_trip(b"after") < 0.14 + 0.5  # the pipe follows the set
+        c.shutdown(socket.SHUT_WR)
+        assert t.recv(10) == b""
+        t.close()
+        assert c.recv(10) == b""
+        c.close()
+        wait_for(lambda: r.stats.open == 0, TIMEOUT, "the connection to end")
+        assert r.stats.bytes_up == len(b"before" + b"with latency" + b"after")

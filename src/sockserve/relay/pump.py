@@ -10,8 +10,9 @@ switch to ``splice(2)`` through a pipe (the bytes stay in the kernel).
 
 Taken only for plain pairs (``tcp``/``unix`` on both sides, no TLS, no PROXY header
 either way, no ``--trace``, no toxic at accept time): the session path
-(:mod:`.session`) does the rest. A toxic added later applies to new connections; a
-pumped one keeps passing bytes untouched.
+(:mod:`.session`) does the rest. A toxic added to the live set while a connection is
+pumped moves it off the fast path: its bytes then go through a StreamPipe each way
+(:mod:`.pipes`), as on the session path.
 
 Error handling: a failed read or send on either side resets both (SO_LINGER 0), so a
 reset passes as a reset; a target that cannot be reached resets the client, logged once
@@ -22,21 +23,17 @@ waits in the pipe) and its source is not read until it has gone: bounded memory.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import os
 import socket
-import struct
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from .._engine.epoll import _ERR, _IN, _OUT
-from .._engine.fastio import EOF, ERRNO, KIND_PUMP, PARTIAL, PUMP_STATE
-from .._engine.fastpath import serve_pump
-from ..endpoints import Endpoint
 from ..logs import fmt_peer
+from ..server.pair import End, open_stream
 from ..service import Context
+from .pipes import StreamPipe
 
 if TYPE_CHECKING:
     from .session import Link
@@ -48,200 +45,29 @@ relay_log = logging.getLogger("sockserve.relay")
 SPLICE_AFTER = 1 << 20
 #: splice_after that never splices (``SOCKSERVE_RELAY_SPLICE=0``, to compare).
 NEVER = sys.maxsize
-_LINGER_ZERO = struct.pack("ii", 1, 0)
-_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 
-class End:
-    """One socket of a pumped pair, a member of the hub: its readable bytes go to its peer
-    (the pump, on the fast path); it holds what its peer read for it but it did not take."""
+class _Into:
+    """The Sink of a StreamPipe: the socket its direction ends in."""
 
-    __slots__ = (
-        "events",
-        "fd",
-        "out",
-        "parked",
-        "peer",
-        "pump",
-        "read_eof",
-        "reading",
-        "shut_after",
-        "sock",
-        "spec",
-        "state",
-        "view",
-        "wrote_eof",
-    )
-
-    def __init__(self, pump: Pump, sock: socket.socket) -> None:
+    def __init__(self, end: End, pump: Pump) -> None:
+        self.end = end
         self.pump = pump
-        self.sock = sock
-        self.fd = sock.fileno()
-        #: The direction this socket is the source of (the contract's KIND_PUMP state).
-        self.state = bytearray(PUMP_STATE)
-        self.view = memoryview(self.state).cast("q")
-        self.view[2] = self.view[3] = -1
-        self.peer = self
-        self.spec: tuple[End, int, bytearray, int, int] | None = None
-        self.events = 0
-        self.out: bytes | None = None
-        self.reading = True
-        self.read_eof = False
-        self.shut_after = False  # its peer ended: shut this side's write once out is gone
-        self.wrote_eof = False
-        self.parked = False  # out of the epoll set (hung up while not read)
 
-    def join(self, peer: End, splice_after: int) -> None:
-        self.peer = peer
-        self.spec = (self, peer.fd, self.state, splice_after, KIND_PUMP)
+    def write(self, data: bytes) -> None:
+        self.end.send(data)
 
-    def fast_spec(self) -> tuple[End, int, bytearray, int, int] | None:
-        """The hub serves this socket's reads itself while it is only read (events IN)."""
-        return self.spec
+    def write_eof(self) -> None:
+        if self.end.held:
+            self.end.shut_after = True
+        elif not self.end.wrote_eof and self.end.fd >= 0:
+            self.end.shut_write()
 
-    @property
-    def held(self) -> bool:
-        """Bytes for this socket not sent yet (its own, or in its peer's pipe)."""
-        return self.out is not None or self.peer.view[4] > 0
+    def close(self) -> None:
+        self.pump.close()
 
-    # -- what the hub calls -------------------------------------------------------------
-
-    def on_fast_result(self, tag: int, value: Any) -> None:
-        if tag == PARTIAL:  # the peer did not take it all: hold it, stop reading here
-            if value is not None:
-                self.peer.out = value
-            self.reading = False
-            self.update()
-            self.peer.update()
-        elif tag == EOF:
-            self.read_eof = True
-            self.reading = False
-            self.update()
-            if self.peer.held:
-                self.peer.shut_after = True
-            else:
-                self.peer.shut_write()
-        elif tag == ERRNO:
-            self.pump.reset(OSError(value, os.strerror(value)))
-
-    def on_event(self, events: int) -> None:
-        if events & _OUT and self.held:
-            self.flush()
-        if self.fd < 0:
-            return
-        if events & (_IN | _ERR) and self.reading and self.spec is not None:
-            tag, value = serve_pump(self.fd, self.spec, self.spec[3])
-            if tag:
-                self.on_fast_result(tag, value)
-        elif events & _ERR:
-            err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-            if err:
-                self.pump.reset(OSError(err, os.strerror(err)))
-            elif self.held:
-                self.flush()  # fails: the far end is gone
-            else:
-                self.park()
-
-    # -- moving what is held ------------------------------------------------------------
-
-    def flush(self) -> None:
-        """Send what is held for this socket; once all has gone, read its source again."""
-        src = self.peer.view
-        try:
-            if self.out is not None:
-                sent = _send_some(self.fd, self.out)
-                src[0] += sent
-                self.out = self.out[sent:] or None
-            if self.out is None and src[4] > 0:
-                left = _drain(src[2], self.fd, src[4])
-                src[0] += src[4] - left
-                src[4] = left
-        except OSError as exc:
-            self.pump.reset(exc)
-            return
-        if self.held:
-            return
-        if self.shut_after:
-            self.shut_write()
-        elif not self.peer.read_eof and not self.pump.closing:
-            self.peer.reading = True
-            self.peer.update()
-        elif self.pump.closing:
-            self.pump.finish(None)
-            return
-        self.update()
-
-    def shut_write(self) -> None:
-        """Its peer's stream ended: pass the FIN on (half-close)."""
-        self.wrote_eof = True
-        self.shut_after = False
-        try:
-            self.sock.shutdown(socket.SHUT_WR)
-        except OSError as exc:  # the far end is already gone
-            self.pump.reset(exc)
-            return
-        self.update()
-        self.pump.check_done()
-
-    # -- the epoll set ------------------------------------------------------------------
-
-    def update(self) -> None:
-        if self.fd < 0:
-            return
-        want = (_IN if self.reading else 0) | (_OUT if self.held else 0)
-        if self.parked:
-            if want:
-                self.parked = False
-                self.events = want
-                self.pump.hub.add(self.fd, self, want)
-        elif want != self.events:
-            self.events = want
-            self.pump.hub.modify(self.fd, want)
-
-    def park(self) -> None:
-        """Hung up while not read and holding nothing: out of the set (a hang-up is
-        reported whatever the events, level-triggered: it would spin)."""
-        if not self.parked:
-            self.parked = True
-            self.pump.hub.remove(self.fd)
-
-    def abort(self) -> None:
-        self.pump.abort()  # the hub's word for a member that failed
-
-    def close(self, linger_zero: bool) -> None:
-        if self.fd < 0:
-            return
-        if not self.parked:
-            self.pump.hub.remove(self.fd)
-        self.fd = -1
-        for pipe_fd in (self.view[2], self.view[3]):
-            if pipe_fd >= 0:
-                os.close(pipe_fd)
-        self.view[2] = self.view[3] = -1
-        if linger_zero:
-            with contextlib.suppress(OSError):
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
-        self.sock.close()
-
-
-def _send_some(fd: int, data: bytes) -> int:
-    done = 0
-    view = memoryview(data)
-    while done < len(data):
-        try:
-            done += os.write(fd, view[done:])
-        except BlockingIOError:
-            break
-    return done
-
-
-def _drain(pipe_r: int, fd: int, left: int) -> int:
-    while left > 0:
-        try:
-            left -= os.splice(pipe_r, fd, left, flags=_SPLICE_FLAGS)
-        except BlockingIOError:
-            break
-    return left
+    def reset(self) -> None:
+        self.pump.reset(ConnectionResetError("reset by a toxic"), count=False)
 
 
 Connect = Callable[[], Any]  # () -> awaitable of a connected non-blocking socket
@@ -274,6 +100,9 @@ class Pump:
         self._seen = -1
         self._counted = (0, 0)
         self._task: asyncio.Task[None] | None = None
+        self.piped = False
+        toxics = link.toxics
+        self._unwatch = toxics.watch(self.toxics_changed) if toxics is not None else None
         link.stats.connections += 1
         link.stats.open += 1
         rt.opened(self)  # drains it at once when the server is stopping
@@ -348,9 +177,31 @@ class Pump:
         client = self.client
         client.join(target, self.splice_after)
         target.join(client, self.splice_after)
-        for end in (client, target):
-            end.events = _IN
-            self.hub.add(end.fd, end, _IN)
+        client.start()
+        target.start()
+        self.toxics_changed()
+
+    def toxics_changed(self) -> None:
+        """A toxic was added to the relay's live set: from now on this connection's bytes
+        go through a StreamPipe each way, which follows the set from here (Toxiproxy
+        applies toxics to open connections too)."""
+        toxics = self.link.toxics
+        if self.piped or self.done or self.target is None or toxics is None or not len(toxics):
+            return
+        self.piped = True
+        loop = self.rt.loop
+        for src, direction in ((self.client, "upstream"), (self.target, "downstream")):
+            src.pipe = StreamPipe(
+                loop,
+                toxics,
+                direction,  # type: ignore[arg-type]
+                _Into(src.peer, self),
+                pause=src.pipe_pause,
+                resume=src.pipe_resume,
+            )
+            src.spec = None
+            if src.fd >= 0 and not src.parked:
+                self.hub.set_fast(src.fd, None)
 
     # -- ending ---------------------------------------------------------------------------
 
@@ -360,9 +211,10 @@ class Pump:
         if t is not None and c.read_eof and t.wrote_eof and t.read_eof and c.wrote_eof:
             self.finish(None)
 
-    def reset(self, exc: OSError) -> None:
+    def reset(self, exc: OSError, count: bool = True) -> None:
         """A side failed (a reset, mostly): reset both, so the other sees it too."""
-        self.link.stats.error("reset")
+        if count:
+            self.link.stats.error("reset")
         self.finish(exc, reset=True)
 
     def count(self) -> None:
@@ -383,6 +235,14 @@ class Pump:
         self.closing = True
         if self._task is not None:
             self._task.cancel()
+        if self._unwatch is not None:
+            self._unwatch()
+        applied = self.link.stats.toxics
+        for end in (self.client, self.target):
+            if end is not None and end.pipe is not None:
+                end.pipe.close()
+                for kind, times in end.pipe.applied.items():
+                    applied[kind] = applied.get(kind, 0) + times
         self.count()
         self.client.close(reset)
         if self.target is not None:
@@ -403,37 +263,6 @@ def plain(link: Link) -> bool:
     )
 
 
-async def open_stream(ep: Endpoint) -> socket.socket:
-    """A non-blocking socket connected to a tcp/unix endpoint (each address in turn)."""
-    loop = asyncio.get_running_loop()
-    if ep.is_unix:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, ep.address())
-        except BaseException:
-            sock.close()
-            raise
-        return sock
-    infos = await loop.getaddrinfo(ep.host, ep.port, type=socket.SOCK_STREAM)
-    error: OSError = OSError(f"no address for {ep.host}")
-    for family, kind, proto, _, addr in infos:
-        sock = socket.socket(family, kind, proto)
-        sock.setblocking(False)
-        try:
-            await loop.sock_connect(sock, addr)
-        except OSError as exc:
-            sock.close()
-            error = exc
-            continue
-        except BaseException:
-            sock.close()
-            raise
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-    raise error
-
-
 def adopter(link: Link) -> Callable[[Any, Any, socket.socket, Any], bool]:
     """The ``Service.adopt`` hook of a plain relay: each accepted socket is pumped while
     no toxic is configured (else, and for its lifetime, the session path relays it)."""
@@ -443,7 +272,7 @@ def adopter(link: Link) -> Callable[[Any, Any, socket.socket, Any], bool]:
 
     def adopt(rt: Any, hub: Any, sock: socket.socket, peer: Any) -> bool:
         if link.toxics is not None and len(link.toxics):
-            return False
+            return False  # toxics from the start: the session path
         Pump(rt, hub, sock, peer, link, lambda: open_stream(ep), splice_after)
         return True
 
