@@ -23,7 +23,7 @@ import pytest
 from strict import require
 from support import free_port, wait_for
 
-from sockserve._engine import epoll
+from sockserve._engine import epoll, fastio
 from sockserve.relay import RelayThread
 from sockserve.relay.pump import Pump
 from sockserve.relay.toxics import Toxic
@@ -38,7 +38,7 @@ def build(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
     if request.param == "py":
         monkeypatch.setattr(epoll, "c_poll_fast", None)
     else:
-        require(epoll.c_poll_fast is not None, "sockserve._speedups is not in use")
+        require(fastio.c_poll_fast is not None, "sockserve._speedups is not in use")
     return str(request.param)
 
 
