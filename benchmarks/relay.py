@@ -139,7 +139,12 @@ def main() -> None:
             sys.exit(f"relay.py: unknown relay {r!r}; known: {', '.join(RELAYS)}")
         if r in ("socat", "haproxy") and shutil.which(r) is None:
             sys.exit(f"relay.py: {r} is not installed (apt-get install {r})")
-    results: dict[str, dict[str, list[float]]] = {"rr": {}, "bulk": {}, "bulk_cpu": {}}
+    results: dict[str, dict[str, list[float]]] = {
+        "rr": {},
+        "rr_cpu": {},
+        "bulk": {},
+        "bulk_cpu": {},
+    }
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         log = work / "servers.log"
@@ -161,8 +166,13 @@ def main() -> None:
                         cmd, env = relay_cmd(name, port, ts if kind == "rr" else sink, work)
                         with started(cmd, env, SERVER_CORE, port, log) as pid:
                             if kind == "rr":
+                                cpu = tree_cpu(pid)
                                 res = run_bench(f"tcp://127.0.0.1:{port}", args.conns, args, pid)
                                 value = float(res["rps"])  # type: ignore[arg-type]
+                                cpu = tree_cpu(pid) - cpu
+                                reqs = value * (args.duration + args.warmup)
+                                us = cpu / reqs * 1e6 if reqs else 0.0
+                                results["rr_cpu"].setdefault(name, []).append(us)
                             else:
                                 secs, cpu = bulk_once(port, args.bulk_mib << 20, pid)
                                 value = (args.bulk_mib << 20) / secs / 1e6
@@ -179,20 +189,26 @@ def main() -> None:
 
 
 def report(results: dict[str, dict[str, list[float]]], relays: list[str]) -> None:
-    for kind, unit in (("rr", "req/s"), ("bulk", "MB/s"), ("bulk_cpu", "relay CPU s/GiB")):
+    for kind, unit in (
+        ("rr", "req/s"),
+        ("rr_cpu", "relay CPU us/request, about"),
+        ("bulk", "MB/s"),
+        ("bulk_cpu", "relay CPU s/GiB"),
+    ):
         rows = results[kind]
         if not rows:
             continue
         med = {name: statistics.median(v) for name, v in rows.items()}
         ours = med.get("sockserve")
-        what = "relay / sockserve" if kind == "bulk_cpu" else "sockserve / relay"
+        cpu = kind.endswith("_cpu")
+        what = "relay / sockserve" if cpu else "sockserve / relay"
         print(f"\n{kind}: median {unit} (ratio {what})")
         for name in relays:
             if name in med:
                 ratio = f"{ours / med[name]:.2f}x" if ours and med[name] else "-"
-                if kind == "bulk_cpu" and ours and med[name]:
+                if cpu and ours and med[name]:
                     ratio = f"{med[name] / ours:.2f}x"
-                fmt = ",.2f" if kind == "bulk_cpu" else ",.0f"
+                fmt = ",.2f" if cpu else ",.0f"
                 print(f"  {name:18} {med[name]:12{fmt}}  {ratio}")
 
 
