@@ -163,11 +163,12 @@ class End:
             return
         if self.shut_after:
             self.shut_write()
-        elif not self.pump.closing:
-            self.peer.resume()
-        else:
-            self.pump.finish(None)
+        if self.fd < 0:
             return
+        if self.pump.closing:
+            self.pump.close()  # closes once neither end holds anything
+            return
+        self.peer.resume()
         self.update()
 
     def resume(self) -> None:
