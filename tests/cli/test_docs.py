@@ -69,7 +69,6 @@ EXEMPT_BLOCKS = {
 #: Commands run with --help instead, and why; every option the line shows must be in the help.
 CHECK_ONLY = {
     "benchmarks/run.py": "a benchmark run takes ten minutes of both cores",
-    "benchmarks/relay.py": "a relay benchmark run takes minutes of both cores",
 }
 #: Text replaced in every runnable block, and why (ports and /tmp are handled separately).
 SUBSTITUTIONS = {
