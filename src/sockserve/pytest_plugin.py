@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 if TYPE_CHECKING:
+    from .relay.runner import RelayThread
     from .server.thread import ServerThread
 
 #: Where a server started by the fixture listens when the test names no URL: loopback,
@@ -47,3 +48,32 @@ def sockserve_server() -> Iterator[Callable[..., ServerThread]]:
     yield start
     for srv in reversed(started):
         srv.stop()
+
+
+@pytest.fixture
+def sockserve_relay() -> Iterator[Callable[..., RelayThread]]:
+    """``sockserve_relay(target, toxics=[...], listen="tcp://127.0.0.1:0", **settings)``: a
+    running relay in front of ``target``, stopped (every relayed connection closed) after
+    the test.
+
+    Takes what :class:`sockserve.relay.RelayThread` takes and returns it started:
+    ``relay.url()`` is where to connect instead of ``target``; ``relay.toxics`` holds the
+    live toxics, ``relay.stats`` the bytes and connections relayed. Put it between your
+    client and a ``sockserve_server`` (or any server) to test how the client copes with
+    latency, a slow link or a reset.
+    """
+    from .relay.runner import RelayThread
+
+    started: list[RelayThread] = []
+
+    def start(
+        target: Any, /, toxics: Any = (), listen: str = DEFAULT_TEST_URL, **settings: Any
+    ) -> RelayThread:
+        relay = RelayThread(listen, target, toxics=toxics, **settings)
+        relay.start()
+        started.append(relay)
+        return relay
+
+    yield start
+    for relay in reversed(started):
+        relay.stop()

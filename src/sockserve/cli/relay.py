@@ -10,15 +10,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import ConfigError, EndpointError, ServiceError, SockserveError
 from .main import EXIT_FAIL, EXIT_USAGE
 
 if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
     from .._engine.signals import StopSignals
+    from ..deploy.metrics import MetricsServer
     from ..endpoints import Endpoint
     from ..relay.runner import Relay
+    from ..relay.toxics import Toxic
 
 EPILOG = """\
 examples:
@@ -147,7 +151,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
     o.add_argument("--log-format", choices=("text", "json"), default="text", help="log format")
     o.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
-    o.add_argument("-q", "--quiet", dest="log_level", action="store_const", const="warning")
+    for flag, level in (("verbose", "debug"), ("quiet", "warning")):
+        o.add_argument(
+            f"-{flag[0]}",
+            f"--{flag}",
+            dest="log_level",
+            action="store_const",
+            const=level,
+            help=f"same as --log-level {level}",
+        )
     o.add_argument(
         "--no-access-log",
         dest="access_log",
@@ -189,11 +201,9 @@ def build_relays(args: argparse.Namespace) -> list[Relay]:
     ]
 
 
-def _toxic(stream: str, text: str) -> Any:
-    try:
-        from ..relay.toxics import parse_toxic  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        raise ConfigError("--toxic: toxics are not available in this build") from None
+def _toxic(stream: Literal["upstream", "downstream"], text: str) -> Toxic:
+    from ..relay.toxics import parse_toxic
+
     try:
         return parse_toxic(text, stream)
     except (ValueError, SockserveError) as exc:
@@ -212,9 +222,9 @@ def run(args: argparse.Namespace) -> int:
 
             parse_listen(args.metrics)
         if args.api is not None:
-            from ..deploy.metrics import parse_listen
+            from ..relay.api import api_endpoint
 
-            parse_listen(args.api)
+            api_endpoint(args.api)
     except (ConfigError, EndpointError, ServiceError) as exc:
         print(f"sockserve relay: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -251,7 +261,7 @@ class Foreground:
         if self._asked:
             self._stop.set()
         started: list[Relay] = []
-        closers: list[Any] = []
+        closers: list[Callable[[], Awaitable[None]]] = []
         try:
             for relay in self.relays:
                 await relay.start()
@@ -263,13 +273,14 @@ class Foreground:
                     extra={"event": "relaying", "endpoint": relay.endpoints[0]},
                 )
             if self.api is not None:
-                closers.append(await _start_api(self.api, self.relays))
+                closers += await _start_api(self.api, started)
             if self.metrics is not None:
-                closers.append(await _start_metrics(self.metrics, self.relays))
+                http = await _start_metrics(self.metrics, self.relays)
+                closers.append(_async(http.close))
             await self._stop.wait()
         finally:
-            for closer in closers:
-                closer.close()
+            for close in closers:
+                await close()
             for relay in started:
                 await relay.stop(drain=not self.forced)
 
@@ -289,15 +300,26 @@ class Foreground:
                 relay.server.remove_socket_files()
 
 
-async def _start_api(endpoint: str, relays: list[Relay]) -> Any:
-    try:
-        from ..relay.api import serve_api  # type: ignore[import-not-found,unused-ignore]
-    except ImportError:
-        raise ConfigError("--api: the Toxiproxy API is not available in this build") from None
-    return await serve_api(endpoint, relays)
+async def _start_api(address: str, relays: list[Relay]) -> list[Callable[[], Awaitable[None]]]:
+    """Toxiproxy's API on ``address``; the command line's relay is its proxy ``relay``."""
+    from ..relay.api import api_endpoint, serve_api
+    from ..relay.proxies import Proxies
+
+    proxies = Proxies()
+    for i, relay in enumerate(relays):
+        proxies.adopt("relay" if i == 0 else f"relay{i}", relay)
+    api = await serve_api(api_endpoint(address), proxies)
+    return [api.close, proxies.close]
 
 
-async def _start_metrics(address: str, relays: list[Relay]) -> Any:
+def _async(close: Callable[[], None]) -> Callable[[], Awaitable[None]]:
+    async def closer() -> None:
+        close()
+
+    return closer
+
+
+async def _start_metrics(address: str, relays: list[Relay]) -> MetricsServer:
     from ..deploy.metrics import MetricsServer, open_metrics_socket
     from ..relay.runner import metrics_page
 

@@ -12,23 +12,25 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
 from typing import Any
 
 from ..config import ServerConfig
 from ..endpoints import Endpoint, parse_endpoint
 from ..errors import ConfigError
+from ..logs import server_log
 from ..server.binding import Binding
 from ..server.listeners import Listener, close_listener, open_listener
 from ..server.loop import log_loop_exception, new_event_loop
 from ..server.server import Server
 from ..service import Service
+from .flows import DatagramRelay
 from .pump import adopter, plain
 from .session import Link, RelayStats, session_class
 from .target import Origin, Target, parse_target
+from .toxics import Toxic, ToxicSet
 
 #: Keyword arguments of ``Relay`` that say how to reach the target, not how to serve.
 ORIGIN_OPTIONS = frozenset(f.name for f in fields(Origin))
@@ -52,7 +54,7 @@ class Relay:
         listen: str | Endpoint,
         target: str | Endpoint | Target,
         *,
-        toxics: Any = (),
+        toxics: ToxicSet | Iterable[Toxic] = (),
         config: ServerConfig | None = None,
         send_proxy: int = 0,
         **settings: Any,
@@ -69,7 +71,7 @@ class Relay:
                 f"LISTEN {self.listen} is a {kind} endpoint but TARGET {self.target} is not: "
                 "relay tcp/unix/tls to tcp/unix/tls/exec:, udp/unixgram to udp/unixgram"
             )
-        self.toxics = _toxic_set(toxics)
+        self.toxics = _toxic_set(toxics, self.listen.is_stream)
         self.stats = RelayStats()
         tls_target = self.target.kind == "tls"
         self.link = Link(
@@ -79,11 +81,11 @@ class Relay:
             self.stats,
             send_proxy=send_proxy,
             trace=self.config.trace,
-            toxics=self.toxics if _has_toxics(self.toxics) else None,
+            toxics=self.toxics,
             ssl_context=origin.ssl_context() if tls_target else None,
         )
         self.server: Server | None = None
-        self._datagram: Any = None
+        self._datagram: DatagramRelay | None = None
         self._datagram_listener: Listener | None = None
         self._endpoints: list[Endpoint] = []
         if self.listen.is_stream:
@@ -113,18 +115,25 @@ class Relay:
         if self.server is not None:
             await self.server.start()
             return
-        flows = importlib.import_module("sockserve.relay.flows")  # relayudp's module
         cfg = self.config
         lst = open_listener(
             self.listen, backlog=cfg.backlog, reuse_port=cfg.reuse_port, unix_mode=cfg.unix_mode
         )
+        loop = asyncio.get_running_loop()
+        try:
+            self._datagram = DatagramRelay(loop, lst, self.target, self.toxics, cfg, self.stats)
+            self._datagram.start()
+        except BaseException:
+            close_listener(lst)  # bind nothing on failure, as Server.start
+            self._datagram = None
+            raise
         self._datagram_listener = lst
         self._endpoints = [lst.endpoint]
-        loop = asyncio.get_running_loop()
-        self._datagram = flows.DatagramRelay(
-            loop, lst.sock, self.target, self.toxics, cfg, self.stats
+        server_log.info(
+            "listening on %s (relay, datagram)",
+            lst.endpoint,
+            extra={"event": "listening", "endpoint": lst.endpoint, "service": "relay"},
         )
-        self._datagram.start()
 
     async def stop(self, drain: bool = False) -> None:
         """Stop accepting and close every relayed connection (after the drain timeout with
@@ -147,26 +156,11 @@ class Relay:
         await self.stop()
 
 
-def _toxic_set(toxics: Any) -> Any:
-    """The relay's live ToxicSet (relay/toxics.py), made from the toxics given."""
-    try:
-        mod = importlib.import_module("sockserve.relay.toxics")
-    except ImportError:
-        given = list(toxics)
-        if given:
-            raise ConfigError("toxics are not available in this build") from None
-        return None
-    if isinstance(toxics, mod.ToxicSet):
-        return toxics
-    tset = mod.ToxicSet()
-    for t in toxics:
-        tset.add(t)
+def _toxic_set(toxics: ToxicSet | Iterable[Toxic], stream: bool) -> ToxicSet:
+    """The relay's live ToxicSet: the one given (shared, e.g. with the API), or a new one."""
+    tset = toxics if isinstance(toxics, ToxicSet) else ToxicSet(toxics)
+    tset.restrict("stream" if stream else "datagram")
     return tset
-
-
-def _has_toxics(tset: Any) -> bool:
-    """Whether sessions need the toxics (a live set may gain some later: always, if one)."""
-    return tset is not None
 
 
 class RelayThread:
@@ -209,15 +203,15 @@ class RelayThread:
         return self.relay.stats
 
     @property
-    def toxics(self) -> Any:
+    def toxics(self) -> ToxicSet:
         return self.relay.toxics
 
     def url(self) -> str:
         return self.relay.url()
 
-    def call(self, fn: Any, *args: Any) -> None:
-        """Run ``fn(*args)`` on the relay's loop (toxic changes from another thread)."""
-        assert self._loop is not None
+    def call(self, fn: Callable[..., object], *args: Any) -> None:
+        """Run ``fn(*args)`` on the relay's loop (from the test's or the caller's thread)."""
+        assert self._loop is not None, "RelayThread is not started"
         self._loop.call_soon_threadsafe(fn, *args)
 
     def start(self) -> RelayThread:

@@ -28,111 +28,31 @@ from __future__ import annotations
 import asyncio
 import logging
 import ssl
-from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from .._engine.stream import set_linger_zero
-from ..config import ServerConfig
 from ..framing.proxy import encode_v1, encode_v2
 from ..logs import fmt_peer, trace
 from ..service import StreamConnection, StreamSession
-from .exec import ExecChild, spawn
-from .target import Origin, Target, connect
+from .pipes import StreamPipe
+from .target import ExecChild, FarSide, Link, RelayStats, connect, spawn
+from .toxics import ToxicSet
 
 relay_log = logging.getLogger("sockserve.relay")
 
-
-@dataclass
-class RelayStats:
-    """Counters of one relay, read by ``--metrics`` and the API at scrape time."""
-
-    connections: int = 0  # accepted and relayed, in all
-    open: int = 0  # relayed now
-    bytes_up: int = 0  # client -> target
-    bytes_down: int = 0  # target -> client
-    errors: dict[str, int] = field(default_factory=dict)  # kind -> count
-    toxics: dict[str, int] = field(default_factory=dict)  # toxic type -> times applied
-
-    def error(self, kind: str) -> None:
-        self.errors[kind] = self.errors.get(kind, 0) + 1
-
-
-@dataclass
-class Link:
-    """What every session of one relay shares: where to connect, how, and what to count."""
-
-    target: Target
-    origin: Origin
-    config: ServerConfig
-    stats: RelayStats
-    send_proxy: int = 0  # 0 off, 1 or 2: the PROXY protocol version sent to the target
-    trace: bool = False
-    toxics: Any = None  # a ToxicSet, or None: no faults configured
-    ssl_context: ssl.SSLContext | None = None  # for tls:// targets
+__all__ = ["Link", "RelaySession", "RelayStats", "session_class"]
 
 
 def _is_reset(exc: BaseException | None) -> bool:
     return isinstance(exc, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError))
 
 
-class FarSide(asyncio.Protocol):
-    """The target's side of one relayed connection; it reports everything to the session."""
-
-    def __init__(self, session: RelaySession) -> None:
-        self.session = session
-        self.transport: asyncio.Transport | None = None
-        self.eof = False
-        self.gone = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        t: asyncio.Transport = transport  # type: ignore[assignment]
-        cfg = self.session.link.config
-        t.set_write_buffer_limits(cfg.write_high_water, cfg.write_low_water)
-        self.transport = t
-
-    def data_received(self, data: bytes) -> None:
-        self.session.from_target(data)
-
-    def eof_received(self) -> bool:
-        self.eof = True
-        return self.session.target_eof()
-
-    def pause_writing(self) -> None:
-        self.session.conn_pause()
-
-    def resume_writing(self) -> None:
-        self.session.conn_resume()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.gone = True
-        self.session.target_lost(exc)
-
-    # what the session and the pipes call
-    def write(self, data: bytes) -> None:
-        if self.transport is not None and not self.transport.is_closing():
-            self.transport.write(data)
-
-    def write_eof(self) -> bool:
-        t = self.transport
-        if t is None or t.is_closing():
-            return True
-        if t.can_write_eof():
-            t.write_eof()
-            return True
-        return False
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-    def reset(self) -> None:
-        if self.transport is not None:
-            set_linger_zero(self.transport)
-            self.transport.abort()
-
-
 class RelaySession(StreamSession):
-    """A client connection relayed to ``link.target`` (``link`` set per relay, by subclass)."""
+    """A client connection relayed to ``link.target`` (``link`` set per relay, by subclass).
+
+    Each direction ends in a sink (``_Up``: the target, ``_Down``: the client); a direction
+    with toxics feeds its StreamPipe, which writes to the same sink. The connection closes
+    once an EOF has been delivered each way (or a toxic closes or resets it).
+    """
 
     pause_on_full = False
     link: ClassVar[Link]
@@ -144,10 +64,12 @@ class RelaySession(StreamSession):
         self.held: list[bytes] = []  # client bytes before the target is joined
         self.joined = False  # connected, PROXY header sent: client bytes may flow
         self.client_eof = False
+        self.up_done = False  # EOF delivered to the target
+        self.down_done = False  # EOF delivered to the client
         self.done = False
         self.opening: asyncio.Future[None] | None = None
-        self.up: Any = None  # StreamPipe client -> target, while a toxic applies
-        self.down: Any = None  # StreamPipe target -> client
+        self.up: StreamPipe | None = None  # client -> target through the toxics
+        self.down: StreamPipe | None = None  # target -> client
 
     # -- the client side (the engine calls these) ----------------------------------------
 
@@ -164,6 +86,7 @@ class RelaySession(StreamSession):
             trace(self.conn.ctx.local, self.conn.ctx.peer, "relayed to target from", data)
         if not self.joined:
             self.held.append(data)
+            self._pause_client()  # again: uvloop starts reading after connection_made
         elif self.up is not None and not self.up.passthrough:
             self.up.feed(data)
         elif self.far is not None:
@@ -171,35 +94,33 @@ class RelaySession(StreamSession):
 
     def on_eof(self) -> None:
         self.client_eof = True
-        far = self.far
-        if far is None or not self.joined:
+        if not self.joined:
             return  # passed on once joined
         if self.up is not None and not self.up.passthrough:
             self.up.feed_eof()
-        elif not far.write_eof():
-            far.close()  # TLS: no half-close; flush and close
-        if far.eof or far.gone:
-            self.conn.close()
+        else:
+            self.up_eof()
 
     def on_writable(self) -> None:
         """The client's buffer drained: read the target again."""
-        far = self.far
-        if far is not None and far.transport is not None and not far.eof and not far.gone:
-            far.transport.resume_reading()
+        self._resume_far()
 
     def on_close(self) -> None:
         self.done = True
-        self.link.stats.open -= 1
+        st = self.link.stats
+        st.open -= 1
         lost = getattr(self.conn, "lost", None)
         if self.opening is not None and not self.opening.done():
             self.opening.cancel()
         for pipe in (self.up, self.down):
             if pipe is not None:
+                for kind, n in pipe.applied.items():
+                    st.toxics[kind] = st.toxics.get(kind, 0) + n
                 pipe.close()
         far = self.far
         if far is not None and not far.gone:
             if _is_reset(lost):
-                self.link.stats.error("client_reset")
+                st.error("client_reset")
                 far.reset()
             else:
                 far.close()
@@ -233,7 +154,7 @@ class RelaySession(StreamSession):
                 why,
                 extra={"event": "connect_failed", "endpoint": self.conn.ctx.local},
             )
-            self._reset_client()
+            self.reset()
             return
         if self.done:  # the client left while we connected
             if self.far is not None:
@@ -245,6 +166,8 @@ class RelaySession(StreamSession):
 
     def _far(self) -> FarSide:
         self.far = FarSide(self)
+        if self.link.toxics is not None:
+            self._pipes(self.link.toxics)  # now: the target may send before _open resumes
         return self.far
 
     def _joined(self) -> None:
@@ -257,18 +180,27 @@ class RelaySession(StreamSession):
         self.joined = True
         held, self.held = self.held, []
         for chunk in held:
-            self.on_data_held(chunk)
+            if self.up is not None and not self.up.passthrough:
+                self.up.feed(chunk)
+            else:
+                far.write(chunk)
         if self.client_eof:
-            self.client_eof = False
             self.on_eof()
         else:
             self.conn_resume()
 
-    def on_data_held(self, data: bytes) -> None:
-        if self.up is not None and not self.up.passthrough:
-            self.up.feed(data)
-        elif self.far is not None:
-            self.far.write(data)
+    def _pipes(self, toxics: ToxicSet) -> None:
+        """A StreamPipe each way: toxics there now, or added later, reach this connection."""
+        loop = asyncio.get_running_loop()
+        high = self.link.config.write_high_water
+        self.up = StreamPipe(
+            loop, toxics, "upstream", _Up(self), pause=self._pause_client,
+            resume=self.conn_resume, high_water=high,
+        )  # fmt: skip
+        self.down = StreamPipe(
+            loop, toxics, "downstream", _Down(self), pause=self._pause_far,
+            resume=self._resume_far, high_water=high,
+        )  # fmt: skip
 
     def _proxy_header(self) -> bytes:
         src = self.conn.ctx.peer
@@ -291,60 +223,137 @@ class RelaySession(StreamSession):
         else:
             self.to_client(data)
 
-    def to_client(self, data: bytes) -> None:
-        self.conn.write(data)
-        far = self.far
-        if not self.conn.writable and far is not None and far.transport is not None:
-            far.transport.pause_reading()  # resumed by on_writable
-
     def target_eof(self) -> bool:
         """The target half-closed: FIN to the client; True keeps the target open for writes."""
         if self.down is not None and not self.down.passthrough:
             self.down.feed_eof()
         else:
-            self.client_shutdown()
+            self.down_eof()
         far = self.far
         return (
             far is not None
-            and not self.client_eof
+            and not self.up_done
             and far.transport is not None
-            and (far.transport.can_write_eof())
+            and far.transport.can_write_eof()
         )
-
-    def client_shutdown(self) -> None:
-        if self.client_eof or not self.conn.shutdown_write():
-            self.conn.close()
 
     def target_lost(self, exc: Exception | None) -> None:
         if self.done:
             return
         if _is_reset(exc):
             self.link.stats.error("target_reset")
-            self._reset_client()
-            return
-        self.conn.close()  # flush what the target sent; FIN
+            self.reset()
+        elif self.down is not None and not self.down.passthrough and not self.down_done:
+            if self.far is not None and not self.far.eof:
+                self.down.feed_eof()  # what the toxics hold still goes, then the close
+        else:
+            self.conn.close()  # flush what the target sent; FIN
+
+    # -- the two sinks' ends (also what the pipes reach through _Up and _Down) ----------
+
+    def to_client(self, data: bytes) -> None:
+        self.conn.write(data)
+        if not self.conn.writable:
+            self._pause_far()  # resumed by on_writable
+
+    def up_eof(self) -> None:
+        """EOF towards the target (TLS has none: flush and close it)."""
+        self.up_done = True
+        far = self.far
+        if far is not None and not far.write_eof():
+            far.close()
+        if self.down_done or (far is not None and far.gone):
+            self.finish()
+
+    def down_eof(self) -> None:
+        """EOF towards the client (a plain close on TLS)."""
+        self.down_done = True
+        far = self.far
+        if self.up_done or (far is not None and far.gone):
+            self.finish()
+        elif not self.conn.shutdown_write():
+            self.conn.close()
+
+    def finish(self) -> None:
+        """Both ways are done: close both sides after what is buffered."""
+        self.conn.close()
+        if self.far is not None:
+            self.far.close()
+
+    def reset(self) -> None:
+        """Reset both sides (a reset passed on, a connect failure, a reset_peer toxic)."""
+        if self.far is not None and not self.far.gone:
+            self.far.reset()
+        reset = getattr(self.conn, "reset", None)
+        if reset is not None:
+            reset()
+        else:
+            self.conn.close()
+
+    # -- flow control --------------------------------------------------------------------
 
     def conn_pause(self) -> None:
         """The target's buffer is full: stop reading the client."""
         self._pause_client()
 
     def conn_resume(self) -> None:
-        if not self.client_eof and not self.done:
-            resume = getattr(self.conn, "resume_reading", None)
-            if resume is not None:
-                resume()
+        """Read the client again, unless the target's buffer or the toxics still hold too much."""
+        far, up = self.far, self.up
+        if self.client_eof or self.done or (far is not None and far.full):
+            return
+        if up is not None and up.paused:
+            return
+        resume = getattr(self.conn, "resume_reading", None)
+        if resume is not None:
+            resume()
 
     def _pause_client(self) -> None:
         pause = getattr(self.conn, "pause_reading", None)
         if pause is not None:
             pause()
 
-    def _reset_client(self) -> None:
-        reset = getattr(self.conn, "reset", None)
-        if reset is not None:
-            reset()
-        else:
-            self.conn.close()
+    def _pause_far(self) -> None:
+        far = self.far
+        if far is not None and far.transport is not None and not far.gone:
+            far.transport.pause_reading()
+
+    def _resume_far(self) -> None:
+        far, down = self.far, self.down
+        if far is None or far.transport is None or far.eof or far.gone:
+            return
+        if not self.conn.writable or (down is not None and down.paused):
+            return
+        far.transport.resume_reading()
+
+
+class _Up:
+    """The upstream pipe's sink: the target."""
+
+    def __init__(self, session: RelaySession) -> None:
+        self.s = session
+
+    def write(self, data: bytes) -> None:
+        if self.s.far is not None:
+            self.s.far.write(data)
+
+    def write_eof(self) -> None:
+        self.s.up_eof()
+
+    def close(self) -> None:
+        self.s.finish()
+
+    def reset(self) -> None:
+        self.s.reset()
+
+
+class _Down(_Up):
+    """The downstream pipe's sink: the client."""
+
+    def write(self, data: bytes) -> None:
+        self.s.to_client(data)
+
+    def write_eof(self) -> None:
+        self.s.down_eof()
 
 
 def session_class(link: Link) -> type[RelaySession]:
