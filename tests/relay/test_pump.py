@@ -178,6 +178,7 @@ def test_a_reset_passes_as_a_reset(build: str, target: Target, who: str) -> None
             other.recv(10)
         other.close()
         wait_for(lambda: r.stats.open == 0, TIMEOUT, "the reset connection to end")
+        assert r.stats.errors == {f"{who}_reset": 1}  # as the session path counts it
 
 
 @pytest.mark.parametrize("splice", ["1", "0"])

@@ -67,7 +67,7 @@ class _Into:
         self.pump.close()
 
     def reset(self) -> None:
-        self.pump.reset(ConnectionResetError("reset by a toxic"), count=False)
+        self.pump.reset(ConnectionResetError("reset by a toxic"), None, count=False)
 
 
 Connect = Callable[[], Any]  # () -> awaitable of a connected non-blocking socket
@@ -211,10 +211,11 @@ class Pump:
         if t is not None and c.read_eof and t.wrote_eof and t.read_eof and c.wrote_eof:
             self.finish(None)
 
-    def reset(self, exc: OSError, count: bool = True) -> None:
-        """A side failed (a reset, mostly): reset both, so the other sees it too."""
+    def reset(self, exc: OSError, failed: Any = None, count: bool = True) -> None:
+        """A side failed (a reset, mostly): reset both, so the other sees it too; counted
+        as the session path counts it (``target_reset``, ``client_reset``)."""
         if count:
-            self.link.stats.error("reset")
+            self.link.stats.error("target_reset" if failed is self.target else "client_reset")
         self.finish(exc, reset=True)
 
     def count(self) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import socket
 import struct
@@ -35,7 +36,7 @@ class PairOwner(Protocol):
 
     def close(self) -> None: ...
     def abort(self) -> None: ...
-    def reset(self, exc: OSError) -> None: ...
+    def reset(self, exc: OSError, failed: Any = None) -> None: ...  # failed: the End
     def finish(self, exc: Exception | None) -> None: ...
     def check_done(self) -> None: ...
 
@@ -120,7 +121,9 @@ class End:
             else:
                 self.peer.shut_write()
         elif tag == ERRNO:
-            self.pump.reset(OSError(value, os.strerror(value)))
+            # EPIPE only comes of sending: the peer failed; anything else of reading here.
+            failed = self.peer if value == errno.EPIPE else self
+            self.pump.reset(OSError(value, os.strerror(value)), failed)
 
     def on_event(self, events: int) -> None:
         if events & _OUT and self.held:
@@ -136,7 +139,7 @@ class End:
         elif events & _ERR:
             err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if err:
-                self.pump.reset(OSError(err, os.strerror(err)))
+                self.pump.reset(OSError(err, os.strerror(err)), self)
             elif self.held:
                 self.flush()  # fails: the far end is gone
             else:
@@ -157,7 +160,7 @@ class End:
                 src[0] += sent
                 self.out = self.out[sent:] or None
         except OSError as exc:
-            self.pump.reset(exc)
+            self.pump.reset(exc, self)
             return
         if self.held:
             return
@@ -185,7 +188,7 @@ class End:
         except BlockingIOError:
             return
         except OSError as exc:
-            self.pump.reset(exc)
+            self.pump.reset(exc, self)
             return
         assert self.pipe is not None
         if not data:
@@ -215,7 +218,7 @@ class End:
             try:
                 sent = send_some(self.fd, data)
             except OSError as exc:
-                self.pump.reset(exc)
+                self.pump.reset(exc, self)
                 return
             self.peer.view[0] += sent
             self.out = data[sent:] or None
@@ -231,7 +234,7 @@ class End:
         try:
             self.sock.shutdown(socket.SHUT_WR)
         except OSError as exc:  # the far end is already gone
-            self.pump.reset(exc)
+            self.pump.reset(exc, self)
             return
         self.update()
         self.pump.check_done()
