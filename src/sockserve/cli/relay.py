@@ -80,6 +80,7 @@ def _seconds(text: str) -> float:
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from ..settings import BY_NAME
+    from .serve import add_runtime_options
 
     p.add_argument("listen", nargs="?", metavar="LISTEN", help="endpoint URL to accept on")
     p.add_argument("target", nargs="?", metavar="TARGET", help="where to relay each connection")
@@ -149,24 +150,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         group.add_argument(*s.options, **kw)
     o = groups["logging and runtime"]
     o.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus metrics here")
-    o.add_argument("--log-format", choices=("text", "json"), default="text", help="log format")
-    o.add_argument("--log-level", choices=("debug", "info", "warning", "error"), default="info")
-    for flag, level in (("verbose", "debug"), ("quiet", "warning")):
-        o.add_argument(
-            f"-{flag[0]}",
-            f"--{flag}",
-            dest="log_level",
-            action="store_const",
-            const=level,
-            help=f"same as --log-level {level}",
-        )
-    o.add_argument(
-        "--no-access-log",
-        dest="access_log",
-        action="store_false",
-        help="no per-connection open/close lines",
-    )
-    o.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default="auto")
+    add_runtime_options(o)
 
 
 def build_relays(args: argparse.Namespace) -> list[Relay]:

@@ -128,7 +128,11 @@ def _add_own_options(groups: dict[str, argparse._ArgumentGroup]) -> None:
         metavar="HOST:PORT",
         help="serve Prometheus metrics at http://HOST:PORT/metrics",
     )
-    o = groups["logging and runtime"]
+    add_runtime_options(groups["logging and runtime"])
+
+
+def add_runtime_options(o: argparse._ArgumentGroup) -> None:
+    """--log-format, --log-level, -v, -q, --no-access-log, --loop (serve's and relay's)."""
     o.add_argument("--log-format", choices=("text", "json"), default="text", help="log line format")
     o.add_argument(
         "--log-level",
