@@ -137,6 +137,11 @@ class Service:
     #: Returns a copy set up from ``ServerConfig.service_options`` (qotd's ``quotes`` file);
     #: raises ConfigError for an option it cannot use. None: the service takes no options.
     configure: Callable[[dict[str, Any]], Service] | None = None
+    #: ``adopt(owner, hub, sock, peer) -> bool``: offered each plain socket (no TLS, no
+    #: PROXY header) accepted on the epoll engine, before any protocol object exists;
+    #: True when it took the socket (it then reports to owner as any connection does),
+    #: False to serve it as usual (``stream``). The relay's pump joins sockets this way.
+    adopt: Callable[[Any, Any, Any, Any], bool] | None = None
 
     def __post_init__(self) -> None:
         check_handler(self.handler, self.name)

@@ -53,7 +53,7 @@ The fast path, ``poll_fast(ep, maxevents, fast) -> (nevents, items, error)``
 ``epoll_wait`` with timeout 0 for at most maxevents (1..MAX_EVENTS) events. ``fast``
 is a ``dict`` fd -> spec ``(member, handler, ctx, max_message, kind)`` of
 connections whose plain requests may be answered here: kind names the framing
-(``KIND_RAW``, ``KIND_LINE``, ``KIND_LENGTH``; anything else a ``ValueError``; what
+(``KIND_RAW``, ``KIND_LINE``, ``KIND_LENGTH``, ``KIND_PUMP`` below; anything else a ``ValueError``; what
 comes next gets its own kind instead of another copy of this logic), max_message an
 int >= 0. An event that is exactly EPOLLIN on an fd in ``fast`` is served: one read
 of up to MAX_SIZE bytes. Each request: ``member.active = True`` (the only member
@@ -100,6 +100,17 @@ PARTIAL       7    the unsent rest of the reply     keep it (after what it alrea
                    (framed: of the gathered ones)   holds), send when writable
 ==========  =====  ===============================  ===================================
 
+``KIND_PUMP`` (the relay's pump, ``_speedups_c/pump.c``, twin ``fastpath.serve_pump``):
+the spec is ``(member, peer_fd, state, splice_after, KIND_PUMP)``, state a
+``bytearray`` of PUMP_STATE (40) bytes, five native int64s: bytes moved to the peer,
+bytes moved in reads of at least BIG_READ, the pipe's read and write fds (-1: none
+yet), bytes held in the pipe. Up to PUMP_READS reads while each fills MAX_SIZE, each
+sent to peer_fd at once; once the big reads reach splice_after the direction opens its
+pipe (``pipe2``, PIPE_SIZE) and moves through it with ``splice``. What peer_fd does not
+take is PARTIAL (the unsent bytes; ``None`` when they wait in the pipe, and at once
+while the pipe holds any); end of stream EOF; a failed read or send ERRNO. No handler,
+no ``active``: the member reads its state.
+
 DONE (0: answered in full, the handler returned None, or nothing to read after
 all) makes no item. ``error`` is None, or an exception that stopped the batch (not a
 handler's: a bad spec, a failed ``active`` assignment, MemoryError); ``items`` then
@@ -132,7 +143,9 @@ _UDP = (socket.IPPROTO_UDP, getattr(socket, "IPPROTO_UDPLITE", 136))
 
 # Outcome tags of poll_fast items, and framing kinds of specs (see THE CONTRACT).
 DONE, EVENT, DATA, EOF, ERRNO, RAISED, REPLY, PARTIAL = range(8)
-KIND_RAW, KIND_LINE, KIND_LENGTH = range(3)
+KIND_RAW, KIND_LINE, KIND_LENGTH, KIND_PUMP = range(4)
+#: A pump spec's state size; reads per event; what counts as big; its pipe's size (pump.c).
+PUMP_STATE, PUMP_READS, BIG_READ, PIPE_SIZE = 40, 4, 16384, 256 * 1024
 
 
 def int_arg(value: object, lo: int, hi: int, what: str, error: type[Exception]) -> int:

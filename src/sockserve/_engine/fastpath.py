@@ -14,23 +14,29 @@ kind served by this one routine and its C twin, not a new copy of it.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import select
 import sys
 from typing import Any, Protocol
 
 from .fastio import (
+    BIG_READ,
     DATA,
     DONE,
     EOF,
     ERRNO,
     EVENT,
-    KIND_LENGTH,
     KIND_LINE,
+    KIND_PUMP,
     KIND_RAW,
     MAX_EVENTS,
     MAX_SIZE,
     PARTIAL,
+    PIPE_SIZE,
+    PUMP_READS,
+    PUMP_STATE,
     RAISED,
     REPLY,
     PollResult,
@@ -38,6 +44,7 @@ from .fastio import (
 )
 from .signals import is_signal_interrupt
 
+_INT_MIN, _INT_MAX = -(2**31), 2**31 - 1
 _IN = getattr(select, "EPOLLIN", 1)
 #: Gathered framed replies are sent once they reach this (framed.c's FLUSH_AT).
 FLUSH_AT = MAX_SIZE
@@ -85,7 +92,7 @@ def _spec_check(spec: object) -> tuple[int, int]:
     if not isinstance(spec, tuple) or len(spec) != 5:
         raise TypeError("poll_fast: a spec is (member, handler, ctx, max_message, kind)")
     max_message = int_arg(spec[3], 0, sys.maxsize, "poll_fast: max_message", ValueError)
-    return max_message, int_arg(spec[4], KIND_RAW, KIND_LENGTH, "poll_fast: kind", ValueError)
+    return max_message, int_arg(spec[4], KIND_RAW, KIND_PUMP, "poll_fast: kind", ValueError)
 
 
 def _next_message(kind: int, data: bytes, pos: int, max_message: int) -> tuple[int, int, int]:
@@ -172,6 +179,8 @@ def serve(fd: int, spec: Any, fast: dict[int, Any], append: Any) -> Outcome:
     """Serve one readable fast connection: the twin of the C helper's ``serve_fast``
     (DONE too when ``serve_framed`` appended its own items)."""
     max_message, kind = _spec_check(spec)
+    if kind == KIND_PUMP:
+        return serve_pump(fd, spec, max_message)  # max_message: its splice threshold
     try:
         data = os.read(fd, MAX_SIZE)
     except BlockingIOError:
@@ -196,6 +205,105 @@ def serve(fd: int, spec: Any, fast: dict[int, Any], append: Any) -> Outcome:
     except OSError as exc:
         return ERRNO, exc.errno
     return _DONE if sent == len(reply) else (PARTIAL, reply[sent:])
+
+
+_SPLICE_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+
+
+def _send_some(peer: int, data: bytes | memoryview) -> int:
+    """Send data to peer until it takes no more: the count sent (OSError on failure)."""
+    done = 0
+    while done < len(data):
+        try:
+            done += os.write(peer, data[done:])
+        except BlockingIOError:
+            break
+    return done
+
+
+def _drain_pipe(pipe_r: int, peer: int, left: int) -> int:
+    """Move what the pipe holds to peer: what is still left (OSError on failure)."""
+    while left > 0:
+        try:
+            left -= os.splice(pipe_r, peer, left, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            break
+    return left
+
+
+def _pump_splice(fd: int, peer: int, s: memoryview) -> Outcome:
+    for _ in range(PUMP_READS):
+        try:
+            got = os.splice(fd, s[3], PIPE_SIZE, flags=_SPLICE_FLAGS)
+        except BlockingIOError:
+            return _DONE
+        except OSError as exc:
+            return ERRNO, exc.errno
+        if not got:
+            return EOF, None
+        try:
+            left = _drain_pipe(s[2], peer, got)
+        except OSError as exc:
+            return ERRNO, exc.errno
+        s[0] += got - left
+        if left:
+            s[4] = left
+            return PARTIAL, None
+        if got < BIG_READ:
+            break
+    return _DONE
+
+
+def _open_pipe(s: memoryview) -> None:
+    try:
+        pipe_r, pipe_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return  # out of descriptors: it keeps copying
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(pipe_w, _F_SETPIPE_SZ, PIPE_SIZE)
+    s[2], s[3] = pipe_r, pipe_w
+
+
+def serve_pump(fd: int, spec: Any, splice_after: int) -> Outcome:
+    """One readable socket of a relayed pair: the twin of the C helper's ``serve_pump``
+    (pump.c; the contract's KIND_PUMP): its bytes to the peer, through a pipe once big."""
+    peer = int_arg(spec[1], _INT_MIN, _INT_MAX, "poll_fast: a pump's peer fd", OverflowError)
+    state = spec[2]
+    if type(state) is not bytearray or len(state) < PUMP_STATE:
+        raise TypeError("poll_fast: a pump's state is a bytearray of 40 bytes")
+    s = memoryview(state)[:PUMP_STATE].cast("q")
+    if s[4] > 0:
+        return PARTIAL, None  # still holding: not read until it has gone
+    if s[2] < 0 and s[1] >= splice_after:
+        _open_pipe(s)
+    if s[2] >= 0:
+        return _pump_splice(fd, peer, s)
+    for _ in range(PUMP_READS):
+        try:
+            data = os.read(fd, MAX_SIZE)
+        except BlockingIOError:
+            return _DONE
+        except OSError as exc:
+            return ERRNO, exc.errno
+        if not data:
+            return EOF, None
+        try:
+            sent = _send_some(peer, data)
+        except OSError as exc:
+            return ERRNO, exc.errno
+        s[0] += sent
+        if sent < len(data):
+            return PARTIAL, data[sent:]
+        if len(data) >= BIG_READ:
+            s[1] += len(data)
+        if len(data) < MAX_SIZE:
+            break
+        if s[2] < 0 and s[1] >= splice_after:
+            _open_pipe(s)
+            if s[2] >= 0:
+                return _pump_splice(fd, peer, s)
+    return _DONE
 
 
 def poll_fast(ep: select.epoll, maxevents: int, fast: dict[int, Any]) -> PollResult:

@@ -79,6 +79,8 @@ class StreamRuntime(EndpointRuntime):
         )
         if self.hub is not None:
             self.calls.watch(self.hub)
+        plain = ssl_context is None and not config.proxy_protocol and config.engine == "auto"
+        self.adopt = service.adopt if plain and host.hub is not None else None
         self.access = AccessControl(config.allow, config.deny)
         self.conns: set[Conn] = set()
         self.pending = 0  # accepted sockets whose transport is still being set up (TLS)
@@ -215,6 +217,8 @@ class StreamRuntime(EndpointRuntime):
         opened = len(self.conns) + self.pending + 1
         if opened > self._peak:
             self._peak = opened
+        if self.adopt is not None and self.adopt(self, self.host.hub, sock, addr):
+            return  # taken raw (Service.adopt: the relay's pump); it reports like any conn
         if self.hub is not None:
             try:
                 FastStream(self, self.hub, sock, addr)

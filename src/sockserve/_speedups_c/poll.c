@@ -38,7 +38,7 @@ check_spec(PyObject *spec, Py_ssize_t *max, int *kind)
     long long value, which;
     if (int_arg(PyTuple_GET_ITEM(spec, 3), 0, PY_SSIZE_T_MAX, "poll_fast: max_message",
                 PyExc_ValueError, &value) < 0 ||
-        int_arg(PyTuple_GET_ITEM(spec, 4), KIND_RAW, KIND_LENGTH, "poll_fast: kind",
+        int_arg(PyTuple_GET_ITEM(spec, 4), KIND_RAW, KIND_PUMP, "poll_fast: kind",
                 PyExc_ValueError, &which) < 0) {
         return -1;
     }
@@ -60,6 +60,9 @@ serve_fast(state_t *st, int fd, PyObject *key, PyObject *spec, PyObject *fast, P
     int kind;
     if (check_spec(spec, &max, &kind) < 0) {
         return -1;
+    }
+    if (kind == KIND_PUMP) {
+        return serve_pump(st, fd, spec, max, value); /* max: its splice threshold */
     }
     ssize_t got;
     do {

@@ -38,8 +38,10 @@ enum {
     OUT_REPLY = 6,
     OUT_PARTIAL = 7,
 };
-/* Framing kinds a spec may name (fastio.py's KIND_*). */
-enum { KIND_RAW = 0, KIND_LINE = 1, KIND_LENGTH = 2 };
+/* Framing kinds a spec may name (fastio.py's KIND_*); KIND_PUMP: a relayed pair (pump.c). */
+enum { KIND_RAW = 0, KIND_LINE = 1, KIND_LENGTH = 2, KIND_PUMP = 3 };
+/* A pump spec's state: five int64s (moved, moved in big reads, pipe r/w fds, in the pipe). */
+#define PUMP_STATE_SIZE 40
 
 /* The module state: module.c allocates and frees it, the units use it. */
 typedef struct {
@@ -94,6 +96,9 @@ HIDDEN int add_item(PyObject *rest, int fd, int tag, PyObject *value, PyObject *
 /* framed.c: line and length framing on the fast path. */
 HIDDEN int serve_framed(state_t *st, int fd, PyObject *key, PyObject *spec, PyObject *fast,
                         Py_ssize_t got, int kind, Py_ssize_t max, PyObject *items);
+/* pump.c: the relay's pump (KIND_PUMP specs). */
+HIDDEN int serve_pump(state_t *st, int fd, PyObject *spec, Py_ssize_t splice_after,
+                      PyObject **value);
 
 /* The functions of the module, for its method table in module.c. */
 HIDDEN PyObject *recv_batch(PyObject *module, PyObject *const *args, Py_ssize_t nargs);

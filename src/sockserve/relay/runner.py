@@ -27,6 +27,7 @@ from ..server.loop import log_loop_exception, new_event_loop
 from ..server.server import Server
 from ..service import Service
 from .flows import DatagramRelay
+from .pump import adopter, plain
 from .session import Link, RelayStats, session_class
 from .target import Origin, Target, parse_target
 from .toxics import Toxic, ToxicSet
@@ -89,7 +90,10 @@ class Relay:
         self._endpoints: list[Endpoint] = []
         if self.listen.is_stream:
             service = Service(
-                "relay", stream=session_class(self.link), description=f"relay to {self.target}"
+                "relay",
+                stream=session_class(self.link),
+                description=f"relay to {self.target}",
+                adopt=adopter(self.link) if plain(self.link) else None,  # the pump (pump.py)
             )
             binding = Binding(service, [self.listen], self.config.replace(trace=False))
             self.server = Server(binding)
