@@ -118,8 +118,9 @@ decrypt(const tls_names_t *names, PyObject *sslobj, PyObject *bio_in, int *close
             }
             goto fail;
         }
-        if (PyBytes_GET_SIZE(chunk) == 0) {
+        if (PyBytes_GET_SIZE(chunk) == 0) { /* _ssl's read gives b"" at close_notify */
             Py_DECREF(chunk);
+            *closed = 1;
             break;
         }
         if (first == NULL) {

@@ -203,13 +203,14 @@ class TlsStream(QueuedConn):
         try:
             while bio.pending or obj.pending():
                 chunk = obj.read(READ_SIZE)
-                if not chunk:
+                if not chunk:  # close_notify (_ssl's read gives b""): nothing more comes
+                    closed = True
                     break
                 chunks.append(chunk)
         except ssl.SSLWantReadError:
             pass  # a partial record: the rest comes with the next read
         except ssl.SSLZeroReturnError:
-            closed = True  # close_notify: the client sends nothing more
+            closed = True
         except (ssl.SSLError, OSError) as exc:
             self._finish(exc)
             return
@@ -264,8 +265,8 @@ class TlsStream(QueuedConn):
         except (ssl.SSLError, OSError) as exc:
             self._finish(exc)
             return
-        if not self._in_pass:
-            self._flush_bio()  # an async or threaded handler's reply: now
+        if not self._in_pass or len(self._out) + self._bio_out.pending > self._high:
+            self._flush_bio()  # now: an async or threaded handler's reply, or past the mark
 
     send_reply = _send
 
