@@ -29,7 +29,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import LOAD_CORE, PEERS, PYTHON, free_port, pinned, server_process, wait_ready
+from common import (
+    LOAD_CORE,
+    PEERS,
+    PYTHON,
+    free_port,
+    make_cert,
+    pinned,
+    server_process,
+    wait_ready,
+)
 from measure import proc_cpu
 
 SERVERS = {
@@ -41,23 +50,6 @@ SERVERS = {
         *(PYTHON, str(PEERS / "uvloop_protocol.py"), "--tcp", str(port), "--tls", cert, key),
     ],
 }
-
-
-def make_cert(d: Path) -> tuple[str, str]:
-    """A self-signed P-256 certificate for 127.0.0.1 / localhost (the openssl CLI)."""
-    cert, key = d / "cert.pem", d / "key.pem"
-    subprocess.run(
-        [
-            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt"),
-            *("ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=localhost"),
-            *("-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
-            *("-keyout", str(key), "-out", str(cert)),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=60,
-    )
-    return str(cert), str(key)
 
 
 # -- the handshake client (run as its own process, pinned to the load core) ---------------
