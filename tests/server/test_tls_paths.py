@@ -350,3 +350,26 @@ def test_silent_clients_over_max_handshakes_are_dropped_and_their_slots_freed(
         for s in silent:
             s.close()
     wait_for(lambda: st.server.budget.count == 0 and rt.pending == 0, what="every slot freed")
+
+
+def test_a_context_swapped_by_reload_serves_new_handshakes_only(
+    path: str, tls_serve: Callable[..., ServerThread], certs: Certs
+) -> None:
+    """What SIGHUP's certificate refresh does (deploy/app.py sets ``rt.ssl_context``): new
+    handshakes use the new context (here one requiring client certificates), connections
+    already open keep theirs."""
+    from sockserve.server.tls import server_context
+
+    st = tls_serve(handler_of("sync"))
+    addr = addr_of(st.url("tls"))
+    before = TlsClient(addr, certs.ca)
+    [rt] = st.server.streams
+    rt.ssl_context = server_context(certs.server_cert, certs.server_key, certs.ca)
+    try:  # no client certificate: refused (TLS 1.3: after the client's side is done)
+        refused = TlsClient(addr, certs.ca)
+        refused.send(b"x")
+        assert refused.end("fin") == b"", "served without a client certificate"
+    except (ssl.SSLError, ConnectionError):
+        pass  # refused during the client's handshake, or its send
+    before.send(b"still")
+    assert before.end("fin") == b"<still>"
