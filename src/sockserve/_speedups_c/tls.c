@@ -279,9 +279,10 @@ tls_serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs)
         }
         return outcome(OUT_RAISED, exc);
     }
-    if (reply == Py_None) {
+    if (reply == Py_None) { /* no reply; what the TLS layer wrote itself still goes */
         Py_DECREF(reply);
-        return outcome(OUT_DONE, NULL);
+        tag = flush_out(names, fd, bio_out, &rest);
+        return tag < 0 ? NULL : outcome(tag, rest);
     }
     /* The handler ran Python code: write here only if the connection is still at fd. */
     PyObject *now = PyObject_GetAttr(member, names->s_fd);
