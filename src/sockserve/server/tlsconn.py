@@ -25,11 +25,11 @@ import time
 from typing import TYPE_CHECKING, Any
 
 from .._engine import fastio
-from .._engine.epoll import _ERR, _IN, _IN_OR_ERR, _OUT
-from .._engine.fastio import DATA, EOF, ERRNO, PARTIAL, RAISED, REPLY, stream_recv, stream_send
+from .._engine.epoll import _IN, _OUT
+from .._engine.fastio import DATA, EOF, ERRNO, PARTIAL, RAISED, REPLY, stream_recv
 from .._engine.fastpath import answer, handler_raised
-from .._engine.requests import PAUSE_WRITE, RequestQueue
-from .._engine.stream import QueuedConn
+from .._engine.faststream import FastStream
+from .._engine.requests import RequestQueue
 from ..errors import ProtocolError
 from ..framing import Codec, make_codec
 from ..service import Context
@@ -47,14 +47,20 @@ TLS_ERROR, TLS_CLOSED = 8, 9
 c_tls_serve: Any = getattr(fastio._speedups, "tls_serve", None)
 
 
-class TlsStream(QueuedConn):
+class TlsStream(FastStream):
     """One TLS request/reply connection on the hub: a connection to its runtime
-    (:class:`~sockserve._engine.contracts.Conn`) and its request queue's host."""
+    (:class:`~sockserve._engine.contracts.Conn`) and its request queue's host.
+
+    A :class:`FastStream` for what the two share (the hub's events, flow control, the
+    request queue's side); never on the hub's fast path (its bytes need decrypting), so
+    its reading, writing and closing are its own.
+    """
 
     def __init__(self, rt: StreamRuntime, hub: Poller, sock: socket.socket, peer: Any) -> None:
         cfg = rt.config
         assert rt.ssl_context is not None
         self.rt, self.hub, self.sock, self.fd = rt, hub, sock, sock.fileno()
+        self._runtime = rt  # as its own type: the runtime that counts its handshake
         self.ctx = Context(peer, rt.endpoint)
         self._bio_in, self._bio_out = ssl.MemoryBIO(), ssl.MemoryBIO()
         tls = rt.ssl_context.wrap_bio(self._bio_in, self._bio_out, server_side=True)
@@ -64,9 +70,12 @@ class TlsStream(QueuedConn):
         self._max = cfg.max_message
         self.calls = calls = rt.calls
         self._raw = cfg.framing == "raw" and not calls.is_async
-        self._codec: Codec = make_codec(cfg.framing, cfg.max_message)
+        self._fast = False  # FastStream.fast_spec: never on the hub's fast path
+        self._framing: Codec = make_codec(cfg.framing, cfg.max_message)
+        self._codec = self._framing  # FastStream's name for it (buffered, codec_now, EOF)
         self._high, self._low = cfg.write_high_water, cfg.write_low_water
-        self._out = b""  # ciphertext the kernel did not take yet
+        self._out: list[bytes] | None = None  # ciphertext the kernel did not take yet
+        self._out_size = 0
         self._in_pass = False  # inside a read pass: replies are sent together at its end
         self._soon = False  # a pass over what the incoming BIO holds is scheduled
         self.eof = self.closing = False
@@ -117,22 +126,9 @@ class TlsStream(QueuedConn):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        self.rt.handshake_ended(self, exc)
+        self._runtime.handshake_ended(self, exc)
 
     # -- events ------------------------------------------------------------------------
-
-    def on_event(self, events: int) -> None:
-        if self._events & _IN and events & _IN_OR_ERR:
-            self._on_readable()
-        elif events & _ERR:
-            # Reset or hung up while we were not reading: a pending reply cannot be delivered.
-            if self._out:
-                self._flush()
-            if self.fd >= 0:
-                self._finish(None)
-            return
-        if events & _OUT and self.fd >= 0:
-            self._flush()
 
     def _on_readable(self) -> None:
         if self.handshaking:
@@ -240,17 +236,10 @@ class TlsStream(QueuedConn):
             if tag != DATA:
                 return
         try:
-            self._codec.feed(data)
+            self._framing.feed(data)
             self._drain_codec()
         except ProtocolError as exc:
             self._protocol_error(exc)
-
-    def _on_eof(self) -> None:
-        """The client half-closed: answer what it sent, then close (after the replies)."""
-        self.eof = True
-        self.stop_reading()
-        if self.requests.answer_rest(self._codec) and not self.requests.busy:
-            self.close()
 
     # -- writing and flow control ------------------------------------------------------
 
@@ -261,68 +250,21 @@ class TlsStream(QueuedConn):
             self.requests.bad_reply(reply)
             return
         try:
-            self._obj.write(self._codec.encode(bytes(reply)))
+            self._obj.write(self._framing.encode(bytes(reply)))
         except (ssl.SSLError, OSError) as exc:
             self._finish(exc)
             return
-        if not self._in_pass or len(self._out) + self._bio_out.pending > self._high:
+        if not self._in_pass or self._out_size + self._bio_out.pending > self._high:
             self._flush_bio()  # now: an async or threaded handler's reply, or past the mark
 
     send_reply = _send
 
     def _flush_bio(self) -> None:
         """Send what the outgoing BIO holds (after what is still waiting, if anything)."""
-        if self.fd < 0 or not self._bio_out.pending:
-            return
-        data = self._bio_out.read()
-        if self._out:
-            self._out += data
-            if len(self._out) > self._high:
-                self.requests.pause(PAUSE_WRITE)
-            return
-        sent = self._send_now(data)
-        if sent is not None and sent < len(data):
-            self._hold(data[sent:])
-
-    def _send_now(self, data: bytes) -> int | None:
-        try:
-            return stream_send(self.fd, data)
-        except (BlockingIOError, InterruptedError):
-            return 0
-        except OSError as exc:
-            self._finish(exc)
-            return None
-
-    def _hold(self, rest: bytes) -> None:
-        self._out = rest
-        self._update_events()
-        if len(rest) > self._high:
-            self.requests.pause(PAUSE_WRITE)
-
-    def _flush(self) -> None:
-        data = self._out
-        if not data:
-            return
-        sent = self._send_now(data)
-        if sent is None:
-            return
-        self._out = data[sent:]
-        requests = self.requests
-        if len(self._out) <= self._low and requests.paused & PAUSE_WRITE:
-            requests.resume(PAUSE_WRITE)
-        if not self._out and self.fd >= 0:
-            if self.closing and not requests.busy:
-                self._finish(None)
-                return
-            self._update_events()
+        if self.fd >= 0 and self._bio_out.pending:
+            self._write(self._bio_out.read())
 
     # -- what the request queue drives (QueueHost) -------------------------------------
-
-    def stop_reading(self) -> None:
-        self._set_events(self._events & _OUT)
-
-    def can_resume(self) -> bool:
-        return not self.closing and self.fd >= 0
 
     def start_reading(self) -> None:
         if self.eof or self.fd < 0:
@@ -337,26 +279,10 @@ class TlsStream(QueuedConn):
         if self.fd >= 0 and self._events & _IN and not self.closing:
             self._pass()
 
-    def codec_now(self) -> Codec:
-        return self._codec
-
-    def _update_events(self) -> None:
-        self._set_events((self._events & _IN) | (_OUT if self._out else 0))
-
-    def _set_events(self, want: int) -> None:
-        if want != self._events and self.fd >= 0:
-            self._events = want
-            self.hub.modify(self.fd, want)
-
     @property
     def write_buffer_size(self) -> int:
         """Reply bytes (encrypted) accepted but not yet taken by the kernel."""
-        return len(self._out) + self._bio_out.pending
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received that are not yet a whole request."""
-        return self._codec.buffered
+        return self._out_size + self._bio_out.pending
 
     # -- failures and closing ----------------------------------------------------------
 
@@ -374,7 +300,8 @@ class TlsStream(QueuedConn):
 
     def abort(self) -> None:
         self.closing = True
-        self._out = b""
+        self._out = None
+        self._out_size = 0
         if self.handshaking:
             self.cancel()
         else:
