@@ -93,6 +93,24 @@ def server_process(
                 proc.wait()
 
 
+def make_cert(d: Path) -> tuple[str, str]:
+    """A self-signed P-256 certificate for 127.0.0.1 / localhost in ``d`` (the openssl CLI):
+    the TLS benchmarks' server certificate, and the CA their clients verify it with."""
+    cert, key = d / "cert.pem", d / "key.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt"),
+            *("ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj", "/CN=localhost"),
+            *("-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost"),
+            *("-keyout", str(key), "-out", str(cert)),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return str(cert), str(key)
+
+
 def rss_kib(pid: int) -> int:
     """Resident set size of a process, from /proc (KiB)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():

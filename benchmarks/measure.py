@@ -19,7 +19,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import LOAD_CORE, PYTHON, SERVER_CORE, free_port, pinned, server_process, wait_ready
+from common import (
+    LOAD_CORE,
+    PYTHON,
+    SERVER_CORE,
+    free_port,
+    make_cert,
+    pinned,
+    server_process,
+    wait_ready,
+)
 from workloads import Peer, Round, Workload
 
 
@@ -27,6 +36,8 @@ def bench_argv(
     url: str, conns: int, args: argparse.Namespace, framing: str = "raw", pipeline: int = 1
 ) -> list[str]:
     framed = ["--framing", framing, "--pipeline", str(pipeline)] if framing != "raw" else []
+    if url.startswith("tls://"):  # the round's throwaway certificate (run_round)
+        framed += ["--tls-ca", args.tls_ca]
     return [
         PYTHON,
         "-m",
@@ -178,15 +189,19 @@ def run_round(
     order = peers[k:] + peers[:k]
     urls: dict[str, dict[str, str]] = {}
     pids: dict[str, int] = {}
+    tls = any("{cert}" in a for peer in order for a in peer.argv)
+    cert, key = make_cert(tmp) if tls else ("", "")
+    args.tls_ca = cert
     with contextlib.ExitStack() as stack:
         for peer in order:
             port = free_port()
             unix = str(tmp / f"{peer.name}.sock")
-            argv = [a.format(tcp=port, udp=port, unix=unix) for a in peer.argv]
+            argv = [a.format(tcp=port, udp=port, unix=unix, cert=cert, key=key) for a in peer.argv]
             srv = stack.enter_context(server_process(argv, tmp / f"{peer.name}.log"))
             pids[peer.name] = srv.pid
             urls[peer.name] = {
                 "tcp": f"tcp://127.0.0.1:{port}",
+                "tls": f"tls://127.0.0.1:{port}",
                 "udp": f"udp://127.0.0.1:{port}",
                 "unix": f"unix://{unix}",
             }

@@ -50,7 +50,9 @@ FRAMED_WORKLOADS = [
     for framing in ("line", "length")
     for conns, depth in ((50, 1), (1, 1), (50, 16))
 ]
-WORKLOADS = RAW_WORKLOADS + FRAMED_WORKLOADS
+#: TLS (issue 12): the timestamp service over tls:// on a throwaway P-256 certificate.
+TLS_WORKLOADS = [Workload(f"tls-{n}", "tls", n, ours="sockserve-tls") for n in (50, 1)]
+WORKLOADS = RAW_WORKLOADS + FRAMED_WORKLOADS + TLS_WORKLOADS
 BY_NAME = {w.name: w for w in WORKLOADS}
 
 
@@ -110,6 +112,21 @@ PEERS_ALL = [
         )
     ),
     Peer(
+        "sockserve-tls",
+        "sockserve tls://",
+        (
+            *(PYTHON, "-m", "sockserve", "serve", "timestamp", "--listen"),
+            *("tls://127.0.0.1:{tcp}", "--tls-cert", "{cert}", "--tls-key", "{key}"),
+        ),
+        tuple(w.name for w in TLS_WORKLOADS),
+    ),
+    Peer(
+        "uvloop-tls",
+        "uvloop Protocol, ssl=",
+        (PYTHON, str(PEERS / "uvloop_protocol.py"), "--tcp", "{tcp}", "--tls", "{cert}", "{key}"),
+        tuple(w.name for w in TLS_WORKLOADS),
+    ),
+    Peer(
         "blocking",
         "textbook blocking loop",
         (PYTHON, str(PEERS / "blocking_loop.py"), *_PEER_ARGS),
@@ -132,6 +149,7 @@ GOALS = [
         for framing in ("line", "length")
         for conns, target in (("50", 1.1), ("1", 1.0), ("50-p16", 1.1))
     ),
+    ("tls-50", 1.1, "uvloop-tls"),  # TLS (issue 12): the uvloop Protocol with ssl=
 ]
 
 

@@ -14,3 +14,14 @@ def send(fd: int, data: bytes, /) -> int: ...
 def poll_fast(
     epfd: int, maxevents: int, fast: dict[int, Any], /
 ) -> tuple[int, list[tuple[int, int, Any, Any]], BaseException | None]: ...
+def tls_serve(
+    fd: int,
+    sslobj: Any,
+    bio_in: Any,
+    bio_out: Any,
+    member: Any,
+    handler: Any,
+    ctx: Any,
+    max_message: int,
+    /,
+) -> tuple[int, Any]: ...

@@ -61,17 +61,20 @@ class StreamRuntime(EndpointRuntime):
         service: Service,
         config: ServerConfig,
         ssl_context: ssl.SSLContext | None = None,
+        tls_conn: Callable[..., Any] | None = None,
     ) -> None:
         super().__init__(host, listener, service, config)
         self.budget = host.budget
         self.ssl_context = ssl_context
+        #: Makes a TLS request/reply connection on the hub (server/tlsconn.py), or None.
+        self.tls_conn = tls_conn if ssl_context is not None else None
         self.handler: Any = service.handler
         self.calls = HandlerCalls.of(host.handler_pool, service.handler, service.name, config)
         self.is_async = self.calls.is_async
         # Plain request/reply connections go on the epoll engine when the server has one.
         self.hub = (
             host.hub
-            if ssl_context is None
+            if (ssl_context is None or self.tls_conn is not None)
             and service.stream is None
             and not config.proxy_protocol
             and config.engine == "auto"
@@ -94,7 +97,7 @@ class StreamRuntime(EndpointRuntime):
         self.serve_out = False
         self._close_reasons: dict[int, tuple[CloseReason, str]] = {}
         #: TLS handshakes in progress, oldest first (a dict keeps insertion order).
-        self._handshakes: dict[asyncio.Task[None], None] = {}
+        self._handshakes: dict[Any, None] = {}  # tasks, or tls_conn connections
         self._evicted_unlogged = 0
         self._evict_logged_at = -ACCEPT_ERROR_LOG_EVERY
         self._peak = 0  # most connections open at once since memory was last trimmed
@@ -201,12 +204,9 @@ class StreamRuntime(EndpointRuntime):
 
     def _accepted(self, sock: socket.socket, addr: Any) -> None:
         if self.access.active and isinstance(addr, tuple) and not self.access.permits(addr[0]):
-            conn_log.info(
-                "%s: denied %s",
-                self.endpoint,
-                fmt_peer(addr),
-                extra={"event": "denied", "endpoint": self.endpoint, "peer": fmt_peer(addr)},
-            )
+            peer = fmt_peer(addr)
+            extra = {"event": "denied", "endpoint": self.endpoint, "peer": peer}
+            conn_log.info("%s: denied %s", self.endpoint, peer, extra=extra)
             self.errors["denied"] = self.errors.get("denied", 0) + 1
             sock.close()
             return
@@ -219,22 +219,20 @@ class StreamRuntime(EndpointRuntime):
             self._peak = opened
         if self.adopt is not None and self.adopt(self, self.host.hub, sock, addr):
             return  # taken raw (Service.adopt: the relay's pump); it reports like any conn
-        if self.hub is not None:
-            try:
-                FastStream(self, self.hub, sock, addr)
-            except OSError as exc:  # could not register: treat like a failed setup
-                self.budget.give_back()
-                sock.close()
-                conn_log.info(
-                    "%s: connection from %s failed during setup: %s",
-                    self.endpoint,
-                    fmt_peer(addr),
-                    exc,
-                )
-            return
-        self.pending += 1
         if self.ssl_context is not None and self.config.max_handshakes:
             self._bound_handshakes()
+        if self.hub is not None:
+            try:
+                if self.tls_conn is not None:
+                    self._handshakes[self.tls_conn(self, self.hub, sock, addr)] = None
+                    self.pending += 1
+                else:
+                    FastStream(self, self.hub, sock, addr)
+            except OSError as exc:  # could not register: treat like a failed setup
+                sock.close()
+                self._setup_failed(addr, exc)
+            return
+        self.pending += 1
         task = self.loop.create_task(self._connect(sock, addr))
         self.host.track(task)
         if self.ssl_context is not None:
@@ -270,6 +268,28 @@ class StreamRuntime(EndpointRuntime):
     def _handshake_ended(self, task: asyncio.Task[None]) -> None:
         self._handshakes.pop(task, None)
 
+    def handshake_ended(self, conn: Any, exc: BaseException | None) -> None:
+        """A tls_conn connection's handshake ended: it opened (None) or failed with exc."""
+        self._handshakes.pop(conn, None)
+        self.pending -= 1
+        if exc is not None:
+            self._setup_failed(conn.ctx.peer, exc)
+
+    def _setup_failed(self, addr: Any, exc: BaseException, free: bool = True) -> None:
+        """Setting a connection up failed: log why (not when dropped), free its slot."""
+        if not isinstance(exc, asyncio.CancelledError):
+            conn_log.info(
+                "%s: connection from %s failed during setup: %s",
+                self.endpoint,
+                fmt_peer(addr),
+                describe(exc),
+                extra={"event": "setup_failed", "endpoint": self.endpoint, "peer": fmt_peer(addr)},
+            )
+            self.errors["setup"] = self.errors.get("setup", 0) + 1
+        if free:
+            self._maybe_trim()
+            self.budget.give_back()
+
     async def _connect(self, sock: socket.socket, addr: Any) -> None:
         proto: AnyConn | ProxyHeaderProtocol | None = None
 
@@ -288,25 +308,11 @@ class StreamRuntime(EndpointRuntime):
                 )
             else:
                 await self.loop.connect_accepted_socket(factory, sock)
-        except asyncio.CancelledError:  # dropped at --max-handshakes, or shutting down
+        except (asyncio.CancelledError, Exception) as exc:  # dropped, TLS failure, reset...
             sock.close()
-            if proto is None or proto not in self.conns:
-                self._maybe_trim()
-                self.budget.give_back()
-            raise
-        except Exception as exc:  # TLS handshake failure, peer reset before setup...
-            conn_log.info(
-                "%s: connection from %s failed during setup: %s",
-                self.endpoint,
-                fmt_peer(addr),
-                describe(exc),
-                extra={"event": "setup_failed", "endpoint": self.endpoint, "peer": fmt_peer(addr)},
-            )
-            self.errors["setup"] = self.errors.get("setup", 0) + 1
-            sock.close()
-            if proto is None or proto not in self.conns:
-                self._maybe_trim()
-                self.budget.give_back()
+            self._setup_failed(addr, exc, proto is None or proto not in self.conns)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
         finally:
             self.pending -= 1
 
@@ -390,6 +396,8 @@ class StreamRuntime(EndpointRuntime):
             conn.drain()
 
     def abort_all(self) -> None:
+        for handshake in list(self._handshakes):
+            handshake.cancel()
         for conn in list(self.conns):
             self.note_close_reason(conn, CloseReason.DRAIN_TIMEOUT)
             conn.abort()

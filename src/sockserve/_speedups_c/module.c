@@ -23,7 +23,8 @@
  * The units of this one extension module (this folder; speedups.h is what they
  * share): module.c, the module, its state and method table; args.c, the argument
  * checks; datagram_recv.c and datagram_send.c, the batches; stream.c, recv/send;
- * poll.c, poll_fast; framed.c, its line and length framing.
+ * poll.c, poll_fast; framed.c, its line and length framing; tls.c, tls_serve (a TLS
+ * connection's readable event, for server/tlsconn.py).
  *
  * Arguments are ints (int or a subclass), never objects with __index__: converting
  * those runs Python code, in the middle of a batch.
@@ -61,6 +62,9 @@ static PyMethodDef methods[] = {
      "send_batch(fd, items) -> None | list[tuple[int, int]]\n\n"
      "Send each (bytes, address) of items with sendmmsg, without blocking. Returns None\n"
      "when all were sent, else (index, errno) for each that was not."},
+    {"tls_serve", (PyCFunction)(void (*)(void))tls_serve, METH_FASTCALL,
+     "tls_serve(fd, sslobj, bio_in, bio_out, member, handler, ctx, max_message) -> (tag, value)\n\n"
+     "One readable event of a TLS connection: recv, decrypt, answer, encrypt, send (tls.c)."},
     {NULL, NULL, 0, NULL},
 };
 
@@ -113,6 +117,7 @@ module_clear(PyObject *module)
         Py_CLEAR(st->last_v4_host);
         Py_CLEAR(st->send_host_obj);
         Py_CLEAR(st->str_active);
+        tls_clear(st);
     }
     return 0;
 }

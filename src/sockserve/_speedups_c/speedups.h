@@ -38,10 +38,17 @@ enum {
     OUT_REPLY = 6,
     OUT_PARTIAL = 7,
 };
+/* tls_serve's tags beyond those (server/tlsconn.py's TLS_ERROR, TLS_CLOSED). */
+enum { OUT_TLS_ERROR = 8, OUT_TLS_CLOSED = 9 };
 /* Framing kinds a spec may name (fastio.py's KIND_*); KIND_PUMP: a relayed pair (pump.c). */
 enum { KIND_RAW = 0, KIND_LINE = 1, KIND_LENGTH = 2, KIND_PUMP = 3 };
 /* A pump spec's state: five int64s (moved, moved in big reads, pipe r/w fds, in the pipe). */
 #define PUMP_STATE_SIZE 40
+
+/* tls.c's names: the ssl exceptions and the method names it calls, looked up once. */
+typedef struct {
+    PyObject *want_read, *zero_return, *s_read, *s_write, *s_pending, *s_fd;
+} tls_names_t;
 
 /* The module state: module.c allocates and frees it, the units use it. */
 typedef struct {
@@ -75,6 +82,7 @@ typedef struct {
      * again) takes its own from the heap. */
     struct epoll_event *events;
     int events_busy;
+    tls_names_t tls; /* tls.c's, set at its first call */
 } state_t;
 
 static inline state_t *
@@ -107,5 +115,8 @@ HIDDEN PyObject *stream_recv(PyObject *module, PyObject *const *args, Py_ssize_t
 HIDDEN PyObject *stream_recv_into(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 HIDDEN PyObject *stream_send(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
 HIDDEN PyObject *poll_fast(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+HIDDEN PyObject *tls_serve(PyObject *module, PyObject *const *args, Py_ssize_t nargs);
+/* tls.c: drop its names (module_clear). */
+HIDDEN void tls_clear(state_t *st);
 
 #endif /* SOCKSERVE_SPEEDUPS_H */

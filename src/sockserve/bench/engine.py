@@ -211,8 +211,11 @@ class LoadEngine(Connections):
                                 self.lost(conn, f"bad reply: {exc}")
                                 replies = -1
                                 break
-                        if not tls:
-                            break  # level-triggered: epoll reports what is left
+                        if not tls or not conn.sock.pending():  # type: ignore[attr-defined]
+                            # Level-triggered: epoll reports what the kernel holds; TLS
+                            # reads again only for what OpenSSL decrypted and holds (not
+                            # to raise SSLWantReadError, a cost per reply).
+                            break
                     if replies <= 0:
                         continue
                     times = conn.times

@@ -23,6 +23,7 @@ from ..logs import server_log
 from .binding import Binding
 from .listeners import Listener, open_listener
 from .tls import server_context
+from .tlsconn import TlsStream
 
 Runtime = StreamRuntime | DatagramRuntime
 #: What serving one endpoint of a binding is made of: the endpoint as configured, its
@@ -62,7 +63,7 @@ def open_binding(host: RuntimeHost, binding: Binding, parts: list[Part]) -> None
         runtime: Runtime
         if ep.is_stream:
             tls = ssl_ctx if ep.scheme == "tls" else None
-            runtime = StreamRuntime(host, lst, svc, cfg, tls)
+            runtime = StreamRuntime(host, lst, svc, cfg, tls, TlsStream)
         else:
             runtime = DatagramRuntime(host, lst, svc, cfg)
         parts.append((ep, runtime, lst))
