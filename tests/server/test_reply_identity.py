@@ -27,6 +27,7 @@ answered.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import select
 import socket
 import ssl
@@ -41,6 +42,7 @@ from typing import Any, NamedTuple
 
 import pytest
 from strict import require
+from support import addr_of
 
 import sockserve
 from sockserve._engine import epoll
@@ -106,7 +108,9 @@ def behave(kind: str, request: bytes) -> Any:
     if kind == "nonbytes":
         if b"?" in request:
             return request.decode("latin-1")  # a str: not a reply; the connection closes
-        reply = transform(request)
+        reply = transform(request)  # bytes among the others: the fast path gathers those
+        if len(request) % 3 == 0:
+            return reply
         return memoryview(reply) if len(request) % 2 else bytearray(reply)
     return transform(request)
 
@@ -528,19 +532,23 @@ ANSWERS: dict[tuple[str, str, str, str], dict[str, bytes]] = {}
 def _check(
     test: str, where: str, framing: str, kind: str, stream: str, got: bytes, want: bytes
 ) -> None:
+    """``got`` must be the reference's bytes; a failure says which other paths answered
+    the same bytes and which did not (a wrong reference shows as every path agreeing)."""
     seen = ANSWERS.setdefault((test, framing, kind, stream), {})
-    for other, theirs in seen.items():
-        assert got == theirs, f"{stream}: {where} and {other} answered differently"
     seen[where] = got
-    if got != want:
-        at = next(
-            (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
-            min(len(got), len(want)),
-        )
-        raise AssertionError(
-            f"{stream}: {len(got)} bytes, the reference {len(want)}; first difference at "
-            f"{at}: got {got[at : at + 40]!r}, want {want[at : at + 40]!r}"
-        )
+    if got == want:
+        return
+    alike = sorted(w for w, theirs in seen.items() if theirs == got and w != where)
+    unlike = sorted(w for w, theirs in seen.items() if theirs != got)
+    at = next(
+        (i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b),
+        min(len(got), len(want)),
+    )
+    raise AssertionError(
+        f"{stream}: {len(got)} bytes, the reference {len(want)}; first difference at {at}: "
+        f"got {got[at : at + 40]!r}, want {want[at : at + 40]!r}; the same bytes from "
+        f"{alike or 'no other path'}, others from {unlike or 'no other path'}"
+    )
 
 
 def _open(
@@ -581,3 +589,70 @@ def test_a_half_close_is_answered_in_full(
         got = exchange(cell, tls, framing, kind, sends, eof_at_once=True)
         want = reference(framing, kind, sends, eof=True)
         _check("half-close", f"{path}-{endpoint}", framing, kind, name, got, want)
+
+
+# -- a known bug: a protocol error drops replies still being computed ----------------------
+
+#: Known bug (RequestQueue.protocol_error in _engine/requests.py, helper "speed12"'s file,
+#: and StreamProtocol.eof_received): on a protocol error the queue of whole requests read
+#: before it is cleared and the connection closed at once, so a handler in the threads or
+#: an async one that suspends never answers them, where a sync handler does (the matrix
+#: above: the same streams, answered in full). Deterministic: the replies are held until
+#: the server has logged the error.
+QUEUE_DROPPED = pytest.mark.xfail(
+    strict=True,
+    reason="a protocol error clears the request queue: replies of whole requests read "
+    "before it, still in a handler thread or task, are never written",
+)
+
+
+@QUEUE_DROPPED
+@pytest.mark.parametrize("engine", ["auto", "asyncio"])
+@pytest.mark.parametrize("kind", ["blocking", "async"])
+@pytest.mark.parametrize("framing", ["line", "length"])
+def test_requests_before_a_protocol_error_are_answered_by_threads_and_tasks(
+    engine: str, kind: str, framing: str, server_logs: Any
+) -> None:
+    """Line: an over-long line behind two whole ones in one chunk; length: two whole
+    frames, then the stream ends inside a prefix. A sync handler answers both; the
+    threads and tasks must too, before the close."""
+    gate = threading.Event()
+
+    def hold() -> None:
+        # Until the server logged the error: it closed at once (the bug), or it waits
+        # for these replies (then the log line comes only after them: the wait ends).
+        with contextlib.suppress(AssertionError):
+            server_logs.wait_for("protocol error", timeout=2.0)
+        gate.set()
+
+    @sockserve.blocking
+    def in_thread(request: bytes, ctx: sockserve.Context) -> bytes:
+        gate.wait(TIMEOUT)
+        return request.upper()
+
+    async def in_task(request: bytes, ctx: sockserve.Context) -> bytes:
+        while not gate.is_set():
+            await asyncio.sleep(0.005)
+        return request.upper()
+
+    handler = in_thread if kind == "blocking" else in_task
+
+    codec = make_codec(framing, 8)
+    if framing == "line":
+        data, eof = b"a\nb\n" + b"x" * 20 + b"\n", False
+    else:
+        data, eof = b"\0\0\0\x01a\0\0\0\x01b\0\0", True
+    url = "tcp://127.0.0.1:0"
+    with (
+        ServerThread(handler, url, framing=framing, max_message=8, engine=engine) as srv,
+        socket.create_connection(addr_of(srv.url("tcp")), timeout=TIMEOUT) as sock,
+    ):
+        sock.sendall(data)
+        if eof:
+            sock.shutdown(socket.SHUT_WR)
+        hold()
+        got = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                got += chunk
+    assert got == codec.encode(b"A") + codec.encode(b"B")
