@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import select
 import socket
 import ssl
@@ -41,6 +42,8 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from strict import require
 from support import addr_of
 
@@ -656,3 +659,40 @@ def test_requests_before_a_protocol_error_are_answered_by_threads_and_tasks(
             while chunk := sock.recv(65536):
                 got += chunk
     assert got == codec.encode(b"A") + codec.encode(b"B")
+
+
+# -- the reference itself ------------------------------------------------------------------
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    messages=st.lists(st.binary(max_size=6).map(lambda b: b.replace(b"#", b"")) | st.just(b"#")),
+    cuts=st.lists(st.integers(0, 200)),
+    kind=st.sampled_from(["inline", "blocking", "async", "none"]),
+)
+def test_raw_replies_do_not_depend_on_where_the_stream_is_cut(
+    messages: list[bytes], cuts: list[int], kind: str
+) -> None:
+    """Why raw framing can be compared at all: without a trigger, a raw reply stream is
+    the same bytes however the reads cut the input (the server's reads are not ours)."""
+    whole = b"".join(messages)
+    at = sorted({0, len(whole), *(c for c in cuts if c < len(whole))})
+    sends = [Send(whole[a:b]) for a, b in itertools.pairwise(at)]
+    assert reference("raw", kind, sends, eof=True) == reference(
+        "raw", kind, [Send(whole)], eof=True
+    )
+
+
+@pytest.mark.parametrize("framing", FRAMINGS)
+def test_the_streams_reach_what_they_are_for(framing: str) -> None:
+    """Each special kind answers the streams differently from the plain one (so a path
+    that ignored the difference fails), and the cap stream reaches the cap."""
+    for name, sends in streams(framing).items():
+        plain = reference(framing, "inline", sends, eof=True)
+        for kind in ("none", "raises", "nonbytes"):
+            if name != "max-message" and (kind == "none" or name != "pipelined"):
+                assert reference(framing, kind, sends, eof=True) != plain, (name, kind)
+    cap = reference(framing, "inline", streams(framing)["max-message"], eof=True)
+    assert transform(b"m" * CAP) in cap
+    after = make_codec(framing, CAP).encode(transform(b"after"))
+    assert cap.endswith(after) == (framing == "raw")  # the one over the cap closes
