@@ -71,19 +71,15 @@ class StreamRuntime(EndpointRuntime):
         self.handler: Any = service.handler
         self.calls = HandlerCalls.of(host.handler_pool, service.handler, service.name, config)
         self.is_async = self.calls.is_async
-        # Plain request/reply connections go on the epoll engine when the server has one.
-        self.hub = (
-            host.hub
-            if (ssl_context is None or self.tls_conn is not None)
-            and service.stream is None
-            and not config.proxy_protocol
-            and config.engine == "auto"
-            else None
-        )
+        # Request/reply connections go on the epoll engine when the server has one (TLS ones
+        # too, with tls_conn); a relay (Service.adopt) takes plain sockets raw.
+        auto = not config.proxy_protocol and config.engine == "auto"
+        tls_ok = ssl_context is None or self.tls_conn is not None
+        self.hub = host.hub if tls_ok and service.stream is None and auto else None
         if self.hub is not None:
             self.calls.watch(self.hub)
-        plain = ssl_context is None and not config.proxy_protocol and config.engine == "auto"
-        self.adopt = service.adopt if plain and host.hub is not None else None
+        plain = ssl_context is None and auto and host.hub is not None
+        self.adopt = service.adopt if plain else None
         self.access = AccessControl(config.allow, config.deny)
         self.conns: set[Conn] = set()
         self.pending = 0  # accepted sockets whose transport is still being set up (TLS)
