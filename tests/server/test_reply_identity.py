@@ -238,6 +238,8 @@ class Cell:
     family: int
     addr: Any
     callers: set[tuple[str, ...]] = field(default_factory=set)
+    #: The modules of the handler's five nearest callers (TLS on the hub: server/tlsconn.py).
+    modules: set[str] = field(default_factory=set)
     threads: set[str] = field(default_factory=set)
 
 
@@ -262,6 +264,7 @@ def make_handler(kind: str, cell: Cell) -> Any:
     def handler(request: bytes, ctx: sockserve.Context) -> Any:
         frames = sys._getframe(1), sys._getframe(2)
         cell.callers.add(tuple(f.f_code.co_name for f in frames))
+        cell.modules.update(Path(sys._getframe(i).f_code.co_filename).name for i in range(1, 6))
         cell.threads.add(threading.current_thread().name)
         if kind == "blocking" and b"~" in request:
             time.sleep(SLOW)  # in a handler thread: the loop goes on
@@ -498,32 +501,17 @@ def exchange(
 # -- the matrix --------------------------------------------------------------------------
 
 
-#: Known bug (helper "tls" owns server/tls.py and is on it): a TLS client's half-close (a
-#: TCP FIN under the TLS layer, as sockserve's own clients send it) never reaches the
-#: connection: the SSL transport shuts down without calling ``eof_received``, so the
-#: unterminated last line is never answered, and replies still being computed (handler
-#: threads, pending tasks) are lost with the close.
-TLS_HALF_CLOSE = pytest.mark.xfail(
-    strict=True,
-    reason="TLS: a client's half-close closes the connection before the replies to what it "
-    "sent are all written (the SSL transport never calls eof_received on a TCP FIN)",
-)
-
-
 def _cells(half_close: bool = False) -> Iterator[Any]:
     for path in PATHS:
         for endpoint in ["tcp"] if path == "tls" else ENDPOINTS:
             for framing in FRAMINGS:
                 for kind in KINDS:
-                    known = half_close and path == "tls"
-                    known = known and (kind in ("blocking", "async") or framing == "line")
                     yield pytest.param(
                         path,
                         endpoint,
                         framing,
                         kind,
                         id=f"{framing}-{kind}-{path}-{endpoint}",
-                        marks=[TLS_HALF_CLOSE] if known else [],
                     )
 
 
@@ -564,7 +552,9 @@ def _open(
 
 def _check_path(cell: Cell, path: str, framing: str, kind: str) -> None:
     """The path under test is the one that answered."""
-    if kind in SYNC_KINDS:
+    if kind in SYNC_KINDS and path == "tls":
+        assert "tlsconn.py" in cell.modules, cell.modules  # TLS is served on the hub
+    elif kind in SYNC_KINDS:
         want = fast_caller(path, framing)
         assert any(c[: len(want)] == want for c in cell.callers), (path, cell.callers)
     if kind == "blocking":

@@ -300,6 +300,10 @@ class TlsStream(FastStream):
 
     def abort(self) -> None:
         self.closing = True
+        if self.fd >= 0 and not self.handshaking and not self._out and self._bio_out.pending:
+            # Replies encrypted earlier in this pass, which every other path has sent by
+            # now (a handler raising on a later request of the chunk must not lose them).
+            self._send_now(self._bio_out.read())
         self._out = None
         self._out_size = 0
         if self.handshaking:
