@@ -130,13 +130,15 @@ def serve_framed(fd: int, spec: Any, fast: dict[int, Any], data: bytes, append: 
     gathered = pos = sent = 0
     stop: Outcome | None = None
     still_fast = True
+    marked = False
     line = kind == KIND_LINE
     while pos < len(data):
         start, end, after = _next_message(kind, data, pos, max_message)
         if start < 0:
             break
         pos = after
-        member.active = True
+        if not marked:  # once per chunk, before its first whole message (framed.c)
+            member.active = marked = True
         try:
             reply = handler(data[start:end], ctx)
         except BaseException as exc:  # SystemExit too: it ends this connection only

@@ -16,17 +16,20 @@ from time import ctime, time
 from ..service import Context, nonblocking
 from . import builtin
 
-#: The second the prefix was formatted for, and the prefix (one formatter per process).
-_second = -1
+#: The second the prefix was formatted for (from _start up to _next), and the prefix
+#: (one formatter per process). Two float comparisons a call, no ``int()``: that call
+#: was a third of the handler's own time.
+_start = _next = 0.0
 _prefix = b""
 
 
 def timestamp(request: bytes, ctx: Context) -> bytes:
-    global _second, _prefix
-    second = int(time())
-    if second != _second:
+    global _start, _next, _prefix
+    now = time()
+    if not _start <= now < _next:  # a new second (or the clock was set back)
+        second = int(now)
         _prefix = b"[" + ctime(second).encode() + b"] "
-        _second = second
+        _start, _next = float(second), float(second + 1)
     return _prefix + request
 
 
