@@ -13,8 +13,10 @@ from summary import (
     fmt_rps,
     fmt_us,
     goal_ratio,
+    groups,
     median_foreign,
     median_of,
+    peer_rows,
     table,
     worst_foreign,
 )
@@ -79,6 +81,7 @@ def write_report(
     """The whole of ``docs/benchmarks.md``: method, goals, tables, extras, peers."""
     lines = _head(rounds, args, command)
     lines += _goal_rows(rounds, peers, workloads, extras)
+    lines += _peer_section(rounds, peers, workloads)
     lines += _tables(rounds, peers, workloads, png)
     lines += _extra_sections(extras)
     lines += PEERS_SECTION
@@ -121,7 +124,7 @@ def _head(rounds: Rounds, args: argparse.Namespace, command: str) -> list[str]:
         "- A server that comes close to what the generator itself can drive (see *Load generator",
         "  check*) is partly measuring the generator: ratios between such servers shrink toward 1.",
         "",
-        "## Goals (issue 4)",
+        "## Goals (issues 4 and 12)",
         "",
         "Throughput is the goal's measure. *Core time* compares the server core's busy time",
         "per request (CPU of the server and the kernel's network work on its core), which",
@@ -193,7 +196,20 @@ def _tables(
 ) -> list[str]:
     """Requests/s, core time and latency per server and workload; failed runs; the plot."""
     lines = ["", "## Requests/s (median of rounds)", ""]
-    lines += table(peers, workloads, lambda p, w: fmt_rps(median_of(rounds, p, w, "rps")))
+    for group in groups(workloads):
+        lines += table(peers, group, lambda p, w: fmt_rps(median_of(rounds, p, w, "rps")))
+        lines.append("")
+    lines += [
+        "## Server process CPU per request, µs (median of rounds)",
+        "",
+        "The server process's own CPU time (user and system, all its threads) per request:",
+        "what it spent whoever else used its core, so the steadiest figure on a busy machine",
+        "(the kernel's softirq work for its sockets done in other contexts is not in it).",
+        "",
+    ]
+    for group in groups(workloads):
+        lines += table(peers, group, lambda p, w: _us(median_of(rounds, p, w, "server_cpu_us")))
+        lines.append("")
     lines += [
         "",
         "## Server core time per request, µs (median of rounds)",
@@ -209,15 +225,17 @@ def _tables(
         busy = median_of(rounds, peer, wl, "server_core_busy")
         return "—" if us is None or busy is None else f"{us:.2f} ({busy:.2f})"
 
-    lines += table(peers, workloads, core_cell)
-    lines += ["", "## Latency p50 / p99 (median of rounds, closed loop)", ""]
+    for group in groups(workloads):
+        lines += ["", *table(peers, group, core_cell)]
+    lines += ["", "## Latency p50 / p99 (median of rounds, closed loop)"]
 
     def latency_cell(peer: str, wl: str) -> str:
         p50 = median_of(rounds, peer, wl, "p50_us")
         p99 = median_of(rounds, peer, wl, "p99_us")
         return "—" if p50 is None else f"{fmt_us(p50)} / {fmt_us(p99)}"
 
-    lines += table(peers, workloads, latency_cell)
+    for group in groups(workloads):
+        lines += ["", *table(peers, group, latency_cell)]
     lines += [
         "",
         "— : not run. The textbook blocking loop serves one stream client at a time, so it only",
@@ -248,10 +266,48 @@ def _tables(
     return lines
 
 
+def _us(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
+def _peer_section(rounds: Rounds, peers: list[Peer], workloads: list[Workload]) -> list[str]:
+    """Issue 12's table: each goal's sockserve server against the peer written by hand."""
+    return _section(
+        "sockserve against each peer (issue 12)",
+        "Each workload's sockserve server (`--framing`, or the `async def` handler of",
+        "`benchmarks/peers/async_handlers.py`) against the hand-written peer of the goal,",
+        "medians of the same rounds; per-round ratios in brackets. *Before* is the commit",
+        "given with `--before`, its servers run in the same rounds as the others.",
+        "",
+        *peer_rows(rounds, peers, workloads),
+    )
+
+
 def _extra_sections(extras: dict[str, object]) -> list[str]:
     """What the 10k-connection, start-up and generator checks measured, where they ran."""
     lines: list[str] = []
     c10k, st, ys = (extras.get(k) for k in ("conn10k", "startup", "yardstick"))
+    fair = extras.get("fairness")
+    if isinstance(fair, dict):
+        lines += _section(
+            "A handler that blocks (issue 12)",
+            "`python benchmarks/fairness.py`: `sockserve serve async_handlers:sometimes_sleeps`"
+            f" on core 0; {fair['slow']} requests each block the `def` handler for 1 s (after",
+            "a first such request has been seen), and meanwhile another client sends"
+            f" {fair['requests']} requests one after another and times each reply. *auto* is",
+            "sockserve's default (a handler seen to block moves to the handler threads);",
+            "*nonblocking* keeps it inline, as before issue 12. Goal: every reply under 100 ms.",
+            "",
+            "| mode | p50 | p99 | max | rounds (max) | goal met |",
+            "|---|---|---|---|---|---|",
+            *(
+                f"| {mode} | {m['p50_ms']:.1f} ms | {m['p99_ms']:.1f} ms | {m['max_ms']:.1f} ms "
+                f"| {', '.join(format(r['max_ms'], '.0f') for r in m['rounds'])} "
+                f"| {'yes' if m['max_ms'] < 100 else 'no'} |"
+                for mode in ("auto", "nonblocking")
+                if isinstance(m := fair.get(mode), dict)
+            ),
+        )
     if isinstance(c10k, dict):
         lines += _section(
             "10,000 concurrent connections",

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -31,11 +32,12 @@ import time
 from pathlib import Path
 
 import conn10k
+import fairness
 import startup
-from common import ROOT
+from common import PEERS, ROOT, old_checkout
 from measure import run_round, yardstick_check
 from report import plot, write_report
-from workloads import PEERS_ALL, WORKLOADS, c_reference
+from workloads import PEERS_ALL, WORKLOADS, before, c_reference
 
 
 def main() -> int:
@@ -74,6 +76,13 @@ def main() -> int:
     p.add_argument(
         "--quick", action="store_true", help="1 round, 1 s, 0.5 s warm-up: checks the suite runs"
     )
+    p.add_argument(
+        "--before",
+        metavar="COMMIT",
+        help="also run each sockserve server from COMMIT (a worktree built in a temp folder),"
+        " in the same rounds, for before/after figures",
+    )
+    p.add_argument("--no-fairness", action="store_true", help="skip the blocking-handler test")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = p.parse_args()
     if args.quick:
@@ -89,10 +98,16 @@ def main() -> int:
         names = args.workloads.split(",")
         workloads = [w for w in WORKLOADS if w.name in names]
     command = "python benchmarks/run.py " + shlex.join(sys.argv[1:])
+    # `sockserve serve async_handlers:timestamp` imports the handler the peers share.
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(PEERS), os.environ.get("PYTHONPATH", "")])
     started = time.monotonic()
     rounds = []
     with tempfile.TemporaryDirectory(prefix="ssbench-", dir="/tmp") as tmpname:
         tmp = Path(tmpname)
+        if args.before:
+            src, args.before_rev = old_checkout(args.before, tmp / "before")
+            ours = [x for x in peers if x.name.startswith("sockserve")]
+            peers = [*peers, *(before(x, src, args.before_rev) for x in ours)]
         for rnd in range(args.rounds):
             rounds.append(run_round(rnd, peers, workloads, args, tmp))
     extras: dict[str, object] = {}
@@ -100,6 +115,10 @@ def main() -> int:
         print("10k connections...", flush=True)
         extras["conn10k"] = conn10k.run()
         print(f"  {extras['conn10k']}", flush=True)
+    if not args.no_fairness:
+        print("fairness: other clients while a def handler blocks...", flush=True)
+        extras["fairness"] = fairness.run(1 if args.quick else args.rounds)
+        print(f"  {extras['fairness']}", flush=True)
     if not args.no_startup:
         print("sockserve call start-up...", flush=True)
         extras["startup"] = startup.run(10 if args.quick else 30)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import statistics
 from collections.abc import Callable
 
-from workloads import Peer, Rounds, Workload
+from workloads import BEFORE, BY_NAME, GOALS, Peer, Rounds, Workload
 
 
 def median_of(rounds: Rounds, peer: str, wl: str, key: str) -> float | None:
@@ -55,10 +55,13 @@ def best_of(rounds: Rounds, peer: str, wl: str) -> float:
 def table(
     peers: list[Peer], workloads: list[Workload], cell: Callable[[str, str], str]
 ) -> list[str]:
-    """A markdown table: a row per server, a column per workload, ``cell(peer, workload)``."""
+    """A markdown table: a row per server that runs any of ``workloads``, a column per
+    workload, ``cell(peer, workload)``."""
     rows = ["| server | " + " | ".join(w.name for w in workloads) + " |"]
     rows.append("|---" * (len(workloads) + 1) + "|")
     for p in peers:
+        if not any(w.name in p.workloads for w in workloads):
+            continue
         rows.append(f"| {p.label} | " + " | ".join(cell(p.name, w.name) for w in workloads) + " |")
     return rows
 
@@ -86,3 +89,63 @@ def worst_foreign(rounds: Rounds) -> float:
 def median_foreign(rounds: Rounds) -> float:
     vals = _foreign(rounds)
     return statistics.median(vals) if vals else 0.0
+
+
+def groups(workloads: list[Workload]) -> list[list[Workload]]:
+    """The workloads by the sockserve server that serves them (raw, line, length, async):
+    one table each, so each shows only the servers that run it."""
+    out: dict[str, list[Workload]] = {}
+    for w in workloads:
+        out.setdefault(w.ours, []).append(w)
+    return list(out.values())
+
+
+def peer_rows(rounds: Rounds, peers: list[Peer], workloads: list[Workload]) -> list[str]:
+    """The issue-12 table: each goal's workload, its peer, both servers' requests/s, the
+    ratio (per round), the ratio of process CPU per request, and with ``--before`` the
+    older commit's ratio against the same peer in the same rounds."""
+    labels = {p.name: p.label for p in peers}
+    names = {w.name for w in workloads}
+    have_before = any(p.name.endswith(BEFORE) for p in peers)
+    head = "| workload | peer | sockserve req/s | peer req/s | sockserve / peer | CPU per request, peer / sockserve |"
+    rule = "|---|---|---|---|---|---|"
+    if have_before:
+        head += " before: req/s | before / peer | after / before |"
+        rule += "---|---|---|"
+    lines = [head + " target |", rule + "---|"]
+    for wl, target, base in GOALS:
+        if wl not in names or base not in labels:
+            continue
+        ours = BY_NAME[wl].ours
+        got = goal_ratio(rounds, wl, base, ours)
+        if got is None:
+            continue
+        ratio, each = got
+        cpu = cpu_ratio(rounds, wl, base, ours)
+        row = (
+            f"| {wl} | {labels[base]} | {fmt_rps(median_of(rounds, ours, wl, 'rps'))} "
+            f"| {fmt_rps(median_of(rounds, base, wl, 'rps'))} "
+            f"| **{ratio:.2f}x** ({', '.join(f'{r:.2f}' for r in each)}) "
+            f"| {'—' if cpu is None else f'{cpu:.2f}x'} |"
+        )
+        if have_before:
+            old = goal_ratio(rounds, wl, base, ours + BEFORE)
+            gain = goal_ratio(rounds, wl, ours + BEFORE, ours)
+            row += (
+                f" {fmt_rps(median_of(rounds, ours + BEFORE, wl, 'rps'))} "
+                f"| {'—' if old is None else f'{old[0]:.2f}x'} "
+                f"| {'—' if gain is None else f'{gain[0]:.2f}x'} |"
+            )
+        lines.append(row + f" >= {target:.1f}x |")
+    return lines
+
+
+def cpu_ratio(rounds: Rounds, wl: str, base: str, ours: str) -> float | None:
+    """Median per-round ratio of process CPU per request (base over ours)."""
+    ratios = []
+    for r in rounds:
+        a = r.get(ours, {}).get(wl, {}).get("server_cpu_us")
+        b = r.get(base, {}).get(wl, {}).get("server_cpu_us")
+        if a and b:
+            ratios.append(float(b) / float(a))  # type: ignore[arg-type]
+    return statistics.median(ratios) if ratios else None
