@@ -2,9 +2,20 @@
 
     python benchmarks/run.py                 # the full run (about 10 minutes), writes docs/benchmarks.md
     python benchmarks/run.py --quick         # 1 round of 1 s: a smoke test of the suite itself
+    python benchmarks/run.py --before main   # also main's sockserve servers, same rounds
+
+The published run (issue 12's table before and after, the pipelined variants, the
+fairness figure, every goal) is one command, from the checkout to measure:
+
+    python benchmarks/run.py --rounds 3 --before OLD_COMMIT --yardsticks /tmp/yard
+
+``--before`` installs that commit's sockserve (C helper built) from a temporary worktree
+into the temporary folder and runs each sockserve server from it too, in the same rounds,
+so before and after are measured seconds apart against the same peers.
 
 Every server runs the timestamp service (64-byte request, 91-byte reply) on TCP,
-a Unix stream socket and UDP, pinned to core 0; ``sockserve bench`` drives it
+a Unix stream socket and UDP (line and length framed, and from an ``async def``
+handler, against peers of the same kind: :mod:`workloads`), pinned to core 0; ``sockserve bench`` drives it
 from core 1. Rounds alternate the servers (round 2 runs them in another order)
 so drift on a noisy machine spreads over all of them; the report gives the
 median of the rounds, and goal ratios are medians of per-round ratios, each

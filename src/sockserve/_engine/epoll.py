@@ -11,6 +11,8 @@ request: that is where most of a request's latency goes on loopback and VMs.
 The poll answers plain raw requests itself (``Hub.fast``): in C with the helper,
 else in its pure-Python twin (``fastpath.poll_fast``). Whatever it cannot finish
 comes back as a tagged outcome (the contract in ``fastio``) for the member.
+``HandlerCalls`` lives here, beside the hub it steers: how one handler is called
+(inline, in the threads, or as a coroutine), and when its connections leave the fast path.
 
 The epoll set is itself a file descriptor, registered with the event loop
 (uvloop or asyncio) through ``add_reader``, so timers, async handlers, TLS
