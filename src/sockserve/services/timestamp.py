@@ -16,20 +16,20 @@ from time import ctime, time
 from ..service import Context, nonblocking
 from . import builtin
 
-#: The second the prefix was formatted for (from _start up to _next), and the prefix
-#: (one formatter per process). Two float comparisons a call, no ``int()``: that call
-#: was a third of the handler's own time.
-_start = _next = 0.0
+#: The second the prefix was formatted for (a float: ``now - _second`` stays a float
+#: subtraction), and the prefix (one formatter per process). A subtraction and a chained
+#: comparison a call, no ``int()``: that call was a third of the handler's own time.
+_second = -1.0
 _prefix = b""
 
 
 def timestamp(request: bytes, ctx: Context) -> bytes:
-    global _start, _next, _prefix
+    global _second, _prefix
     now = time()
-    if not _start <= now < _next:  # a new second (or the clock was set back)
+    if not 0.0 <= now - _second < 1.0:  # a new second (or the clock was set back)
         second = int(now)
         _prefix = b"[" + ctime(second).encode() + b"] "
-        _start, _next = float(second), float(second + 1)
+        _second = float(second)
     return _prefix + request
 
 
