@@ -12,15 +12,14 @@ from summary import (
     capacity_ratio,
     fmt_rps,
     fmt_us,
-    goal_ratio,
-    groups,
+    measured_goals,
     median_foreign,
     median_of,
     peer_rows,
-    table,
+    tables,
     worst_foreign,
 )
-from workloads import BY_NAME, GOALS, Peer, Rounds, Workload
+from workloads import Peer, Rounds, Workload
 
 
 def plot(
@@ -148,14 +147,7 @@ def _goal_rows(
     """One row per goal measured: the ratios, then the 10k-connection and start-up goals."""
     lines: list[str] = []
     labels = {p.name: p.label for p in peers}
-    for wl, target, base in GOALS:
-        if not any(w.name == wl for w in workloads):
-            continue
-        ours = BY_NAME[wl].ours
-        got = goal_ratio(rounds, wl, base, ours)
-        if got is None:
-            continue
-        ratio, each = got
+    for wl, target, base, ours, ratio, each in measured_goals(rounds, workloads):
         per = ", ".join(f"{r:.2f}" for r in each)
         best_a, best_b = best_of(rounds, ours, wl), best_of(rounds, base, wl)
         best = f"; best runs {best_a / best_b:.2f}x" if best_a and best_b else ""
@@ -198,21 +190,17 @@ def _tables(
     rounds: Rounds, peers: list[Peer], workloads: list[Workload], png: str | None
 ) -> list[str]:
     """Requests/s, core time and latency per server and workload; failed runs; the plot."""
-    lines = ["", "## Requests/s (median of rounds)", ""]
-    for group in groups(workloads):
-        lines += table(peers, group, lambda p, w: fmt_rps(median_of(rounds, p, w, "rps")))
-        lines.append("")
+    lines = ["", "## Requests/s (median of rounds)"]
+    lines += tables(peers, workloads, lambda p, w: fmt_rps(median_of(rounds, p, w, "rps")))
     lines += [
+        "",
         "## Server process CPU per request, µs (median of rounds)",
         "",
         "The server process's own CPU time (user and system, all its threads) per request:",
         "what it spent whoever else used its core, so the steadiest figure on a busy machine",
         "(the kernel's softirq work for its sockets done in other contexts is not in it).",
-        "",
     ]
-    for group in groups(workloads):
-        lines += table(peers, group, lambda p, w: _us(median_of(rounds, p, w, "server_cpu_us")))
-        lines.append("")
+    lines += tables(peers, workloads, lambda p, w: _us(median_of(rounds, p, w, "server_cpu_us")))
     lines += [
         "",
         "## Server core time per request, µs (median of rounds)",
@@ -220,7 +208,6 @@ def _tables(
         "Busy time of core 0 (the server's: its CPU and the kernel's network work there)",
         "per request, and in brackets how busy that core was: below ~0.9 the generator,",
         "not the server, set the pace.",
-        "",
     ]
 
     def core_cell(peer: str, wl: str) -> str:
@@ -228,8 +215,7 @@ def _tables(
         busy = median_of(rounds, peer, wl, "server_core_busy")
         return "—" if us is None or busy is None else f"{us:.2f} ({busy:.2f})"
 
-    for group in groups(workloads):
-        lines += ["", *table(peers, group, core_cell)]
+    lines += tables(peers, workloads, core_cell)
     lines += ["", "## Latency p50 / p99 (median of rounds, closed loop)"]
 
     def latency_cell(peer: str, wl: str) -> str:
@@ -237,8 +223,7 @@ def _tables(
         p99 = median_of(rounds, peer, wl, "p99_us")
         return "—" if p50 is None else f"{fmt_us(p50)} / {fmt_us(p99)}"
 
-    for group in groups(workloads):
-        lines += ["", *table(peers, group, latency_cell)]
+    lines += tables(peers, workloads, latency_cell)
     lines += [
         "",
         "— : not run. The textbook blocking loop serves one stream client at a time, so it only",

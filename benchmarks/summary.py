@@ -14,12 +14,13 @@ def median_of(rounds: Rounds, peer: str, wl: str, key: str) -> float | None:
 
 
 def goal_ratio(
-    rounds: Rounds, wl: str, base: str, ours: str = "sockserve"
+    rounds: Rounds, wl: str, base: str, ours: str = "sockserve", key: str = "rps"
 ) -> tuple[float, list[float]] | None:
+    """Per-round ratios of ``key`` (ours over base) and their median."""
     ratios = []
     for r in rounds:
-        a = r.get(ours, {}).get(wl, {}).get("rps")
-        b = r.get(base, {}).get(wl, {}).get("rps")
+        a = r.get(ours, {}).get(wl, {}).get(key)
+        b = r.get(base, {}).get(wl, {}).get(key)
         if a and b:
             ratios.append(float(a) / float(b))  # type: ignore[arg-type]
     return (statistics.median(ratios), ratios) if ratios else None
@@ -91,13 +92,30 @@ def median_foreign(rounds: Rounds) -> float:
     return statistics.median(vals) if vals else 0.0
 
 
-def groups(workloads: list[Workload]) -> list[list[Workload]]:
-    """The workloads by the sockserve server that serves them (raw, line, length, async):
-    one table each, so each shows only the servers that run it."""
-    out: dict[str, list[Workload]] = {}
+def tables(
+    peers: list[Peer], workloads: list[Workload], cell: Callable[[str, str], str]
+) -> list[str]:
+    """One :func:`table` per sockserve server's workloads (raw, line, length, async), so
+    each shows only the servers that run them; a blank line before each."""
+    by_ours: dict[str, list[Workload]] = {}
     for w in workloads:
-        out.setdefault(w.ours, []).append(w)
-    return list(out.values())
+        by_ours.setdefault(w.ours, []).append(w)
+    return [line for group in by_ours.values() for line in ["", *table(peers, group, cell)]]
+
+
+def measured_goals(
+    rounds: Rounds, workloads: list[Workload]
+) -> list[tuple[str, float, str, str, float, list[float]]]:
+    """Each goal whose workload was measured: (workload, target, peer, our server, the
+    median per-round ratio, the per-round ratios)."""
+    names = {w.name for w in workloads}
+    out = []
+    for wl, target, base in GOALS:
+        ours = BY_NAME[wl].ours
+        got = goal_ratio(rounds, wl, base, ours) if wl in names else None
+        if got is not None:
+            out.append((wl, target, base, ours, *got))
+    return out
 
 
 def peer_rows(rounds: Rounds, peers: list[Peer], workloads: list[Workload]) -> list[str]:
@@ -105,7 +123,6 @@ def peer_rows(rounds: Rounds, peers: list[Peer], workloads: list[Workload]) -> l
     ratio (per round), the ratio of process CPU per request, and with ``--before`` the
     older commit's ratio against the same peer in the same rounds."""
     labels = {p.name: p.label for p in peers}
-    names = {w.name for w in workloads}
     have_before = any(p.name.endswith(BEFORE) for p in peers)
     head = "| workload | peer | sockserve req/s | peer req/s | sockserve / peer | CPU per request, peer / sockserve |"
     rule = "|---|---|---|---|---|---|"
@@ -113,14 +130,7 @@ def peer_rows(rounds: Rounds, peers: list[Peer], workloads: list[Workload]) -> l
         head += " before: req/s | before / peer | after / before |"
         rule += "---|---|---|"
     lines = [head + " target |", rule + "---|"]
-    for wl, target, base in GOALS:
-        if wl not in names or base not in labels:
-            continue
-        ours = BY_NAME[wl].ours
-        got = goal_ratio(rounds, wl, base, ours)
-        if got is None:
-            continue
-        ratio, each = got
+    for wl, target, base, ours, ratio, each in measured_goals(rounds, workloads):
         cpu = cpu_ratio(rounds, wl, base, ours)
         row = (
             f"| {wl} | {labels[base]} | {fmt_rps(median_of(rounds, ours, wl, 'rps'))} "
@@ -142,10 +152,5 @@ def peer_rows(rounds: Rounds, peers: list[Peer], workloads: list[Workload]) -> l
 
 def cpu_ratio(rounds: Rounds, wl: str, base: str, ours: str) -> float | None:
     """Median per-round ratio of process CPU per request (base over ours)."""
-    ratios = []
-    for r in rounds:
-        a = r.get(ours, {}).get(wl, {}).get("server_cpu_us")
-        b = r.get(base, {}).get(wl, {}).get("server_cpu_us")
-        if a and b:
-            ratios.append(float(b) / float(a))  # type: ignore[arg-type]
-    return statistics.median(ratios) if ratios else None
+    got = goal_ratio(rounds, wl, ours, base, key="server_cpu_us")
+    return got[0] if got else None

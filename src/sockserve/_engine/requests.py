@@ -9,7 +9,7 @@ Only a real Ctrl-C passes through (see :func:`.signals.is_signal_interrupt`).
 
 How a handler is called (:class:`.epoll.HandlerCalls`, one per handler and server): a ``def``
 handler inline on the loop, timed, until one call holds the loop past
-:data:`BLOCKING_AFTER`; from then on (or from the start when marked blocking) in the
+:data:`.epoll.BLOCKING_AFTER`; from then on (or from the start when marked blocking) in the
 server's threads, its requests still answered in order per connection. An ``async def``
 on the loop, in the connection's worker task, which lives as long as the connection: a
 request that comes while it waits for work has its handler's first step run at once, as
