@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,11 +76,15 @@ def wait_ready(
 
 @contextlib.contextmanager
 def server_process(
-    cmd: Sequence[str], log: Path, core: int = SERVER_CORE
+    cmd: Sequence[str], log: Path, core: int = SERVER_CORE, env: Mapping[str, str] | None = None
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """Start ``cmd`` pinned to ``core``, logging to ``log``; stop it (TERM, then KILL) on exit."""
+    """Start ``cmd`` pinned to ``core``, logging to ``log``, with ``env`` on top of this
+    process's environment; stop it (TERM, then KILL) on exit."""
+    full = {**os.environ, **env} if env else None
     with open(log, "ab") as out:
-        proc = subprocess.Popen(pinned(cmd, core), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(
+            pinned(cmd, core), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=full
+        )
     try:
         yield proc
     finally:
@@ -172,3 +176,24 @@ def _revision() -> str:
     return (
         f"commit {rev}" + (" + uncommitted changes in src/" if dirty else "") if rev else "unknown"
     )
+
+
+def old_checkout(commit: str, dest: Path) -> tuple[Path, str]:
+    """``commit``'s sockserve, C helper included, installed (``pip install --target``)
+    from a temporary worktree into ``dest``, so ``PYTHONPATH=dest`` runs that commit with
+    this Python and these libraries: the folder and the short commit id."""
+    git = ["git", "-C", str(ROOT)]
+    rev = subprocess.run(
+        [*git, "rev-parse", "--short", commit], capture_output=True, text=True, check=True
+    ).stdout.strip()
+    tree = dest.with_name(dest.name + "-tree")
+    subprocess.run([*git, "worktree", "add", "-q", "--detach", str(tree), commit], check=True)
+    try:
+        subprocess.run(
+            [PYTHON, "-m", "pip", "install", "-q", "--no-deps", "--target", str(dest), str(tree)],
+            check=True,
+            env={**os.environ, "SOCKSERVE_REQUIRE_SPEEDUPS": "1"},
+        )
+    finally:
+        subprocess.run([*git, "worktree", "remove", "--force", str(tree)], check=False)
+    return dest, rev

@@ -76,6 +76,17 @@ def one_round(mode: str, requests: int, log: Path) -> dict[str, float]:
     }
 
 
+def run(rounds: int, requests: int = 20) -> dict[str, object]:
+    """Rounds of each mode (auto: as sockserve serves by default; nonblocking: the handler
+    kept inline, as before issue 12), for the suite: each mode's rounds and medians."""
+    log = Path(tempfile.mkdtemp(prefix="fairness-")) / "server.log"
+    out: dict[str, object] = {"requests": requests, "slow": SLOW_REQUESTS}
+    for mode in ("auto", "nonblocking"):
+        got = [one_round(mode, requests, log) for _ in range(rounds)]
+        out[mode] = {k: statistics.median(r[k] for r in got) for k in got[0]} | {"rounds": got}
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--mode", choices=("auto", "nonblocking", "blocking"), default="auto")

@@ -92,7 +92,7 @@ def _bench_once(
     # The server core's busy time over a window inside the measured part of the run
     # (after start-up and warm-up, before the end): see server_core_us below.
     window = (t0 + args.warmup + 0.5, t0 + args.warmup + args.duration - 0.2)
-    samples: list[tuple[float, float]] = []
+    samples: list[tuple[float, float, float]] = []
     with subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         try:
             for at in window if window[1] - window[0] >= 0.5 else ():
@@ -100,7 +100,7 @@ def _bench_once(
                     proc.wait(max(at - time.monotonic(), 0.0))
                 if proc.poll() is not None:
                     break
-                samples.append((time.monotonic(), core_busy(SERVER_CORE)))
+                samples.append((time.monotonic(), core_busy(SERVER_CORE), proc_cpu(server_pid)))
             stdout, stderr = proc.communicate(timeout=args.duration * 4 + 60)
         except subprocess.TimeoutExpired:
             proc.kill()
@@ -118,12 +118,17 @@ def _bench_once(
     data["foreign_cpu"] = round(max(foreign, 0.0), 2)
     rps = float(data["rps"])  # type: ignore[arg-type]
     if len(samples) == 2 and rps > 0:
-        (ta, ba), (tb, bb) = samples
+        (ta, ba, pa), (tb, bb, pb) = samples
         # Microseconds of core time per request: the server's own CPU plus the kernel's
         # network work done on its core (softirq), which is most of a loopback request.
         # It does not shrink when the generator, not the server, is the limit.
         data["server_core_us"] = round((bb - ba) / (tb - ta) / rps * 1e6, 3)
         data["server_core_busy"] = round((bb - ba) / (tb - ta), 3)
+        # The server process's own CPU (user + system, its threads) per request: what it
+        # spent, whoever else ran on its core meanwhile (softirq work on its behalf
+        # done in other contexts is not in it). The steadiest figure on a busy machine.
+        if server_pid is not None:
+            data["server_cpu_us"] = round((pb - pa) / (tb - ta) / rps * 1e6, 3)
     return data
 
 
@@ -197,7 +202,8 @@ def run_round(
             port = free_port()
             unix = str(tmp / f"{peer.name}.sock")
             argv = [a.format(tcp=port, udp=port, unix=unix, cert=cert, key=key) for a in peer.argv]
-            srv = stack.enter_context(server_process(argv, tmp / f"{peer.name}.log"))
+            env = dict(peer.env) or None
+            srv = stack.enter_context(server_process(argv, tmp / f"{peer.name}.log", env=env))
             pids[peer.name] = srv.pid
             urls[peer.name] = {
                 "tcp": f"tcp://127.0.0.1:{port}",

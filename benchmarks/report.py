@@ -12,13 +12,14 @@ from summary import (
     capacity_ratio,
     fmt_rps,
     fmt_us,
-    goal_ratio,
+    measured_goals,
     median_foreign,
     median_of,
-    table,
+    peer_rows,
+    tables,
     worst_foreign,
 )
-from workloads import BY_NAME, GOALS, Peer, Rounds, Workload
+from workloads import Peer, Rounds, Workload
 
 
 def plot(
@@ -79,6 +80,7 @@ def write_report(
     """The whole of ``docs/benchmarks.md``: method, goals, tables, extras, peers."""
     lines = _head(rounds, args, command)
     lines += _goal_rows(rounds, peers, workloads, extras)
+    lines += _peer_section(rounds, peers, workloads)
     lines += _tables(rounds, peers, workloads, png)
     lines += _extra_sections(extras)
     lines += PEERS_SECTION
@@ -102,6 +104,9 @@ def _head(rounds: Rounds, args: argparse.Namespace, command: str) -> list[str]:
         command,
         "```",
         "",
+        "`--before COMMIT` also runs each sockserve server from COMMIT (installed from a",
+        "temporary worktree) in the same rounds: the before/after columns of the issue-12 table.",
+        "",
         "## Machine and method",
         "",
         *[f"- **{k}**: {v}" for k, v in m.items()],
@@ -121,7 +126,7 @@ def _head(rounds: Rounds, args: argparse.Namespace, command: str) -> list[str]:
         "- A server that comes close to what the generator itself can drive (see *Load generator",
         "  check*) is partly measuring the generator: ratios between such servers shrink toward 1.",
         "",
-        "## Goals (issue 4)",
+        "## Goals (issues 4 and 12)",
         "",
         "Throughput is the goal's measure. *Core time* compares the server core's busy time",
         "per request (CPU of the server and the kernel's network work on its core), which",
@@ -142,14 +147,7 @@ def _goal_rows(
     """One row per goal measured: the ratios, then the 10k-connection and start-up goals."""
     lines: list[str] = []
     labels = {p.name: p.label for p in peers}
-    for wl, target, base in GOALS:
-        if not any(w.name == wl for w in workloads):
-            continue
-        ours = BY_NAME[wl].ours
-        got = goal_ratio(rounds, wl, base, ours)
-        if got is None:
-            continue
-        ratio, each = got
+    for wl, target, base, ours, ratio, each in measured_goals(rounds, workloads):
         per = ", ".join(f"{r:.2f}" for r in each)
         best_a, best_b = best_of(rounds, ours, wl), best_of(rounds, base, wl)
         best = f"; best runs {best_a / best_b:.2f}x" if best_a and best_b else ""
@@ -192,8 +190,17 @@ def _tables(
     rounds: Rounds, peers: list[Peer], workloads: list[Workload], png: str | None
 ) -> list[str]:
     """Requests/s, core time and latency per server and workload; failed runs; the plot."""
-    lines = ["", "## Requests/s (median of rounds)", ""]
-    lines += table(peers, workloads, lambda p, w: fmt_rps(median_of(rounds, p, w, "rps")))
+    lines = ["", "## Requests/s (median of rounds)"]
+    lines += tables(peers, workloads, lambda p, w: fmt_rps(median_of(rounds, p, w, "rps")))
+    lines += [
+        "",
+        "## Server process CPU per request, µs (median of rounds)",
+        "",
+        "The server process's own CPU time (user and system, all its threads) per request:",
+        "what it spent whoever else used its core, so the steadiest figure on a busy machine",
+        "(the kernel's softirq work for its sockets done in other contexts is not in it).",
+    ]
+    lines += tables(peers, workloads, lambda p, w: _us(median_of(rounds, p, w, "server_cpu_us")))
     lines += [
         "",
         "## Server core time per request, µs (median of rounds)",
@@ -201,7 +208,6 @@ def _tables(
         "Busy time of core 0 (the server's: its CPU and the kernel's network work there)",
         "per request, and in brackets how busy that core was: below ~0.9 the generator,",
         "not the server, set the pace.",
-        "",
     ]
 
     def core_cell(peer: str, wl: str) -> str:
@@ -209,15 +215,15 @@ def _tables(
         busy = median_of(rounds, peer, wl, "server_core_busy")
         return "—" if us is None or busy is None else f"{us:.2f} ({busy:.2f})"
 
-    lines += table(peers, workloads, core_cell)
-    lines += ["", "## Latency p50 / p99 (median of rounds, closed loop)", ""]
+    lines += tables(peers, workloads, core_cell)
+    lines += ["", "## Latency p50 / p99 (median of rounds, closed loop)"]
 
     def latency_cell(peer: str, wl: str) -> str:
         p50 = median_of(rounds, peer, wl, "p50_us")
         p99 = median_of(rounds, peer, wl, "p99_us")
         return "—" if p50 is None else f"{fmt_us(p50)} / {fmt_us(p99)}"
 
-    lines += table(peers, workloads, latency_cell)
+    lines += tables(peers, workloads, latency_cell)
     lines += [
         "",
         "— : not run. The textbook blocking loop serves one stream client at a time, so it only",
@@ -248,10 +254,48 @@ def _tables(
     return lines
 
 
+def _us(v: float | None) -> str:
+    return "—" if v is None else f"{v:.2f}"
+
+
+def _peer_section(rounds: Rounds, peers: list[Peer], workloads: list[Workload]) -> list[str]:
+    """Issue 12's table: each goal's sockserve server against the peer written by hand."""
+    return _section(
+        "sockserve against each peer (issue 12)",
+        "Each workload's sockserve server (`--framing`, or the `async def` handler of",
+        "`benchmarks/peers/async_handlers.py`) against the hand-written peer of the goal,",
+        "medians of the same rounds; per-round ratios in brackets. *Before* is the commit",
+        "given with `--before`, its servers run in the same rounds as the others.",
+        "",
+        *peer_rows(rounds, peers, workloads),
+    )
+
+
 def _extra_sections(extras: dict[str, object]) -> list[str]:
     """What the 10k-connection, start-up and generator checks measured, where they ran."""
     lines: list[str] = []
     c10k, st, ys = (extras.get(k) for k in ("conn10k", "startup", "yardstick"))
+    fair = extras.get("fairness")
+    if isinstance(fair, dict):
+        lines += _section(
+            "A handler that blocks (issue 12)",
+            "`python benchmarks/fairness.py`: `sockserve serve async_handlers:sometimes_sleeps`"
+            f" on core 0; {fair['slow']} requests each block the `def` handler for 1 s (after",
+            "a first such request has been seen), and meanwhile another client sends"
+            f" {fair['requests']} requests one after another and times each reply. *auto* is",
+            "sockserve's default (a handler seen to block moves to the handler threads);",
+            "*nonblocking* keeps it inline, as before issue 12. Goal: every reply under 100 ms.",
+            "",
+            "| mode | p50 | p99 | max | rounds (max) | goal met |",
+            "|---|---|---|---|---|---|",
+            *(
+                f"| {mode} | {m['p50_ms']:.1f} ms | {m['p99_ms']:.1f} ms | {m['max_ms']:.1f} ms "
+                f"| {', '.join(format(r['max_ms'], '.0f') for r in m['rounds'])} "
+                f"| {'yes' if m['max_ms'] < 100 else 'no'} |"
+                for mode in ("auto", "nonblocking")
+                if isinstance(m := fair.get(mode), dict)
+            ),
+        )
     if isinstance(c10k, dict):
         lines += _section(
             "10,000 concurrent connections",

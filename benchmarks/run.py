@@ -2,9 +2,20 @@
 
     python benchmarks/run.py                 # the full run (about 10 minutes), writes docs/benchmarks.md
     python benchmarks/run.py --quick         # 1 round of 1 s: a smoke test of the suite itself
+    python benchmarks/run.py --before main   # also main's sockserve servers, same rounds
+
+The published run (issue 12's table before and after, the pipelined variants, the
+fairness figure, every goal) is one command, from the checkout to measure:
+
+    python benchmarks/run.py --rounds 3 --before OLD_COMMIT --yardsticks /tmp/yard
+
+``--before`` installs that commit's sockserve (C helper built) from a temporary worktree
+into the temporary folder and runs each sockserve server from it too, in the same rounds,
+so before and after are measured seconds apart against the same peers.
 
 Every server runs the timestamp service (64-byte request, 91-byte reply) on TCP,
-a Unix stream socket and UDP, pinned to core 0; ``sockserve bench`` drives it
+a Unix stream socket and UDP (line and length framed, and from an ``async def``
+handler, against peers of the same kind: :mod:`workloads`), pinned to core 0; ``sockserve bench`` drives it
 from core 1. Rounds alternate the servers (round 2 runs them in another order)
 so drift on a noisy machine spreads over all of them; the report gives the
 median of the rounds, and goal ratios are medians of per-round ratios, each
@@ -24,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shlex
 import sys
 import tempfile
@@ -31,11 +43,12 @@ import time
 from pathlib import Path
 
 import conn10k
+import fairness
 import startup
-from common import ROOT
+from common import PEERS, ROOT, old_checkout
 from measure import run_round, yardstick_check
 from report import plot, write_report
-from workloads import PEERS_ALL, WORKLOADS, c_reference
+from workloads import PEERS_ALL, WORKLOADS, before, c_reference
 
 
 def main() -> int:
@@ -74,6 +87,13 @@ def main() -> int:
     p.add_argument(
         "--quick", action="store_true", help="1 round, 1 s, 0.5 s warm-up: checks the suite runs"
     )
+    p.add_argument(
+        "--before",
+        metavar="COMMIT",
+        help="also run each sockserve server from COMMIT (a worktree built in a temp folder),"
+        " in the same rounds, for before/after figures",
+    )
+    p.add_argument("--no-fairness", action="store_true", help="skip the blocking-handler test")
     p.add_argument("--out", type=Path, default=ROOT / "docs" / "benchmarks.md")
     args = p.parse_args()
     if args.quick:
@@ -89,10 +109,16 @@ def main() -> int:
         names = args.workloads.split(",")
         workloads = [w for w in WORKLOADS if w.name in names]
     command = "python benchmarks/run.py " + shlex.join(sys.argv[1:])
+    # `sockserve serve async_handlers:timestamp` imports the handler the peers share.
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(PEERS), os.environ.get("PYTHONPATH", "")])
     started = time.monotonic()
     rounds = []
     with tempfile.TemporaryDirectory(prefix="ssbench-", dir="/tmp") as tmpname:
         tmp = Path(tmpname)
+        if args.before:
+            src, args.before_rev = old_checkout(args.before, tmp / "before")
+            ours = [x for x in peers if x.name.startswith("sockserve")]
+            peers = [*peers, *(before(x, src, args.before_rev) for x in ours)]
         for rnd in range(args.rounds):
             rounds.append(run_round(rnd, peers, workloads, args, tmp))
     extras: dict[str, object] = {}
@@ -100,6 +126,10 @@ def main() -> int:
         print("10k connections...", flush=True)
         extras["conn10k"] = conn10k.run()
         print(f"  {extras['conn10k']}", flush=True)
+    if not args.no_fairness:
+        print("fairness: other clients while a def handler blocks...", flush=True)
+        extras["fairness"] = fairness.run(1 if args.quick else args.rounds)
+        print(f"  {extras['fairness']}", flush=True)
     if not args.no_startup:
         print("sockserve call start-up...", flush=True)
         extras["startup"] = startup.run(10 if args.quick else 30)

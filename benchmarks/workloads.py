@@ -10,7 +10,8 @@ sockserve's requests/s over a named peer's, per workload.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from common import PEERS, PYTHON
@@ -52,7 +53,14 @@ FRAMED_WORKLOADS = [
 ]
 #: TLS (issue 12): the timestamp service over tls:// on a throwaway P-256 certificate.
 TLS_WORKLOADS = [Workload(f"tls-{n}", "tls", n, ours="sockserve-tls") for n in (50, 1)]
-WORKLOADS = RAW_WORKLOADS + FRAMED_WORKLOADS + TLS_WORKLOADS
+#: An ``async def`` handler (benchmarks/peers/async_handlers.py) against asyncio streams
+#: on uvloop running the same handler (issue 12, item 2).
+ASYNC_WORKLOADS = [
+    Workload("async-50", "tcp", 50, ours="sockserve-async"),
+    Workload("async-1", "tcp", 1, ours="sockserve-async"),
+    Workload("async-udp-50", "udp", 50, ours="sockserve-async"),
+]
+WORKLOADS = RAW_WORKLOADS + FRAMED_WORKLOADS + TLS_WORKLOADS + ASYNC_WORKLOADS
 BY_NAME = {w.name: w for w in WORKLOADS}
 
 
@@ -62,6 +70,22 @@ class Peer:
     label: str
     argv: tuple[str, ...]  # {tcp} {udp} {unix} are filled in
     workloads: tuple[str, ...] = tuple(w.name for w in RAW_WORKLOADS)
+    env: tuple[tuple[str, str], ...] = ()  # on top of the runner's environment
+
+
+#: Suffix of the name of a sockserve server run from an older commit (``--before``).
+BEFORE = "@before"
+
+
+def before(peer: Peer, src: Path, rev: str) -> Peer:
+    """``peer`` (a sockserve server) run from the older checkout whose sources are ``src``."""
+    path = os.pathsep.join([str(src), str(PEERS), os.environ.get("PYTHONPATH", "")])
+    return replace(
+        peer,
+        name=peer.name + BEFORE,
+        label=f"{peer.label}, before ({rev})",
+        env=(("PYTHONPATH", path),),
+    )
 
 
 _PEER_ARGS = ("--tcp", "{tcp}", "--udp", "{udp}", "--unix", "{unix}")
@@ -127,6 +151,34 @@ PEERS_ALL = [
         tuple(w.name for w in TLS_WORKLOADS),
     ),
     Peer(
+        "uvloop-line-streams",
+        "uvloop streams, readline",
+        (
+            PYTHON,
+            str(PEERS / "asyncio_line_protocol.py"),
+            "--uvloop",
+            "--streams",
+            "--tcp",
+            "{tcp}",
+        ),
+        ("line-50", "line-1"),
+    ),
+    Peer(
+        "sockserve-async",
+        "sockserve, async def handler",
+        (
+            *(PYTHON, "-m", "sockserve", "serve", "async_handlers:timestamp"),
+            *("--listen", "tcp://127.0.0.1:{tcp}", "--listen", "udp://127.0.0.1:{udp}"),
+        ),
+        tuple(w.name for w in ASYNC_WORKLOADS),
+    ),
+    Peer(
+        "uvloop-streams",
+        "uvloop streams, async def handler",
+        (PYTHON, str(PEERS / "uvloop_streams_async.py"), "--tcp", "{tcp}", "--udp", "{udp}"),
+        tuple(w.name for w in ASYNC_WORKLOADS),
+    ),
+    Peer(
         "blocking",
         "textbook blocking loop",
         (PYTHON, str(PEERS / "blocking_loop.py"), *_PEER_ARGS),
@@ -150,6 +202,12 @@ GOALS = [
         for conns, target in (("50", 1.1), ("1", 1.0), ("50-p16", 1.1))
     ),
     ("tls-50", 1.1, "uvloop-tls"),  # TLS (issue 12): the uvloop Protocol with ssl=
+    ("line-50", 1.1, "uvloop-line-streams"),
+    # Async handlers (issue 12): >= 1.1x asyncio streams on uvloop, at 1 and 50
+    # connections, and over UDP (a DatagramProtocol running each request in a task).
+    ("async-50", 1.1, "uvloop-streams"),
+    ("async-1", 1.1, "uvloop-streams"),
+    ("async-udp-50", 1.1, "uvloop-streams"),
 ]
 
 

@@ -11,6 +11,8 @@ request: that is where most of a request's latency goes on loopback and VMs.
 The poll answers plain raw requests itself (``Hub.fast``): in C with the helper,
 else in its pure-Python twin (``fastpath.poll_fast``). Whatever it cannot finish
 comes back as a tagged outcome (the contract in ``fastio``) for the member.
+``HandlerCalls`` lives here, beside the hub it steers: how one handler is called
+(inline, in the threads, or as a coroutine), and when its connections leave the fast path.
 
 The epoll set is itself a file descriptor, registered with the event loop
 (uvloop or asyncio) through ``add_reader``, so timers, async handlers, TLS
@@ -28,12 +30,15 @@ import asyncio
 import contextlib
 import select
 import time
-from typing import Any, Protocol
+from collections.abc import Awaitable
+from typing import Any, Protocol, cast
 
-from ..logs import server_log
+from ..config import ServerConfig
+from ..logs import server_log, service_log
+from ..service import Context, handler_mode, is_async_handler
+from .contracts import HandlerPool, Poller
 from .fastio import EVENT, PollResult, c_poll_fast
 from .fastpath import poll_fast
-from .requests import BLOCKING_AFTER
 from .signals import descheduled
 
 HAVE_EPOLL = hasattr(select, "epoll")
@@ -55,6 +60,93 @@ MAX_TURN = 0.002
 #: What a request of a handler that does not block may take within a slow poll: a poll
 #: that served 1,000 requests of 30 us is slow for being many, no handler blocked in it.
 FAST_CALL = 0.0005
+
+
+#: A ``def`` handler call that holds the loop longer than this moves it to the threads: every
+#: other client waited that long (100x a loopback request), well above what handlers that
+#: compute rather than wait take (a lookup, a few KB of JSON: < 1 ms) and most GC pauses.
+BLOCKING_AFTER = 0.025
+#: Timed calls a handler suspected in a shared slow poll makes in Python before it is trusted.
+PROBE_CALLS = 32
+
+
+class HandlerCalls:
+    """How one handler is called on one server: inline (watched, or marked nonblocking),
+    in the threads (seen to block, or marked blocking), or as a coroutine."""
+
+    def __init__(self, handler: Any, name: str, mode: bool | None, pool: HandlerPool) -> None:
+        self.handler = handler
+        self.name = name
+        self._pool = pool
+        self.is_async = is_async_handler(handler)
+        sync = not self.is_async
+        self.inline = sync and mode is not True
+        self.auto = sync and mode is None
+        #: The fast path (C or its twin) may call it: inline and not under suspicion.
+        self.fast_ok = self.inline
+        self.probing = 0
+        self._hubs: list[Poller] = []
+        descheduled()  # this thread's (the loop's) baseline
+
+    @classmethod
+    def of(cls, pool: HandlerPool, handler: Any, name: str, config: ServerConfig) -> HandlerCalls:
+        """The server's one HandlerCalls for ``handler`` under this service's settings."""
+        mode = True if config.blocking else False if config.nonblocking else handler_mode(handler)
+        key = (id(handler), mode)
+        calls = pool.calls.get(key)
+        if calls is None or calls.handler is not handler:
+            calls = pool.calls[key] = cls(handler, name, mode, pool)
+        return cast(HandlerCalls, calls)
+
+    def watch(self, hub: Poller) -> None:
+        """``hub`` may call this handler on its fast path: tell it when that must stop."""
+        if hub not in self._hubs:
+            self._hubs.append(hub)
+
+    def took(self, started: float) -> None:
+        elapsed = time.perf_counter() - started
+        if elapsed > BLOCKING_AFTER and (elapsed := elapsed - descheduled()) > BLOCKING_AFTER:
+            self.seen_blocking(elapsed)
+        elif self.probing:
+            self.probing -= 1
+            if not self.probing and self.inline:
+                self.fast_ok = True
+                for hub in self._hubs:
+                    hub.rescan()
+
+    def suspect(self) -> None:
+        """A poll that called this handler and others on the fast path blocked the loop:
+        time its next calls in Python, where each is timed alone."""
+        if self.auto and not self.probing:
+            self.probing = PROBE_CALLS
+            self.fast_ok = False
+            for hub in self._hubs:
+                hub.refresh_fast()
+
+    def seen_blocking(self, elapsed: float) -> None:
+        """A call held the loop ``elapsed`` s: run this handler in the threads from now on."""
+        if not self.auto:
+            return
+        self.auto = self.inline = self.fast_ok = False
+        self.probing = 0
+        service_log.warning(
+            "handler %s blocked the event loop for %.0f ms; it runs in the handler threads "
+            "(%d at most, --handler-threads) from now on (mark it sockserve.blocking, or serve "
+            "--blocking, to start there; sockserve.nonblocking or --nonblocking keeps it inline)",
+            self.name,
+            elapsed * 1000,
+            self._pool.size,
+            extra={"event": "handler_blocking", "handler": self.name},
+        )
+        for hub in self._hubs:
+            hub.refresh_fast()
+
+    def call(self, loop: asyncio.AbstractEventLoop, msg: bytes, ctx: Context) -> Awaitable[Any]:
+        """The reply to ``msg`` of a handler that does not run inline: its coroutine, or
+        a future of ``loop`` computed in a thread."""
+        if self.is_async:
+            return cast(Awaitable[Any], self.handler(msg, ctx))
+        return cast(Awaitable[Any], self._pool.run(loop, self.handler, msg, ctx))
 
 
 class Member(Protocol):

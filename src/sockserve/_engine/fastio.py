@@ -57,7 +57,8 @@ connections whose plain requests may be answered here: kind names the framing
 comes next gets its own kind instead of another copy of this logic), max_message an
 int >= 0. An event that is exactly EPOLLIN on an fd in ``fast`` is served: one read
 of up to MAX_SIZE bytes. Each request: ``member.active = True`` (the only member
-attribute either side touches), ``handler(request, ctx)``, and its reply is sent
+attribute either side touches; framed kinds set it once per chunk, before its first
+whole message), ``handler(request, ctx)``, and its reply is sent
 here only if it is exact ``bytes`` and ``fast[fd]`` is still that same spec (else
 the connection was closed, its fd reused or it is writing: Python sends).
 

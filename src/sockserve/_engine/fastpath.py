@@ -8,8 +8,8 @@ call too; ``serve_framed`` is its line and length framing (the twin of
 ``_speedups_c/framed.c``). All return the tagged outcomes of the contract written in
 the docstring of :mod:`.fastio`; ``handler_raised`` is how every path ends a RAISED one.
 
-A spec names its framing kind, so what comes next (async handlers, say) is a new
-kind served by this one routine and its C twin, not a new copy of it.
+A spec names its framing kind, so what comes next is a new kind served by this one
+routine and its C twin, not a new copy of it.
 """
 
 from __future__ import annotations
@@ -137,13 +137,15 @@ def serve_framed(fd: int, spec: Any, fast: dict[int, Any], data: bytes, append: 
     gathered = pos = sent = 0
     stop: Outcome | None = None
     still_fast = True
+    marked = False
     line = kind == KIND_LINE
     while pos < len(data):
         start, end, after = _next_message(kind, data, pos, max_message)
         if start < 0:
             break
         pos = after
-        member.active = True
+        if not marked:  # once per chunk, before its first whole message (framed.c)
+            member.active = marked = True
         try:
             reply = handler(data[start:end], ctx)
         except BaseException as exc:  # SystemExit too: it ends this connection only

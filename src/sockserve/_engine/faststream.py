@@ -175,6 +175,13 @@ class FastStream(QueuedConn):
                 if tag:
                     self.on_fast_result(tag, value)
                 return
+        elif self._kind == KIND_RAW and len(data) <= self._max and not self.requests.paused:
+            # Raw framing, a handler that is not called inline (async, or in the threads):
+            # the chunk is one request, as the codec would give it when it holds nothing.
+            codec = self._codec
+            if not self.closing and (codec is None or not codec.buffered):
+                self.requests.dispatch(data)
+                return
         codec = self._get_codec()
         try:
             codec.feed(data)

@@ -7,28 +7,34 @@ exception a handler raises is its failure, ``SystemExit`` (argparse in a handler
 ``BaseException`` included: it ends that request and connection, never the server.
 Only a real Ctrl-C passes through (see :func:`.signals.is_signal_interrupt`).
 
-How a handler is called (:class:`HandlerCalls`, one per handler and server): a ``def``
+How a handler is called (:class:`.epoll.HandlerCalls`, one per handler and server): a ``def``
 handler inline on the loop, timed, until one call holds the loop past
-:data:`BLOCKING_AFTER`; from then on (or from the start when marked blocking) in the
+:data:`.epoll.BLOCKING_AFTER`; from then on (or from the start when marked blocking) in the
 server's threads, its requests still answered in order per connection. An ``async def``
-on the loop, its first step started at once where asyncio can (3.12+).
+on the loop, in the connection's worker task, which lives as long as the connection: a
+request that comes while it waits for work has its handler's first step run at once, as
+a step of that task (``sockserve._tasks.first_step``, 3.11+), so a handler that does not suspend
+is answered with no task made and no loop turn; one that suspends goes on in the task.
 """
 
 from __future__ import annotations
 
 import asyncio
-import sys
+import contextvars
 import time
 from collections import deque
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Coroutine
 from typing import TYPE_CHECKING, Any, cast
 
-from ..config import ServerConfig
+from .._tasks import DONE, INLINE_STEPS, NOT_RUN, RAISED, first_step, new_task, resume
 from ..errors import ProtocolError
 from ..logs import fmt_peer, service_log
-from ..service import Context, handler_mode, is_async_handler
-from .contracts import CloseReason, ConnOwner, HandlerPool, Poller, QueueHost
-from .signals import descheduled, is_signal_interrupt
+from ..service import Context
+from .contracts import CloseReason, ConnOwner, Poller, QueueHost
+from .epoll import HandlerCalls
+from .signals import is_signal_interrupt
+
+__all__ = ["HandlerCalls", "RequestQueue", "start_task"]  # HandlerCalls: where it was
 
 if TYPE_CHECKING:
     from ..framing import Codec
@@ -44,116 +50,14 @@ PAUSE_QUEUE = 2
 PAUSE_DRAIN = 4
 
 
-#: A ``def`` handler call that holds the loop longer than this moves it to the threads: every
-#: other client waited that long (100x a loopback request), well above what handlers that
-#: compute rather than wait take (a lookup, a few KB of JSON: < 1 ms) and most GC pauses.
-BLOCKING_AFTER = 0.025
-#: Timed calls a handler suspected in a shared slow poll makes in Python before it is trusted.
-PROBE_CALLS = 32
-
-
-class HandlerCalls:
-    """How one handler is called on one server: inline (watched, or marked nonblocking),
-    in the threads (seen to block, or marked blocking), or as a coroutine."""
-
-    def __init__(self, handler: Any, name: str, mode: bool | None, pool: HandlerPool) -> None:
-        self.handler = handler
-        self.name = name
-        self._pool = pool
-        self.is_async = is_async_handler(handler)
-        sync = not self.is_async
-        self.inline = sync and mode is not True
-        self.auto = sync and mode is None
-        #: The fast path (C or its twin) may call it: inline and not under suspicion.
-        self.fast_ok = self.inline
-        self.probing = 0
-        self._hubs: list[Poller] = []
-        descheduled()  # this thread's (the loop's) baseline
-
-    @classmethod
-    def of(cls, pool: HandlerPool, handler: Any, name: str, config: ServerConfig) -> HandlerCalls:
-        """The server's one HandlerCalls for ``handler`` under this service's settings."""
-        mode = True if config.blocking else False if config.nonblocking else handler_mode(handler)
-        key = (id(handler), mode)
-        calls = pool.calls.get(key)
-        if calls is None or calls.handler is not handler:
-            calls = pool.calls[key] = cls(handler, name, mode, pool)
-        return cast(HandlerCalls, calls)
-
-    def watch(self, hub: Poller) -> None:
-        """``hub`` may call this handler on its fast path: tell it when that must stop."""
-        if hub not in self._hubs:
-            self._hubs.append(hub)
-
-    def took(self, started: float) -> None:
-        elapsed = time.perf_counter() - started
-        if elapsed > BLOCKING_AFTER and (elapsed := elapsed - descheduled()) > BLOCKING_AFTER:
-            self.seen_blocking(elapsed)
-        elif self.probing:
-            self.probing -= 1
-            if not self.probing and self.inline:
-                self.fast_ok = True
-                for hub in self._hubs:
-                    hub.rescan()
-
-    def suspect(self) -> None:
-        """A poll that called this handler and others on the fast path blocked the loop:
-        time its next calls in Python, where each is timed alone."""
-        if self.auto and not self.probing:
-            self.probing = PROBE_CALLS
-            self.fast_ok = False
-            for hub in self._hubs:
-                hub.refresh_fast()
-
-    def seen_blocking(self, elapsed: float) -> None:
-        """A call held the loop ``elapsed`` s: run this handler in the threads from now on."""
-        if not self.auto:
-            return
-        self.auto = self.inline = self.fast_ok = False
-        self.probing = 0
-        service_log.warning(
-            "handler %s blocked the event loop for %.0f ms; it runs in the handler threads "
-            "(%d at most, --handler-threads) from now on (mark it sockserve.blocking, or serve "
-            "--blocking, to start there; sockserve.nonblocking or --nonblocking keeps it inline)",
-            self.name,
-            elapsed * 1000,
-            self._pool.size,
-            extra={"event": "handler_blocking", "handler": self.name},
-        )
-        for hub in self._hubs:
-            hub.refresh_fast()
-
-    def call(self, loop: asyncio.AbstractEventLoop, msg: bytes, ctx: Context) -> Awaitable[Any]:
-        """The reply to ``msg`` of a handler that does not run inline: its coroutine, or
-        a future of ``loop`` computed in a thread."""
-        if self.is_async:
-            return cast(Awaitable[Any], self.handler(msg, ctx))
-        return cast(Awaitable[Any], self._pool.run(loop, self.handler, msg, ctx))
-
-
-if sys.version_info >= (3, 12):
-
-    def _task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> Any:
-        # Eager: the first step runs inside this call, in the task (current_task() is it).
-        return asyncio.Task(coro, loop=loop, eager_start=True)
-
-else:  # no eager start before 3.12; running the first step by hand would leave it outside
-    # any task (asyncio.timeout and anyio's cancel scopes need one), so it is not done.
-
-    def _task(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None]) -> Any:
-        return loop.create_task(coro)
-
-
 def start_task(
     loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, None], hub: Poller | None
 ) -> asyncio.Task[None] | None:
     """Run ``coro`` as a task, started at once where asyncio can (a handler that does not
     suspend is then answered inside this call: no task queued, no loop turn): the task,
     or None when it is done already. ``hub`` counts it as pending while it runs."""
-    task: asyncio.Task[None] = _task(loop, coro)
-    if task.done():
-        return None
-    if hub is not None:
+    task = new_task(loop, coro)
+    if task is not None and hub is not None:
         hub.pending += 1
         task.add_done_callback(hub.task_done)
     return task
@@ -171,13 +75,16 @@ class RequestQueue:
 
     __slots__ = (
         "_calls",
+        "_context",
         "_ctx",
         "_handler",
         "_host",
         "_hub",
         "_owner",
         "_queue",
+        "_running",
         "_starting",
+        "_waiter",
         "_worker",
         "paused",
     )
@@ -193,15 +100,20 @@ class RequestQueue:
         #: The epoll hub this connection is served from (None: an asyncio transport).
         self._hub = hub
         self._starting = False  # its task is being started (eagerly: it may run now)
-        self._queue: deque[bytes] | None = None
+        #: Requests for the worker: bytes, or (coroutine, what it yielded) of a handler
+        #: whose first step ran in _step_here.
+        self._queue: deque[bytes | tuple[Any, Any]] | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._context: contextvars.Context | None = None  # the worker's
+        self._waiter: asyncio.Future[None] | None = None  # set while the worker is idle
+        self._running = False  # the worker has work (counted in the hub's pending)
         #: Why reading is paused: PAUSE_* bits.
         self.paused = 0
 
     @property
     def busy(self) -> bool:
         """A request is queued or running: draining must wait for it."""
-        return bool(self._queue) or self._worker is not None
+        return bool(self._queue) or self._running
 
     @property
     def queued(self) -> int:
@@ -324,47 +236,133 @@ class RequestQueue:
             self.protocol_error(exc)
 
     def _enqueue(self, msg: bytes) -> None:
-        if self._queue is None:
-            self._queue = deque()
-        self._queue.append(msg)
-        if self._worker is None:
-            self._starting = True
-            try:
-                self._worker = start_task(self._owner.loop, self._run_queue(), self._hub)
-            finally:
-                self._starting = False
-        if len(self._queue) >= MAX_QUEUED:
+        queue = self._queue
+        if queue is None:
+            queue = self._queue = deque()
+        # The worker waits for work (and inline steps can run: 3.11+, _context set).
+        idle = self._waiter is not None and self._worker is not None
+        if idle and self._context is not None and not queue and self._calls.is_async:
+            if self._step_here(msg):
+                return
+        else:
+            queue.append(msg)
+        self._wake()
+        if len(queue) >= MAX_QUEUED:
             self.pause(PAUSE_QUEUE)
 
+    def _step_here(self, msg: bytes) -> bool:
+        """The worker is idle: run the handler's first step now, as its step. True: done
+        (answered, or failed); False: it suspended (queued for the worker to go on)."""
+        worker, context, queue = self._worker, self._context, self._queue
+        assert worker is not None and context is not None and queue is not None
+        loop = self._owner.loop
+        tag, value = first_step(loop, worker, context, self._handler, (msg, self._ctx))
+        if tag == DONE:
+            self._host.active = True
+            self._host.send_reply(value)
+            return True
+        if tag == RAISED:
+            if is_signal_interrupt(value):
+                raise value
+            try:
+                raise value
+            except BaseException:
+                self.handler_failed()
+            return True
+        queue.append(msg if tag == NOT_RUN else value)
+        return False
+
+    def _wake(self) -> None:
+        """Give the worker what was queued: start it, or end its wait for work."""
+        if self._running:
+            return  # it takes what is queued before it waits again
+        self._running = True
+        if self._hub is not None:
+            self._hub.pending += 1
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():  # else cancelled: the worker ends, and what it had
+                waiter.set_result(None)
+        elif self._worker is None:
+            if self._context is None and INLINE_STEPS:
+                self._context = contextvars.copy_context()
+            self._starting = True
+            try:
+                self._worker = new_task(self._owner.loop, self._run_queue(), self._context)
+            finally:
+                self._starting = False
+
+    def _idle(self, me: asyncio.Task[None] | None) -> None:
+        """The worker has nothing left to do: the hub may busy-poll again."""
+        if self._running:
+            self._running = False
+            hub = self._hub
+            if hub is not None and me is not None:
+                self._owner.loop.call_soon(hub.task_done, me)
+
     async def _run_queue(self) -> None:
+        """The worker: the requests queued, in order; then it waits for more, as long
+        as the connection lives (ended by ``cancel``)."""
         queue = self._queue
         assert queue is not None
         host = self._host
         calls, loop = self._calls, self._owner.loop
+        me = asyncio.current_task(loop)
         try:
-            while queue:
-                msg = queue.popleft()
-                if self.paused & PAUSE_QUEUE and len(queue) <= RESUME_QUEUED:
-                    self.resume(PAUSE_QUEUE)
-                try:
-                    reply = await calls.call(loop, msg, self._ctx)
-                except asyncio.CancelledError:
-                    raise
-                except BaseException as exc:  # SystemExit too: it ends this request only
-                    if is_signal_interrupt(exc):
+            while True:
+                while queue:
+                    item = queue.popleft()
+                    if self.paused & PAUSE_QUEUE and len(queue) <= RESUME_QUEUED:
+                        self.resume(PAUSE_QUEUE)
+                    try:
+                        if type(item) is tuple:
+                            reply = await resume(*item)  # its first step ran in _step_here
+                        else:
+                            reply = await calls.call(loop, cast(bytes, item), self._ctx)
+                    except asyncio.CancelledError:
                         raise
-                    self.handler_failed()
-                    return
-                host.active = True
-                host.send_reply(reply)
+                    except BaseException as exc:  # SystemExit too: it ends this request only
+                        if is_signal_interrupt(exc):
+                            raise
+                        self.handler_failed()
+                        return
+                    host.active = True
+                    host.send_reply(reply)
+                # Not when answered in an eager first step: the dispatching caller goes on.
+                if not self._starting:
+                    if host.eof or host.closing:
+                        host.close()
+                        return
+                    if self.paused == PAUSE_DRAIN:
+                        self._drain_rest()
+                        if queue:
+                            continue
+                self._idle(me)
+                waiter = self._waiter = loop.create_future()
+                try:
+                    await waiter
+                except asyncio.CancelledError as exc:
+                    if queue and type(queue[0]) is tuple:
+                        await self._cancel_started(exc)
+                    raise
         finally:
+            self._waiter = None
             self._worker = None
-        if self._starting:
-            return  # answered in an eager first step: the dispatching caller goes on
-        if host.eof or host.closing:
-            host.close()
-        elif self.paused == PAUSE_DRAIN:
-            self._drain_rest()
+            self._idle(me)
+
+    async def _cancel_started(self, exc: asyncio.CancelledError) -> None:
+        """Cancelled before going on with a handler whose first step ran: that handler
+        gets the cancellation, as it would have in its own task."""
+        assert self._queue is not None
+        coro, yielded = cast("tuple[Any, Any]", self._queue.popleft())
+        if isinstance(yielded, asyncio.Future):
+            yielded.cancel()
+        try:
+            await resume(coro, yielded, exc)
+        except BaseException as failed:  # its end: the worker is cancelled anyway
+            if is_signal_interrupt(failed):
+                raise
 
     def handler_failed(self) -> None:
         """Log the handler's exception (call inside ``except``) and close this connection."""

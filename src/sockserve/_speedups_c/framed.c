@@ -149,7 +149,7 @@ serve_framed(state_t *st, int fd, PyObject *key, PyObject *spec, PyObject *fast,
     PyObject *hold = NULL;             /* the chunk's unread part, once a handler may run */
     PyObject *stop = NULL;             /* what the handler raised, or returned for Python */
     int stop_tag = OUT_DONE, sent = 0; /* sent: 1 PARTIAL, 2 ERRNO added */
-    int still_fast = 1, rc = -1;
+    int still_fast = 1, marked = 0, rc = -1;
     Py_ssize_t start, body, used;
     while (len > 0 && next_message(kind, p, len, max, &start, &body, &used)) {
         PyObject *msg = PyBytes_FromStringAndSize(p + start, body);
@@ -167,9 +167,15 @@ serve_framed(state_t *st, int fd, PyObject *key, PyObject *spec, PyObject *fast,
             }
             p = PyBytes_AS_STRING(hold);
         }
-        if (PyObject_SetAttr(member, st->str_active, Py_True) < 0) {
-            Py_DECREF(msg);
-            goto done;
+        /* Marked active once per chunk, before its first whole message is handled:
+         * nothing reads the flag until the chunk is done (the idle sweeper runs on the
+         * loop), so once is as good as once per message, and cheaper. */
+        if (!marked) {
+            if (PyObject_SetAttr(member, st->str_active, Py_True) < 0) {
+                Py_DECREF(msg);
+                goto done;
+            }
+            marked = 1;
         }
         PyObject *call_args[2] = {msg, ctx};
         PyObject *reply = PyObject_Vectorcall(handler, call_args, 2, NULL);

@@ -16,17 +16,20 @@ from time import ctime, time
 from ..service import Context, nonblocking
 from . import builtin
 
-#: The second the prefix was formatted for, and the prefix (one formatter per process).
-_second = -1
+#: The second the prefix was formatted for (a float: ``now - _second`` stays a float
+#: subtraction), and the prefix (one formatter per process). A subtraction and a chained
+#: comparison a call, no ``int()``: that call was a third of the handler's own time.
+_second = -1.0
 _prefix = b""
 
 
 def timestamp(request: bytes, ctx: Context) -> bytes:
     global _second, _prefix
-    second = int(time())
-    if second != _second:
+    now = time()
+    if not 0.0 <= now - _second < 1.0:  # a new second (or the clock was set back)
+        second = int(now)
         _prefix = b"[" + ctime(second).encode() + b"] "
-        _second = second
+        _second = float(second)
     return _prefix + request
 
 
