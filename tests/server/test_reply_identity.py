@@ -584,22 +584,9 @@ def test_a_half_close_is_answered_in_full(
         _check("half-close", f"{path}-{endpoint}", framing, kind, name, got, want)
 
 
-# -- a known bug: a protocol error drops replies still being computed ----------------------
-
-#: Known bug (RequestQueue.protocol_error in _engine/requests.py, helper "speed12"'s file,
-#: and StreamProtocol.eof_received): on a protocol error the queue of whole requests read
-#: before it is cleared and the connection closed at once, so a handler in the threads or
-#: an async one that suspends never answers them, where a sync handler does (the matrix
-#: above: the same streams, answered in full). Deterministic: the replies are held until
-#: the server has logged the error.
-QUEUE_DROPPED = pytest.mark.xfail(
-    strict=True,
-    reason="a protocol error clears the request queue: replies of whole requests read "
-    "before it, still in a handler thread or task, are never written",
-)
+# -- a protocol error: replies still being computed are written before the close -------
 
 
-@QUEUE_DROPPED
 @pytest.mark.parametrize("engine", ["auto", "asyncio"])
 @pytest.mark.parametrize("kind", ["blocking", "async"])
 @pytest.mark.parametrize("framing", ["line", "length"])

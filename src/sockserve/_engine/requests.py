@@ -48,6 +48,8 @@ PAUSE_WRITE = 1
 PAUSE_QUEUE = 2
 #: Draining: nothing more is read; what was read is answered, then the connection closes.
 PAUSE_DRAIN = 4
+#: A protocol error with requests still running: nothing more is read, they are answered.
+PAUSE_BROKEN = 8
 
 
 def start_task(
@@ -208,8 +210,9 @@ class RequestQueue:
 
     def protocol_error(self, exc: ProtocolError) -> None:
         self._note(CloseReason.PROTOCOL, str(exc))
-        if self._queue:
-            self._queue.clear()
+        if self.busy:  # whole requests read before the bad bytes are answered first
+            self.pause(PAUSE_BROKEN)
+            return
         self._host.close()
 
     def drain(self) -> None:
@@ -331,7 +334,7 @@ class RequestQueue:
                     host.send_reply(reply)
                 # Not when answered in an eager first step: the dispatching caller goes on.
                 if not self._starting:
-                    if host.eof or host.closing:
+                    if host.eof or host.closing or self.paused & PAUSE_BROKEN:
                         host.close()
                         return
                     if self.paused == PAUSE_DRAIN:

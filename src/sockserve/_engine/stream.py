@@ -141,7 +141,7 @@ class StreamProtocol(TransportConn, QueuedConn):
 
     def eof_received(self) -> bool:
         if not self.requests.answer_rest(self._codec):
-            return False
+            return self.requests.busy  # a protocol error: what runs is answered, then closed
         self.eof = True
         # True keeps the write side open until queued replies are sent; False lets the
         # transport flush what is written and close.
