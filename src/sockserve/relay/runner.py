@@ -101,6 +101,12 @@ class Relay:
             return self.server.endpoints
         return self._endpoints
 
+    @property
+    def datagram(self) -> DatagramRelay | None:
+        """The datagram relay of a started udp:// or unixgram:// LISTEN (its ``counts``,
+        its open ``flows``), else None."""
+        return self._datagram
+
     def url(self) -> str:
         """The URL of the bound endpoint (real port included)."""
         if not self.endpoints:
@@ -264,7 +270,10 @@ def metrics_page(relays: list[Relay]) -> Callable[[], bytes]:
     ``sockserve_relay_open_connections``, ``sockserve_relay_bytes_total`` (``direction``
     upstream: client to target, downstream: back), ``sockserve_relay_errors_total``
     (``kind``: connect, client_reset, target_reset) and
-    ``sockserve_relay_toxics_applied_total`` (``type``).
+    ``sockserve_relay_toxics_applied_total`` (``type``); for a datagram LISTEN also
+    ``sockserve_relay_datagrams_total`` (``direction``), ``sockserve_relay_datagrams_dropped_total``,
+    ``sockserve_relay_datagrams_refused_total`` (ECONNREFUSED from the target) and
+    ``sockserve_relay_open_flows``.
     """
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -287,6 +296,16 @@ def metrics_page(relays: list[Relay]) -> Callable[[], bytes]:
             toxics = CounterMetricFamily(
                 "sockserve_relay_toxics_applied", "Toxics applied", labels=[*labels, "type"]
             )
+            grams = CounterMetricFamily(
+                "sockserve_relay_datagrams", "Datagrams relayed", labels=[*labels, "direction"]
+            )
+            dropped = CounterMetricFamily(
+                "sockserve_relay_datagrams_dropped", "Datagrams not relayed", labels=labels
+            )
+            refused = CounterMetricFamily(
+                "sockserve_relay_datagrams_refused", "Refused by the target", labels=labels
+            )
+            flows = GaugeMetricFamily("sockserve_relay_open_flows", "Flows open", labels=labels)
             for r in relays:
                 key = [r.endpoints[0].url() if r.endpoints else str(r.listen), str(r.target)]
                 st = r.stats
@@ -298,7 +317,14 @@ def metrics_page(relays: list[Relay]) -> Callable[[], bytes]:
                     errors.add_metric([*key, kind], n)
                 for kind, n in sorted(st.toxics.items()):
                     toxics.add_metric([*key, kind], n)
-            yield from (conns, opened, moved, errors, toxics)
+                if (dgram := r.datagram) is not None:
+                    counts = dgram.counts
+                    grams.add_metric([*key, "upstream"], counts.datagrams_up)
+                    grams.add_metric([*key, "downstream"], counts.datagrams_down)
+                    dropped.add_metric(key, counts.dropped)
+                    refused.add_metric(key, counts.refused)
+                    flows.add_metric(key, len(dgram.flows))
+            yield from (conns, opened, moved, errors, toxics, grams, dropped, refused, flows)
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector())

@@ -1,0 +1,159 @@
+"""Follow-ups on the relay: datagram counters on ``--metrics``, the UDP guards on the
+command line, settings a LISTEN cannot honour refused, the public API's names, and a reply
+still in flight after the client's FIN across a TLS side (which cannot half-close)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+from support import SOCKSERVE, ServerProcess, free_port, wait_for
+
+from sockserve.relay.runner import Relay, RelayThread, metrics_page
+
+TIMEOUT = 10.0
+
+
+class UdpEcho:
+    """A textbook UDP echo server in a thread: each datagram back to its sender."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.05)
+        self._stop = False
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"udp://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        while not self._stop:
+            try:
+                data, peer = self.sock.recvfrom(65536)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.sock.sendto(data, peer)
+
+    def close(self) -> None:
+        self._stop = True
+        self.thread.join(TIMEOUT)
+        self.sock.close()
+
+
+@pytest.fixture
+def udp_echo() -> Iterator[UdpEcho]:
+    echo = UdpEcho()
+    yield echo
+    echo.close()
+
+
+def udp_client(port: int) -> socket.socket:
+    c = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    c.settimeout(TIMEOUT)
+    c.connect(("127.0.0.1", port))
+    return c
+
+
+def series(page: str, name: str) -> dict[str, float]:
+    """``name``'s samples on a Prometheus page: the label text (or "") -> value."""
+    found: dict[str, float] = {}
+    for line in page.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            head, _, value = line.rpartition(" ")
+            labels = head[len(name) :]
+            found[labels] = float(value)
+    return found
+
+
+def one(page: str, name: str, having: str = "") -> float:
+    hits = [v for k, v in series(page, name).items() if having in k]
+    assert len(hits) == 1, (name, having, page)
+    return hits[0]
+
+
+# -- 1. datagram counters on --metrics -------------------------------------------------
+
+
+def test_metrics_scrape_counts_datagrams_each_way_and_open_flows(udp_echo: UdpEcho) -> None:
+    port = free_port()
+    argv = [
+        *SOCKSERVE,
+        "relay",
+        "udp://127.0.0.1:0",
+        udp_echo.url,
+        "--metrics",
+        f"127.0.0.1:{port}",
+    ]
+    with ServerProcess(argv=argv, ready=0, graceful=True) as proc:
+        url = proc.wait_log(r"relaying udp://127.0.0.1:(\d+) ->")[0].group(1)
+        proc.wait_line("metrics")
+        with udp_client(int(url)) as a, udp_client(int(url)) as b:
+            for i in range(3):
+                a.send(b"a%d" % i)
+                assert a.recv(100) == b"a%d" % i
+            b.send(b"b")
+            assert b.recv(100) == b"b"
+            raw = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=TIMEOUT)
+            page = raw.read().decode()
+        assert one(page, "sockserve_relay_datagrams_total", 'direction="upstream"') == 4
+        assert one(page, "sockserve_relay_datagrams_total", 'direction="downstream"') == 4
+        assert one(page, "sockserve_relay_open_flows") == 2
+        assert one(page, "sockserve_relay_datagrams_dropped_total") == 0
+        assert one(page, "sockserve_relay_datagrams_refused_total") == 0
+        code, log = proc.stop()
+    assert code == 0, log
+
+
+def test_metrics_page_counts_refused_and_dropped_datagrams() -> None:
+    gone = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    gone.bind(("127.0.0.1", 0))
+    dead = gone.getsockname()[1]
+    gone.close()  # nothing listens there: the kernel answers port unreachable
+    # Sources below --udp-min-source-port are dropped: every ephemeral port is below 65535.
+    with (
+        RelayThread("udp://127.0.0.1:0", f"udp://127.0.0.1:{dead}") as refusing,
+        RelayThread(
+            "udp://127.0.0.1:0", f"udp://127.0.0.1:{dead}", udp_min_source_port=65535
+        ) as guarded,
+    ):
+        page = metrics_page([refusing.relay, guarded.relay])
+        with (
+            udp_client(refusing.endpoints[0].port) as c,
+            udp_client(guarded.endpoints[0].port) as g,
+        ):
+
+            def refused() -> bool:
+                c.send(b"anyone?")
+                text = page().decode()
+                return one(text, "sockserve_relay_datagrams_refused_total", refusing.url()) > 0
+
+            wait_for(refused, what="a refusal counted", timeout=TIMEOUT)
+            g.send(b"too low")
+            g.send(b"too low again")
+            wait_for(
+                lambda: (
+                    one(page().decode(), "sockserve_relay_datagrams_dropped_total", guarded.url())
+                    == 2
+                ),
+                what="the guarded relay's drops",
+                timeout=TIMEOUT,
+            )
+        text = page().decode()
+        assert one(text, "sockserve_relay_datagrams_refused_total", guarded.url()) == 0
+        assert one(text, "sockserve_relay_open_flows", guarded.url()) == 0
+        assert one(text, "sockserve_relay_open_flows", refusing.url()) == 1
+
+
+def test_a_stream_relay_has_no_datagram_series() -> None:
+    relay = Relay("tcp://127.0.0.1:0", "tcp://127.0.0.1:9")
+    text = metrics_page([relay])().decode()
+    assert series(text, "sockserve_relay_open_flows") == {}
+    assert "sockserve_relay_connections_total" in text
