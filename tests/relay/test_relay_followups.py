@@ -4,14 +4,16 @@ still in flight after the client's FIN across a TLS side (which cannot half-clos
 
 from __future__ import annotations
 
+import argparse
 import socket
 import threading
 import urllib.request
 from collections.abc import Iterator
 
 import pytest
-from support import SOCKSERVE, ServerProcess, free_port, wait_for
+from support import SOCKSERVE, ServerProcess, free_port, run_cli, wait_for
 
+from sockserve.cli.relay import add_arguments, build_relays
 from sockserve.relay.runner import Relay, RelayThread, metrics_page
 
 TIMEOUT = 10.0
@@ -157,3 +159,36 @@ def test_a_stream_relay_has_no_datagram_series() -> None:
     text = metrics_page([relay])().decode()
     assert series(text, "sockserve_relay_open_flows") == {}
     assert "sockserve_relay_connections_total" in text
+
+
+# -- 2. the UDP guards on the command line ------------------------------------------------
+
+
+def relay_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="sockserve relay")
+    add_arguments(parser)
+    return parser.parse_intermixed_args(argv)
+
+
+def test_udp_rate_and_min_source_port_reach_the_datagram_relay(udp_echo: UdpEcho) -> None:
+    args = relay_args(
+        "udp://127.0.0.1:0", udp_echo.url, "--udp-rate", "7", "--udp-min-source-port", "65535"
+    )
+    (relay,) = build_relays(args)
+    assert relay.config.udp_rate == 7
+    assert relay.config.udp_min_source_port == 65535
+    with RelayThread(relay) as running:
+        dgram = running.relay.datagram
+        assert dgram is not None
+        assert dgram.guard.rate == 7 and dgram.guard.min_port == 65535
+        with udp_client(running.endpoints[0].port) as c:  # an ephemeral port, below 65535
+            c.send(b"from a low port")
+            wait_for(lambda: dgram.counts.dropped == 1, what="the datagram dropped")
+        assert dgram.counts.datagrams_up == 0 and not dgram.flows
+
+
+def test_udp_options_are_checked_like_serve_does() -> None:
+    done = run_cli("relay", "udp://127.0.0.1:0", "udp://127.0.0.1:9", "--udp-rate", "fast")
+    err = done.stderr.decode()
+    assert done.returncode == 2, err
+    assert err.startswith("sockserve relay: --udp-rate") and err.count("\n") == 1, err
