@@ -9,11 +9,14 @@ import socket
 import threading
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
 
 import pytest
 from support import SOCKSERVE, ServerProcess, free_port, run_cli, wait_for
 
 from sockserve.cli.relay import add_arguments, build_relays
+from sockserve.errors import ConfigError
 from sockserve.relay.runner import Relay, RelayThread, metrics_page
 
 TIMEOUT = 10.0
@@ -192,3 +195,57 @@ def test_udp_options_are_checked_like_serve_does() -> None:
     err = done.stderr.decode()
     assert done.returncode == 2, err
     assert err.startswith("sockserve relay: --udp-rate") and err.count("\n") == 1, err
+
+
+# -- 3. settings a LISTEN cannot honour -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("extra", "option"),
+    [
+        (["--send-proxy"], "--send-proxy "),
+        (["--send-proxy-v2"], "--send-proxy-v2 "),
+        (["--proxy-protocol"], "--proxy-protocol "),
+        (["--tls-cert", "{cert}", "--tls-key", "{key}"], "--tls-cert "),
+        (["--tls-client-ca", "{ca}"], "--tls-client-ca "),
+    ],
+)
+@pytest.mark.parametrize("listen", ["udp://127.0.0.1:0", "unixgram://{dir}/relay.sock"])
+def test_datagram_listen_refuses_stream_only_settings(
+    extra: list[str], option: str, listen: str, certs: Any, tmp_path: Path
+) -> None:
+    names = {"cert": certs.server_cert, "key": certs.server_key, "ca": certs.ca, "dir": tmp_path}
+    argv = [a.format(**names) for a in (listen, "udp://127.0.0.1:9", *extra)]
+    done = run_cli("relay", *argv)
+    err = done.stderr.decode()
+    assert done.returncode == 2, err
+    assert err.count("\n") == 1 and err.startswith(f"sockserve relay: {option}"), err
+    assert "datagram LISTEN" in err and "Traceback" not in err
+    assert not (tmp_path / "relay.sock").exists()  # refused before binding
+
+
+@pytest.mark.parametrize(
+    ("settings", "says"),
+    [
+        ({"send_proxy": 2}, "--send-proxy-v2"),
+        ({"proxy_protocol": True}, "--proxy-protocol"),
+    ],
+)
+def test_relay_api_refuses_them_with_a_config_error(settings: dict[str, Any], says: str) -> None:
+    with pytest.raises(ConfigError, match=says):
+        Relay("udp://127.0.0.1:0", "udp://127.0.0.1:9", **settings)
+    Relay("tcp://127.0.0.1:0", "tcp://127.0.0.1:9", **settings)  # a stream LISTEN can
+
+
+@pytest.mark.parametrize(
+    ("listen", "target"),
+    [
+        ("tcp://127.0.0.1:0", "udp://127.0.0.1:9"),
+        ("tls://127.0.0.1:0", "unixgram:///tmp/x.sock"),
+        ("udp://127.0.0.1:0", "tls://127.0.0.1:9"),
+        ("udp://127.0.0.1:0", "exec:cat"),
+    ],
+)
+def test_stream_and_datagram_sides_do_not_mix(listen: str, target: str) -> None:
+    with pytest.raises(ConfigError, match="endpoint but TARGET"):
+        Relay(listen, target)

@@ -70,6 +70,8 @@ class Relay:
                 f"LISTEN {self.listen} is a {kind} endpoint but TARGET {self.target} is not: "
                 "relay tcp/unix/tls to tcp/unix/tls/exec:, udp/unixgram to udp/unixgram"
             )
+        if not self.listen.is_stream:
+            _datagram_can_honour(self.listen, self.config, send_proxy)
         self.toxics = _toxic_set(toxics, self.listen.is_stream)
         self.stats = RelayStats()
         tls_target = self.target.kind == "tls"
@@ -156,6 +158,24 @@ class Relay:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _datagram_can_honour(listen: Endpoint, config: ServerConfig, send_proxy: int) -> None:
+    """ConfigError naming the first setting a datagram LISTEN would silently ignore: PROXY
+    headers and TLS exist only on stream connections."""
+    unusable = [
+        ("--send-proxy" if send_proxy == 1 else "--send-proxy-v2", bool(send_proxy)),
+        ("--proxy-protocol", config.proxy_protocol),
+        ("--tls-cert", config.tls_cert is not None),
+        ("--tls-key", config.tls_key is not None),
+        ("--tls-client-ca", config.tls_client_ca is not None),
+    ]
+    for option, given in unusable:
+        if given:
+            raise ConfigError(
+                f"{option} cannot apply to the datagram LISTEN {listen}: PROXY headers and TLS "
+                "are for stream connections (tcp://, unix://, tls://)"
+            )
 
 
 def _toxic_set(toxics: ToxicSet | Iterable[Toxic], stream: bool) -> ToxicSet:
