@@ -249,3 +249,21 @@ def test_relay_api_refuses_them_with_a_config_error(settings: dict[str, Any], sa
 def test_stream_and_datagram_sides_do_not_mix(listen: str, target: str) -> None:
     with pytest.raises(ConfigError, match="endpoint but TARGET"):
         Relay(listen, target)
+
+
+# -- 4. the public API ----------------------------------------------------------------------
+
+
+def test_the_api_is_public_from_the_package() -> None:
+    import json
+
+    import sockserve.relay as public
+    from sockserve.relay import ApiThread, Proxies, serve_api
+
+    assert {"ApiThread", "Proxies", "serve_api", "Toxic", "ToxicSet"} <= set(public.__all__)
+    assert all(getattr(public, name) is not None for name in public.__all__)
+    assert callable(serve_api) and isinstance(Proxies(), Proxies)
+    with ApiThread() as api:
+        with urllib.request.urlopen(api.url + "/version", timeout=TIMEOUT) as resp:
+            assert resp.status == 200
+            assert "version" in json.loads(resp.read())
