@@ -5,7 +5,9 @@ still in flight after the client's FIN across a TLS side (which cannot half-clos
 from __future__ import annotations
 
 import argparse
+import contextlib
 import socket
+import ssl
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -18,6 +20,7 @@ from support import SOCKSERVE, ServerProcess, free_port, run_cli, wait_for
 from sockserve.cli.relay import add_arguments, build_relays
 from sockserve.errors import ConfigError
 from sockserve.relay.runner import Relay, RelayThread, metrics_page
+from sockserve.server import ServerThread
 
 TIMEOUT = 10.0
 
@@ -263,7 +266,98 @@ def test_the_api_is_public_from_the_package() -> None:
     assert {"ApiThread", "Proxies", "serve_api", "Toxic", "ToxicSet"} <= set(public.__all__)
     assert all(getattr(public, name) is not None for name in public.__all__)
     assert callable(serve_api) and isinstance(Proxies(), Proxies)
-    with ApiThread() as api:
-        with urllib.request.urlopen(api.url + "/version", timeout=TIMEOUT) as resp:
-            assert resp.status == 200
-            assert "version" in json.loads(resp.read())
+    with (
+        ApiThread() as api,
+        urllib.request.urlopen(api.url + "/version", timeout=TIMEOUT) as resp,
+    ):
+        assert resp.status == 200
+        assert "version" in json.loads(resp.read())
+
+
+# -- 5. a reply in flight after the client's FIN, across a TLS side ------------------------
+
+
+def test_reply_after_shut_wr_arrives_from_a_sockserve_tls_server(certs: Any) -> None:
+    tls = {"tls_cert": certs.server_cert, "tls_key": certs.server_key}
+    with (
+        ServerThread("echo", "tls://127.0.0.1:0", **tls) as srv,
+        RelayThread("tcp://127.0.0.1:0", srv.url("tls"), tls_ca=certs.ca) as relay,
+        socket.create_connection(("127.0.0.1", relay.endpoints[0].port), timeout=TIMEOUT) as c,
+    ):
+        c.sendall(b"asked, then done sending")
+        c.shutdown(socket.SHUT_WR)
+        got = b""
+        while len(got) < 24:
+            chunk = c.recv(100)
+            assert chunk, f"EOF after {got!r}: the reply was lost"
+            got += chunk
+        assert got == b"asked, then done sending"
+
+
+class LateTlsReplier:
+    """A textbook TLS server: reads a request, gives the relay ``grace`` seconds to pass an
+    EOF on (a close would end the wait at once), then replies and closes."""
+
+    def __init__(self, certs: Any, grace: float = 0.5) -> None:
+        self.ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.ctx.load_cert_chain(certs.server_cert, certs.server_key)
+        self.sock = socket.create_server(("127.0.0.1", 0))
+        self.sock.settimeout(TIMEOUT)
+        self.grace = grace
+        self.saw_eof: bool | None = None
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"tls://127.0.0.1:{self.sock.getsockname()[1]}"
+
+    def _serve(self) -> None:
+        raw, _ = self.sock.accept()
+        with self.ctx.wrap_socket(raw, server_side=True) as conn:
+            conn.settimeout(TIMEOUT)
+            request = conn.recv(100)
+            conn.settimeout(self.grace)
+            try:
+                self.saw_eof = conn.recv(100) == b""
+            except TimeoutError:
+                self.saw_eof = False
+            except (ssl.SSLError, OSError):
+                self.saw_eof = True
+            with contextlib.suppress(OSError):
+                conn.sendall(b"late reply to " + request)
+
+    def close(self) -> None:
+        self.thread.join(TIMEOUT)
+        self.sock.close()
+
+
+def test_reply_written_after_the_relay_had_the_clients_fin_arrives(certs: Any) -> None:
+    target = LateTlsReplier(certs)
+    with (
+        RelayThread("tcp://127.0.0.1:0", target.url, tls_ca=certs.ca) as relay,
+        socket.create_connection(("127.0.0.1", relay.endpoints[0].port), timeout=TIMEOUT) as c,
+    ):
+        c.sendall(b"question")
+        c.shutdown(socket.SHUT_WR)
+        got = b""
+        while chunk := c.recv(100):  # to EOF: the target's close reaches the client
+            got += chunk
+    target.close()
+    assert got == b"late reply to question"
+    assert target.saw_eof is False  # TLS has no half-close: the target is kept open instead
+
+
+def test_a_silent_tls_target_after_the_fin_ends_by_the_idle_timeout(certs: Any) -> None:
+    target = LateTlsReplier(certs, grace=TIMEOUT)  # would wait past the relay's idle timeout
+    with (
+        RelayThread("tcp://127.0.0.1:0", target.url, tls_ca=certs.ca, idle_timeout=0.3) as relay,
+        socket.create_connection(("127.0.0.1", relay.endpoints[0].port), timeout=TIMEOUT) as c,
+    ):
+        c.sendall(b"anyone?")
+        c.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(ConnectionResetError):
+            assert c.recv(100) == b""  # the idle timeout closed it, well before TIMEOUT
+        wait_for(lambda: relay.stats.open == 0, what="the relayed connection closed")
+    target.close()
+    assert target.saw_eof is True  # the target was closed with it
