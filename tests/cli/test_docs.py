@@ -48,7 +48,7 @@ BIN = Path(sys.executable).parent
 
 #: The ports the docs use; each is replaced by a free port (a port not listed here fails the
 #: test, so a block never talks to a port this machine may really use).
-PORTS = (21567, 21568, 21601, 21602, 9000, 9100, 2007, 19)
+PORTS = (21567, 21568, 21601, 21602, 9000, 9100, 2007, 19, 8474)
 
 #: Lines that are not run, by a text each contains, and why.
 EXEMPT_LINES = {

@@ -64,6 +64,8 @@ RELAY_SETTINGS = (
     "proxy_protocol",
     "proxy_from",
     "proxy_header_timeout",
+    "udp_rate",
+    "udp_min_source_port",
     "trace",
 )
 

@@ -71,6 +71,8 @@ class Relay:
                 f"LISTEN {self.listen} is a {kind} endpoint but TARGET {self.target} is not: "
                 "relay tcp/unix/tls to tcp/unix/tls/exec:, udp/unixgram to udp/unixgram"
             )
+        if not self.listen.is_stream:
+            _datagram_can_honour(self.listen, self.config, send_proxy)
         self.toxics = _toxic_set(toxics, self.listen.is_stream)
         self.stats = RelayStats()
         tls_target = self.target.kind == "tls"
@@ -104,6 +106,12 @@ class Relay:
         if self.server is not None:
             return self.server.endpoints
         return self._endpoints
+
+    @property
+    def datagram(self) -> DatagramRelay | None:
+        """The datagram relay of a started udp:// or unixgram:// LISTEN (its ``counts``,
+        its open ``flows``), else None."""
+        return self._datagram
 
     def url(self) -> str:
         """The URL of the bound endpoint (real port included)."""
@@ -154,6 +162,24 @@ class Relay:
 
     async def __aexit__(self, *exc: object) -> None:
         await self.stop()
+
+
+def _datagram_can_honour(listen: Endpoint, config: ServerConfig, send_proxy: int) -> None:
+    """ConfigError naming the first setting a datagram LISTEN would silently ignore: PROXY
+    headers and TLS exist only on stream connections."""
+    unusable = [
+        ("--send-proxy" if send_proxy == 1 else "--send-proxy-v2", bool(send_proxy)),
+        ("--proxy-protocol", config.proxy_protocol),
+        ("--tls-cert", config.tls_cert is not None),
+        ("--tls-key", config.tls_key is not None),
+        ("--tls-client-ca", config.tls_client_ca is not None),
+    ]
+    for option, given in unusable:
+        if given:
+            raise ConfigError(
+                f"{option} cannot apply to the datagram LISTEN {listen}: PROXY headers and TLS "
+                "are for stream connections (tcp://, unix://, tls://)"
+            )
 
 
 def _toxic_set(toxics: ToxicSet | Iterable[Toxic], stream: bool) -> ToxicSet:
@@ -268,7 +294,10 @@ def metrics_page(relays: list[Relay]) -> Callable[[], bytes]:
     ``sockserve_relay_open_connections``, ``sockserve_relay_bytes_total`` (``direction``
     upstream: client to target, downstream: back), ``sockserve_relay_errors_total``
     (``kind``: connect, client_reset, target_reset) and
-    ``sockserve_relay_toxics_applied_total`` (``type``).
+    ``sockserve_relay_toxics_applied_total`` (``type``); for a datagram LISTEN also
+    ``sockserve_relay_datagrams_total`` (``direction``), ``sockserve_relay_datagrams_dropped_total``,
+    ``sockserve_relay_datagrams_refused_total`` (ECONNREFUSED from the target) and
+    ``sockserve_relay_open_flows``.
     """
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -291,6 +320,16 @@ def metrics_page(relays: list[Relay]) -> Callable[[], bytes]:
             toxics = CounterMetricFamily(
                 "sockserve_relay_toxics_applied", "Toxics applied", labels=[*labels, "type"]
             )
+            grams = CounterMetricFamily(
+                "sockserve_relay_datagrams", "Datagrams relayed", labels=[*labels, "direction"]
+            )
+            dropped = CounterMetricFamily(
+                "sockserve_relay_datagrams_dropped", "Datagrams not relayed", labels=labels
+            )
+            refused = CounterMetricFamily(
+                "sockserve_relay_datagrams_refused", "Refused by the target", labels=labels
+            )
+            flows = GaugeMetricFamily("sockserve_relay_open_flows", "Flows open", labels=labels)
             for r in relays:
                 key = [r.endpoints[0].url() if r.endpoints else str(r.listen), str(r.target)]
                 st = r.stats
@@ -302,7 +341,14 @@ def metrics_page(relays: list[Relay]) -> Callable[[], bytes]:
                     errors.add_metric([*key, kind], n)
                 for kind, n in sorted(st.toxics.items()):
                     toxics.add_metric([*key, kind], n)
-            yield from (conns, opened, moved, errors, toxics)
+                if (dgram := r.datagram) is not None:
+                    counts = dgram.counts
+                    grams.add_metric([*key, "upstream"], counts.datagrams_up)
+                    grams.add_metric([*key, "downstream"], counts.datagrams_down)
+                    dropped.add_metric(key, counts.dropped)
+                    refused.add_metric(key, counts.refused)
+                    flows.add_metric(key, len(dgram.flows))
+            yield from (conns, opened, moved, errors, toxics, grams, dropped, refused, flows)
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(Collector())

@@ -12,7 +12,9 @@ Both directions obey the same rules:
   most one buffer's worth (plus a read) of memory here, whatever the other sends.
 - **Half-close**: an EOF from one side becomes a FIN (``shutdown(SHUT_WR)``) towards the
   other, which may go on sending; the connection closes once both have ended. TLS has no
-  half-close in asyncio: there an EOF closes that side after its data is flushed.
+  half-close in asyncio: the client's EOF leaves a TLS target open (its reply still comes
+  back) until the target closes or the idle timeout; the target's EOF closes a TLS client
+  after its data is flushed (a server's EOF usually ends the exchange).
 - **Reset**: a side that ends with a reset (``ECONNRESET``) makes the relay abort the
   other side with SO_LINGER 0, so it sees a reset too, as through a router.
 - **Connect failure** (refused, unreachable, the connect timeout, a program that cannot
@@ -257,13 +259,15 @@ class RelaySession(StreamSession):
             self._pause_far()  # resumed by on_writable
 
     def up_eof(self) -> None:
-        """EOF towards the target (TLS has none: flush and close it)."""
+        """EOF towards the target. A TLS target has none: it is kept open, not closed, so
+        the reply a half-closing client awaits still arrives; it ends when the target
+        closes (or by the idle timeout)."""
         self.up_done = True
         far = self.far
-        if far is not None and not far.write_eof():
-            far.close()
         if self.down_done or (far is not None and far.gone):
             self.finish()
+        elif far is not None:
+            far.write_eof()  # False on TLS: nothing to send, the target stays open
 
     def down_eof(self) -> None:
         """EOF towards the client (a plain close on TLS)."""
