@@ -2,7 +2,7 @@
 
 Routes, bodies and status codes are Toxiproxy 2.12.0's (``api.go``), so its clients
 (``toxiproxy-python``, ``toxiproxy-node-client``...) drive sockserve unchanged. The proxies
-are :mod:`.proxies`; this module is only HTTP.
+are :mod:`.proxies`, the routes :mod:`.routes`; this module is only HTTP.
 
 Resource handling: at most :data:`MAX_API_CONNS` connections (the one idle longest makes
 room); each must send a whole request within :data:`READ_TIMEOUT`; heads are capped at
@@ -19,8 +19,7 @@ import contextlib
 import json
 import threading
 from http import HTTPStatus
-from typing import Any, NamedTuple, cast
-from urllib.parse import unquote
+from typing import Any, cast
 
 import h11
 
@@ -29,10 +28,9 @@ from ..endpoints import Endpoint, parse_endpoint
 from ..errors import ConfigError, EndpointError
 from ..logs import server_log
 from ..server.loop import log_loop_exception, new_event_loop
-from .proxies import ApiError, Proxies, decode
+from .proxies import ApiError, Proxies
+from .routes import ROUTES, TOXIPROXY_VERSION, Raw, parse_path, route
 
-#: The Toxiproxy release whose API this one is (routes, bodies, ``/version``).
-TOXIPROXY_VERSION = "2.12.0"
 #: Toxiproxy's own port, the default of ``--api`` and of every client.
 DEFAULT_PORT = 8474
 #: API connections at once; a test suite needs a few, so 64 is generous.
@@ -59,8 +57,7 @@ def api_endpoint(text: str) -> Endpoint:
 
 
 async def serve_api(endpoint: Endpoint, proxies: Proxies) -> ApiServer:
-    """Bind ``endpoint`` (port 0 allowed) and serve the API for ``proxies`` until closed;
-    :class:`EndpointError` naming it if it cannot be bound."""
+    """Serve the API for ``proxies`` on ``endpoint`` (port 0 allowed); EndpointError if not."""
     server = ApiServer(endpoint, proxies)
     await server.start()
     return server
@@ -108,9 +105,8 @@ class ApiServer:
 class ApiThread:
     """The API and its :class:`Proxies` on an event loop in a background thread.
 
-    ``with ApiThread() as api:`` binds ``127.0.0.1:0`` (or ``listen``) and returns once
-    serving (raising the bind error if not); ``api.url`` is what a Toxiproxy client is
-    pointed at. Leaving the block stops the API and every proxy. ``settings``: each relay's.
+    ``with ApiThread() as api:`` serves on ``127.0.0.1:0`` (or ``listen``); point a Toxiproxy
+    client at ``api.url``. Leaving stops the API and every proxy; ``settings``: each relay's.
     """
 
     def __init__(self, listen: str | Endpoint = "127.0.0.1:0", **settings: Any) -> None:
@@ -174,6 +170,7 @@ class _ApiProtocol(asyncio.Protocol):
         self.body = bytearray()
         self.task: asyncio.Task[None] | None = None
         self.paused = False  # the client is not reading
+        self.lingering = False  # answered and half-closed: what still comes is dropped
         self.since = 0.0  # when it last started waiting for a request
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -199,13 +196,15 @@ class _ApiProtocol(asyncio.Protocol):
         self.timer = loop.call_later(self.server.read_timeout, self.abort)
 
     def data_received(self, data: bytes) -> None:
-        self.conn.receive_data(data)
-        self._process()
+        if not self.lingering:
+            self.conn.receive_data(data)
+            self._process()
 
     def eof_received(self) -> bool:
-        self.conn.receive_data(b"")
-        self._process()
-        return True  # close ourselves once a pending response is written
+        if not self.lingering:
+            self.conn.receive_data(b"")
+            self._process()
+        return not self.lingering  # else close ourselves once a pending response is written
 
     def pause_writing(self) -> None:
         # No more requests are read or answered until the client reads what it was sent,
@@ -299,7 +298,7 @@ class _ApiProtocol(asyncio.Protocol):
         else:
             body = b""
         if status == 405:
-            allowed = _ROUTES.get(parse_path(self.request.target)[1], ()) if self.request else ()
+            allowed = ROUTES.get(parse_path(self.request.target)[1], ()) if self.request else ()
             headers.append((b"allow", ", ".join(allowed).encode()))
         if status != 204:
             headers.append((b"content-length", b"%d" % len(body)))
@@ -311,7 +310,7 @@ class _ApiProtocol(asyncio.Protocol):
         self.transport.write(out + (self.conn.send(h11.EndOfMessage()) or b""))
         self.request = None
         if self.conn.our_state is h11.MUST_CLOSE:
-            self.transport.close()
+            self._linger()
             return
         self.conn.start_next_cycle()
         self._arm()
@@ -322,79 +321,19 @@ class _ApiProtocol(asyncio.Protocol):
         if self.conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
             with contextlib.suppress(h11.LocalProtocolError):
                 self._respond(status, {"error": message, "status": status})
-        self.transport.close()
+        self._linger()
 
-
-#: Each path's methods, ``{}`` standing for a name (a path not here is 404, a method 405).
-_ROUTES: dict[tuple[str, ...], tuple[str, ...]] = {
-    ("reset",): ("POST",),
-    ("populate",): ("POST",),
-    ("version",): ("GET",),
-    ("proxies",): ("GET", "POST"),
-    ("proxies", "{}"): ("GET", "POST", "PATCH", "DELETE"),
-    ("proxies", "{}", "toxics"): ("GET", "POST"),
-    ("proxies", "{}", "toxics", "{}"): ("GET", "POST", "PATCH", "DELETE"),
-}
-
-
-class Raw(NamedTuple):
-    """A body sent as it is, not as JSON (``/version``, the 403 of a browser)."""
-
-    body: bytes
-    content_type: bytes = b"text/plain; charset=utf-8"
-
-
-def parse_path(target: bytes) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """A request target to its decoded segments and its shape in :data:`_ROUTES`."""
-    path = target.decode("ascii", "replace").split("?", 1)[0]
-    parts = tuple(unquote(p) for p in path.split("/")[1:]) if path.startswith("/") else ()
-    if len(parts) >= 2 and parts[0] == "proxies":
-        return parts, tuple("{}" if i in (1, 3) else p for i, p in enumerate(parts))
-    return parts, parts
-
-
-async def route(proxies: Proxies, request: h11.Request, body: bytes) -> tuple[int, Any]:
-    """One request to its status and payload: JSON, :class:`Raw`, or ``None`` (no body)."""
-    if dict(request.headers).get(b"user-agent", b"").startswith(b"Mozilla/"):
-        return 403, Raw(b"User agent not allowed\n")
-    method = request.method.decode("ascii", "replace")
-    parts, shape = parse_path(request.target)
-    allowed = _ROUTES.get(shape)
-    if allowed is None:
-        raise ApiError(f"not found: {request.target.decode('ascii', 'replace')}", 404)
-    if method not in allowed:
-        raise ApiError(f"method {method} not allowed here: use {', '.join(allowed)}", 405)
-    match parts, method:
-        case ("version",), _:
-            version = b'{"version": "%s"}\n' % TOXIPROXY_VERSION.encode()
-            return 200, Raw(version, b"application/json;charset=utf-8")
-        case ("reset",), _:
-            await proxies.reset()
-            return 204, None
-        case ("populate",), _:
-            done, error = await proxies.populate(decode(body))
-            payload = {**(error.to_json() if error else {}), "proxies": [p.to_json() for p in done]}
-            return (error.status if error else 201), payload
-        case ("proxies",), "GET":
-            return 200, proxies.to_json()
-        case ("proxies",), _:
-            return 201, (await proxies.create(decode(body))).to_json()
-        case ("proxies", name), "GET":
-            return 200, proxies.get(name).to_json()
-        case ("proxies", name), "DELETE":
-            await proxies.remove(name)
-            return 204, None
-        case ("proxies", name), _:
-            return 200, (await proxies.update(name, decode(body))).to_json()
-        case ("proxies", name, _), "GET":
-            return 200, proxies.get(name).toxics_json()
-        case ("proxies", name, _), _:
-            return 200, proxies.add_toxic(name, decode(body)).to_json()
-        case ("proxies", name, _, toxic), "GET":
-            return 200, proxies.get_toxic(name, toxic).to_json()
-        case ("proxies", name, _, toxic), "DELETE":
-            proxies.remove_toxic(name, toxic)
-            return 204, None
-        case ("proxies", name, _, toxic), _:
-            return 200, proxies.update_toxic(name, toxic, decode(body)).to_json()
-    raise AssertionError(f"{method} {parts} is in _ROUTES but not routed")
+    def _linger(self) -> None:
+        """Half-close, drop what still comes until the client's EOF or a second, then close:
+        a close with input unread resets the connection, and the client loses the answer."""
+        t = self.transport
+        if t is None or t.is_closing() or self.lingering:
+            return
+        self.lingering = True
+        if not t.can_write_eof():
+            t.close()
+            return
+        t.write_eof()
+        if self.timer is not None:
+            self.timer.cancel()
+        self.timer = self.server.loop.call_later(1.0, t.close)
