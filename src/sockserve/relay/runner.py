@@ -11,8 +11,6 @@ LISTEN (``udp://``, ``unixgram://``) is relayed by :mod:`.flows`.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import threading
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
 from typing import Any
@@ -23,8 +21,8 @@ from ..errors import ConfigError
 from ..logs import server_log
 from ..server.binding import Binding
 from ..server.listeners import Listener, close_listener, open_listener
-from ..server.loop import log_loop_exception, new_event_loop
 from ..server.server import Server
+from ..server.thread import LoopThread
 from ..service import Service
 from .flows import DatagramRelay
 from .pump import adopter, plain
@@ -189,13 +187,15 @@ def _toxic_set(toxics: ToxicSet | Iterable[Toxic], stream: bool) -> ToxicSet:
     return tset
 
 
-class RelayThread:
+class RelayThread(LoopThread):
     """A :class:`Relay` on its own event loop in a background thread.
 
     ``with RelayThread(listen, target, toxics=[...]) as r: r.endpoints[0].port``; takes what
     ``Relay`` takes, or a ``Relay``. Entering returns once it is bound (raising its bind
     error); leaving stops it and closes every relayed connection.
     """
+
+    what = "relay"
 
     def __init__(
         self,
@@ -212,13 +212,8 @@ class RelayThread:
             if target is None:
                 raise ConfigError("RelayThread: give LISTEN and TARGET, or a Relay")
             self.relay = Relay(listen, target, **kwargs)
-        self._loop_kind = loop_kind
-        self._timeout = start_timeout
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        super().__init__(loop_kind, start_timeout)
         self._stop: asyncio.Event | None = None
-        self._thread = threading.Thread(target=self._main, name="sockserve-relay", daemon=True)
 
     @property
     def endpoints(self) -> list[Endpoint]:
@@ -240,51 +235,20 @@ class RelayThread:
         assert self._loop is not None, "RelayThread is not started"
         self._loop.call_soon_threadsafe(fn, *args)
 
-    def start(self) -> RelayThread:
-        self._thread.start()
-        if not self._ready.wait(self._timeout):
-            raise TimeoutError(f"relay did not start within {self._timeout:g}s")
-        if self._error is not None:
-            raise self._error
-        return self
+    async def _open(self) -> None:
+        self._stop = asyncio.Event()
+        await self.relay.start()
 
-    def _main(self) -> None:
-        loop = new_event_loop(self._loop_kind)
-        self._loop = loop
-        loop.set_exception_handler(log_loop_exception)
-        asyncio.set_event_loop(loop)
-
-        async def body() -> None:
-            self._stop = asyncio.Event()
-            try:
-                await self.relay.start()
-            except BaseException as exc:
-                self._error = exc
-                self._ready.set()
-                return
-            self._ready.set()
-            try:
-                await self._stop.wait()
-            finally:
-                await self.relay.stop()
-
+    async def _serve(self) -> None:
+        assert self._stop is not None
         try:
-            loop.run_until_complete(body())
+            await self._stop.wait()
         finally:
-            loop.close()
+            await self.relay.stop()
 
-    def stop(self, timeout: float = 30.0) -> None:
-        loop, stop = self._loop, self._stop
-        if loop is not None and stop is not None and self._thread.is_alive():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(stop.set)
-        self._thread.join(timeout)
-
-    def __enter__(self) -> RelayThread:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def _request_stop(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
 
 
 def metrics_page(relays: list[Relay]) -> Callable[[], bytes]:

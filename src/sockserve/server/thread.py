@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from typing import Any
+from typing import Any, TypeVar
 
 from ..config import ServerConfig
 from ..endpoints import Endpoint
@@ -15,8 +15,82 @@ from .binding import Binding
 from .loop import log_loop_exception, new_event_loop
 from .server import Server
 
+T = TypeVar("T", bound="LoopThread")
 
-class ServerThread:
+
+class LoopThread:
+    """What runs on its own event loop in a background thread: started with :meth:`start`
+    (returns once :meth:`_open` is done, raising what it raised), served by :meth:`_serve`
+    until :meth:`_request_stop` (called on the loop) ends it. A :class:`ServerThread`, and the
+    relay's ``RelayThread``."""
+
+    #: Says what it runs, in its thread's name and its start timeout's message.
+    what = "server"
+
+    def __init__(self, loop_kind: str, start_timeout: float) -> None:
+        self._loop_kind = loop_kind
+        self._timeout = start_timeout
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        name = f"sockserve-{self.what}"
+        self._thread = threading.Thread(target=self._main, name=name, daemon=True)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def _open(self) -> None:
+        raise NotImplementedError
+
+    async def _serve(self) -> None:
+        raise NotImplementedError
+
+    def _request_stop(self) -> None:
+        raise NotImplementedError
+
+    def start(self: T) -> T:
+        """Start the thread and wait until it is bound; raise its error if binding failed."""
+        self._thread.start()
+        if not self._ready.wait(self._timeout):
+            raise TimeoutError(f"{self.what} did not start within {self._timeout:g}s")
+        if self._error is not None:
+            raise self._error
+        return self
+
+    def _main(self) -> None:
+        loop = new_event_loop(self._loop_kind)
+        self._loop = loop
+        loop.set_exception_handler(log_loop_exception)
+        asyncio.set_event_loop(loop)
+
+        async def body() -> None:
+            try:
+                await self._open()
+            except BaseException as exc:
+                self._error = exc
+                self._ready.set()
+                return
+            self._ready.set()
+            await self._serve()
+
+        try:
+            loop.run_until_complete(body())
+        finally:
+            loop.close()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Ask it to stop, and wait up to ``timeout`` for that (a server's drain) to end."""
+        loop = self._loop
+        if loop is not None and self._thread.is_alive():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._request_stop)
+        self._thread.join(timeout)
+
+    def __enter__(self: T) -> T:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+class ServerThread(LoopThread):
     """A :class:`Server` on its own event loop in a background thread, for sync code and tests.
 
     ``ServerThread(handler, *urls, **settings)`` takes what ``Server`` takes (the URLs
@@ -45,12 +119,7 @@ class ServerThread:
             self.server = server_or_service
         else:
             self.server = Server(server_or_service, *urls_or_bindings, config=config, **settings)
-        self._loop_kind = loop_kind
-        self._timeout = start_timeout
-        self._ready = threading.Event()
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="sockserve-server", daemon=True)
-        self._loop: asyncio.AbstractEventLoop | None = None
+        super().__init__(loop_kind, start_timeout)
 
     @property
     def endpoints(self) -> list[Endpoint]:
@@ -61,46 +130,11 @@ class ServerThread:
         """See :meth:`Server.url`."""
         return self.server.url(scheme)
 
-    def start(self) -> ServerThread:
-        """Start the thread and wait until the server is bound; raise its error if binding failed."""
-        self._thread.start()
-        if not self._ready.wait(self._timeout):
-            raise TimeoutError(f"server did not start within {self._timeout:g}s")
-        if self._error is not None:
-            raise self._error
-        return self
+    async def _open(self) -> None:
+        await self.server.start()
 
-    def _main(self) -> None:
-        loop = new_event_loop(self._loop_kind)
-        self._loop = loop
-        loop.set_exception_handler(log_loop_exception)
-        asyncio.set_event_loop(loop)
+    async def _serve(self) -> None:
+        await self.server.serve_forever()
 
-        async def body() -> None:
-            try:
-                await self.server.start()
-            except BaseException as exc:
-                self._error = exc
-                self._ready.set()
-                return
-            self._ready.set()
-            await self.server.serve_forever()
-
-        try:
-            loop.run_until_complete(body())
-        finally:
-            loop.close()
-
-    def stop(self, timeout: float = 30.0) -> None:
-        """Ask the server to stop, and wait up to ``timeout`` for its drain to end."""
-        loop = self._loop
-        if loop is not None and self._thread.is_alive():
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(self.server.request_stop)
-        self._thread.join(timeout)
-
-    def __enter__(self) -> ServerThread:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def _request_stop(self) -> None:
+        self.server.request_stop()
