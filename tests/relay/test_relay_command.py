@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import urllib.request
@@ -212,4 +213,20 @@ def test_udp_relay_command(serve: Serve) -> None:
             u.sendto(b"datagram", (host, int(port)))
             assert u.recv(100) == b"datagram"
         code, log = proc.stop()
+    assert code == 0, log
+
+
+def test_sighup_is_logged_and_never_kills_the_relay(serve: Serve) -> None:
+    """``systemctl reload`` or logrotate sends SIGHUP; its default action kills. The relay
+    has nothing to reload: it logs that, and goes on relaying."""
+    srv = serve("echo", "tcp://127.0.0.1:0")
+    argv = [*SOCKSERVE, "relay", "tcp://127.0.0.1:0", srv.url("tcp")]
+    with ServerProcess(argv=argv, graceful=True) as relay:
+        relay.proc.send_signal(signal.SIGHUP)
+        relay.wait_line("SIGHUP: ignored")
+        with connect(relay.endpoints[0]) as c:
+            c.sendall(b"after the hangup")
+            assert c.recv(100) == b"after the hangup"
+        assert relay.proc.poll() is None
+        code, log = relay.stop()
     assert code == 0, log

@@ -125,11 +125,12 @@ def _version() -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args_list = list(sys.argv[1:] if argv is None else argv)
-    if args_list[:1] == ["serve"]:
+    if args_list[:1] in (["serve"], ["relay"]):
         from .._sighup import hold, hold_stop
 
-        hold()  # first: a reload signal during start-up must not kill the server
-        hold_stop()  # and a SIGTERM then is a graceful stop once it can drain
+        hold()  # first: a reload signal (logrotate, systemctl reload) must not kill it
+        if args_list[0] == "serve":
+            hold_stop()  # and a SIGTERM then is a graceful stop once it can drain
     try:
         if args_list and args_list[0] in COMMANDS:
             return _run_command(args_list[0], args_list[1:])

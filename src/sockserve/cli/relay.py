@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import sys
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -16,6 +17,7 @@ from ..errors import ConfigError, EndpointError, ServiceError, SockserveError
 from .main import EXIT_FAIL, EXIT_USAGE
 
 if TYPE_CHECKING:
+    import logging
     from collections.abc import Awaitable, Callable
 
     from .._engine.signals import StopSignals
@@ -246,6 +248,7 @@ class Foreground:
         self._stop = asyncio.Event()
         if self._asked:
             self._stop.set()
+        _ignore_sighup(server_log)
         started: list[Relay] = []
         closers: list[Callable[[], Awaitable[None]]] = []
         try:
@@ -284,6 +287,18 @@ class Foreground:
         for relay in self.relays:
             if relay.server is not None:
                 relay.server.remove_socket_files()
+
+
+def _ignore_sighup(log: logging.Logger) -> None:
+    """SIGHUP (``systemctl reload``, logrotate) is logged, never fatal: a relay has no
+    configuration file to read again (its settings are its command line)."""
+    import signal
+
+    def hup() -> None:
+        log.warning("SIGHUP: ignored (sockserve relay has no configuration to reload)")
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):  # not main thread
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, hup)
 
 
 async def _start_api(address: str, relays: list[Relay]) -> list[Callable[[], Awaitable[None]]]:
